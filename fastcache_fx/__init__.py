@@ -1,0 +1,16 @@
+"""fastcache-fx: FastCache (arXiv 2505.20353) as a ``torch.compile`` backend for diffusers DiTs.
+
+    transformer = torch.compile(transformer, backend="fastcache", options={...})
+    fastcache_fx.stats(transformer); fastcache_fx.reset(transformer)
+"""
+
+from .api import calibrate, enable_fastcache, reset, stats
+from .backend import FastCacheBackend, fastcache_backend
+from .config import FastCacheConfig
+from .runtime.context import cache_context
+
+__version__ = "0.1.0"
+__all__ = [
+    "FastCacheBackend", "FastCacheConfig", "cache_context", "calibrate", "enable_fastcache",
+    "fastcache_backend", "reset", "stats", "__version__",
+]

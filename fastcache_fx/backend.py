@@ -1,0 +1,116 @@
+"""The ``fastcache`` Dynamo backend: find blocks, rewrite them into guarded conds, lower once.
+
+    torch.compile(transformer, backend="fastcache", options={"cache_ratio_threshold": 0.05})
+
+``backend="fastcache"`` resolves through the ``torch_dynamo_backends`` entry point to
+``fastcache_backend``; ``FastCacheBackend(config)`` is the same thing as a callable object.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from torch import fx
+
+from .config import FastCacheConfig
+from .lowering.inductor import compile_graph
+from .passes.block_cache import StateSpec, apply_block_cache
+from .passes.blocks import find_blocks, is_param, node_value
+from .runtime import registry
+from .runtime.state import GraphRuntime
+
+log = logging.getLogger("fastcache_fx")
+
+
+class FastCacheBackend:
+    """A Dynamo backend object: ``torch.compile(model, backend=FastCacheBackend(config))``.
+
+    Args:
+        config: a FastCacheConfig (or None for defaults); ``**options`` override its fields.
+        mode: a torch.compile mode passed to Inductor.
+
+    Raises:
+        ValueError: a bad option (named in the message).
+    """
+
+    def __init__(self, config: FastCacheConfig | None = None, mode: str | None = None, **options) -> None:
+        self.config = FastCacheConfig.from_options(config, **options)
+        self.mode = mode
+        self.last_layout = None
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list, **kwargs):
+        config = self.config
+        if kwargs.get("options"):
+            config = FastCacheConfig.from_options(config, **kwargs["options"])
+        mode = kwargs.get("mode") or self.mode
+        search = find_blocks(gm)
+        if not search.regions:
+            warnings.warn("fastcache: no transformer blocks recognised in this graph; compiled with plain Inductor"
+                          + (f" (left alone: {search.left_alone})" if search.left_alone else ""), stacklevel=2)
+            return compile_graph(gm, example_inputs, mode)
+        if config.lowering == "tensorrt":
+            from .lowering.tensorrt import require_tensorrt
+
+            require_tensorrt()
+        weights, approx = _approx_weights(config, search.regions)
+        user_placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        sym_sources = _symbol_sources(user_placeholders)
+        gm, layout = apply_block_cache(gm, config, search.regions, approx=approx)
+        self.last_layout = layout
+        device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        extra = []
+        for spec in layout.extra_inputs:
+            if isinstance(spec, StateSpec):
+                shape = tuple(int(d) if not isinstance(d, torch.SymInt) else d.node.hint for d in spec.shape)
+                extra.append(torch.full(shape, spec.fill, dtype=spec.dtype, device=device))
+            else:
+                weights[spec.name] = weights[spec.name].to(device)
+                extra.append(weights[spec.name])
+        log.info("fastcache: %d blocks rewritten (%s), %d left alone", len(layout.blocks), approx, len(layout.left_alone))
+        compiled = compile_graph(gm, list(example_inputs) + extra, mode)
+        params = [x for x, n in zip(example_inputs, user_placeholders) if isinstance(x, torch.Tensor) and is_param(n)]
+        entry = registry.entry_for_params(params)
+        return GraphRuntime(entry, layout, compiled, weights, device, config.trace_steps, sym_sources,
+                            clone_outputs=mode == "reduce-overhead")
+
+
+def _symbol_sources(placeholders: list[fx.Node]) -> list:
+    """Where each shape symbol of a dynamic graph can be read at call time."""
+    out, seen = [], set()
+    for i, p in enumerate(placeholders):
+        v = node_value(p)
+        if isinstance(v, torch.SymInt):
+            sym = v.node.expr
+            if getattr(sym, "is_Symbol", False) and sym not in seen:
+                out.append((i, None, sym))
+                seen.add(sym)
+        elif isinstance(v, torch.Tensor):
+            for d, s in enumerate(v.shape):
+                if isinstance(s, torch.SymInt) and getattr(s.node.expr, "is_Symbol", False) and s.node.expr not in seen:
+                    out.append((i, d, s.node.expr))
+                    seen.add(s.node.expr)
+    return out
+
+
+def _approx_weights(config: FastCacheConfig, regions) -> tuple[dict, str]:
+    """Calibrated weights for ``config.approx`` and the kind actually used."""
+    if config.approx == "residual":
+        return {}, "residual"
+    if config.calibration is None:
+        warnings.warn(f"fastcache: approx={config.approx!r} needs a calibration (calibration=path); "
+                      "falling back to approx='residual'", stacklevel=3)
+        return {}, "residual"
+    from .runtime.calibration import load_calibration
+
+    return load_calibration(config.calibration, regions, kind=config.approx), config.approx
+
+
+def fastcache_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mode=None, **kwargs):
+    """Entry point of ``backend="fastcache"``: ``options`` are FastCacheConfig fields.
+
+    Raises:
+        ValueError: an unknown option or a bad value (named in the message).
+    """
+    return FastCacheBackend(FastCacheConfig.from_options(options), mode=mode)(gm, example_inputs)

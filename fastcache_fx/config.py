@@ -1,0 +1,129 @@
+"""FastCacheConfig: every option of the backend, validated once (torchao-style config object)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+APPROX_KINDS = ("residual", "linear", "residual_linear")
+REFERENCES = ("anchor", "previous")
+LOWERINGS = ("inductor", "tensorrt")
+
+
+@dataclass(frozen=True)
+class FastCacheConfig:
+    """Options of the ``fastcache`` backend.
+
+    Names follow the FastCache reference code where it has one (``cache_ratio_threshold``,
+    ``significance_level``, ``motion_threshold``, ``adaptive_beta``, ``enable_block_approx``).
+
+    Attributes:
+        cache_ratio_threshold: tau, the relative change ||H - A||_F / ||A||_F of a block input
+            under which the block may be approximated (DESIGN.md "The block decision").
+        significance_level: alpha of the chi-square test; the bound is
+            tau^2 * chi2.ppf(1 - alpha, ND) / ND (FastCache sec. 3.2, with tau made explicit).
+        motion_threshold: relative saliency under which a token counts as static (token selection).
+        adaptive_beta: (b0, b1, b2, b3) of tau(t) = b0 + b1 delta + b2 t + b3 t^2 with t the
+            timestep divided by ``timestep_max``; None keeps tau constant.
+        enable_block_approx: False keeps the rewritten graph but never approximates.
+        warmup_steps: steps of each trajectory that always compute every block fully (>= 0;
+            the first step of a trajectory is always full regardless).
+        max_consecutive_approx: a block is recomputed after this many approximations in a row.
+        approx: "residual" (H + R_anchor), "linear" (W H + b, the paper's rule) or
+            "residual_linear" (H + R_anchor + W (H - H_anchor)).
+        reference: "anchor" compares with the input at the last full computation, "previous"
+            with the previous step's input (the paper's exact rule).
+        calibration: None, a path to a safetensors file from ``fastcache_fx.calibrate``, or
+            "online" (fit during the run).
+        timestep_max: the timestep value that maps to t_norm = 1 (1000 for DDPM-style
+            timesteps, 1 for flow-matching pipelines that pass sigmas).
+        lowering: "inductor" or "tensorrt".
+        trace_steps: how many steps of per-block decisions ``stats()`` keeps (ring buffer).
+    """
+
+    cache_ratio_threshold: float = 0.05
+    significance_level: float = 0.05
+    motion_threshold: float = 0.1
+    adaptive_beta: tuple[float, float, float, float] | None = None
+    enable_block_approx: bool = True
+    warmup_steps: int = 2
+    max_consecutive_approx: int = 3
+    approx: str = "residual"
+    reference: str = "anchor"
+    calibration: str | None = None
+    timestep_max: float = 1000.0
+    lowering: str = "inductor"
+    trace_steps: int = 10000
+    enable_spatial_approx: bool = False
+    enable_token_merge: bool = False
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"FastCacheConfig.{name}: {why}, got {getattr(self, name)!r}")
+
+        def real(name: str) -> float:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise bad(name, "expected a finite number")
+            return float(v)
+
+        def integer(name: str, lo: int) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise bad(name, f"expected an integer >= {lo}")
+
+        if real("cache_ratio_threshold") <= 0:
+            raise bad("cache_ratio_threshold", "expected > 0")
+        if not 0 < real("significance_level") < 1:
+            raise bad("significance_level", "expected 0 < alpha < 1")
+        if real("motion_threshold") < 0:
+            raise bad("motion_threshold", "expected >= 0")
+        if real("timestep_max") <= 0:
+            raise bad("timestep_max", "expected > 0")
+        integer("warmup_steps", 0)
+        integer("max_consecutive_approx", 0)
+        integer("trace_steps", 1)
+        for name in ("enable_block_approx", "enable_spatial_approx", "enable_token_merge"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "expected a bool")
+        if self.adaptive_beta is not None:
+            b = self.adaptive_beta
+            if (not isinstance(b, (tuple, list)) or len(b) != 4
+                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in b)):
+                raise bad("adaptive_beta", "expected 4 finite numbers (b0, b1, b2, b3)")
+            object.__setattr__(self, "adaptive_beta", tuple(float(x) for x in b))
+        if self.approx not in APPROX_KINDS:
+            raise bad("approx", f"expected one of {APPROX_KINDS}")
+        if self.reference not in REFERENCES:
+            raise bad("reference", f"expected one of {REFERENCES}")
+        if self.lowering not in LOWERINGS:
+            raise bad("lowering", f"expected one of {LOWERINGS}")
+        if self.calibration is not None and not isinstance(self.calibration, str):
+            object.__setattr__(self, "calibration", str(self.calibration))
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | "FastCacheConfig" | None = None, **kwargs: Any) -> "FastCacheConfig":
+        """Build from ``torch.compile(options=...)`` or keyword arguments.
+
+        Raises:
+            ValueError: an unknown option name (named in the message) or a bad value.
+        """
+        if isinstance(options, FastCacheConfig):
+            return options.replace(**kwargs) if kwargs else options
+        merged = {**dict(options or {}), **kwargs}
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(merged) - names)
+        if unknown:
+            raise ValueError(f"FastCacheConfig.{unknown[0]}: unknown option (known: {', '.join(sorted(names))})")
+        return cls(**merged)
+
+    def replace(self, **kwargs: Any) -> "FastCacheConfig":
+        """A copy with some fields changed (validated again)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(kwargs)
+        return FastCacheConfig.from_options(d)
+
+    def to_dict(self) -> dict:
+        """JSON-friendly dict of every option (for manifests and reports)."""
+        return asdict(self)

@@ -1,0 +1,1 @@
+"""Lowering of (rewritten) graphs: Inductor, TensorRT (optional), export."""

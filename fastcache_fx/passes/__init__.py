@@ -1,0 +1,1 @@
+"""Pure FX graph passes: GraphModule in, GraphModule (+ a small result record) out."""

@@ -1,0 +1,322 @@
+"""Rewrite every block region into ``torch.cond(approx?, approx_branch, full_branch, operands)``.
+
+The per-block cache state (anchor input, anchor residual, consecutive-approximation counter) and
+the trajectory state (step counter, previous timestep) become extra graph inputs; their new
+values become extra graph outputs, followed by three [L] trace tensors (delta, threshold,
+decision). The graph stays functional, so one ``compile_fx`` call lowers it, and the runtime
+(``fastcache_fx.runtime``) owns the state between calls. Layout of the rewritten graph:
+
+    inputs  = original inputs + state (``BlockCacheResult.state``) + weights (``.weights``)
+    outputs = original outputs + new state (same order) + (delta [L], threshold [L], approx [L])
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from ..config import FastCacheConfig
+from ..runtime import decision as D
+from .blocks import BlockRegion, clone_graph_module, find_blocks, is_param, node_value, remap_region, tensor_meta
+
+_TIMESTEP = re.compile(r"timestep", re.IGNORECASE)
+
+
+@dataclass
+class StateSpec:
+    """One state tensor the runtime must provide: name, shape (ints, or SymInts for dynamic
+    graphs), dtype and initial fill value."""
+
+    name: str
+    shape: tuple
+    dtype: torch.dtype
+    fill: float
+
+
+@dataclass
+class WeightSpec:
+    """A calibrated weight input: ``kind`` is "weight" [D, D] or "bias" [D] of ``block``/``stream``."""
+
+    name: str
+    block: str
+    stream: int
+    kind: str
+    shape: tuple
+    dtype: torch.dtype
+
+
+@dataclass
+class BlockCacheResult:
+    """What ``apply_block_cache`` did (the runtime's contract with the rewritten graph)."""
+
+    blocks: list[str]
+    stream_shapes: list[list[tuple]]
+    thresholds: list[float]
+    num_user_inputs: int
+    num_user_outputs: int
+    output_is_tuple: bool
+    state: list[StateSpec] = field(default_factory=list)
+    weights: list[WeightSpec] = field(default_factory=list)
+    extra_inputs: list = field(default_factory=list)  # StateSpec | WeightSpec in placeholder order
+    timestep_input: str | None = None
+    left_alone: list[tuple[str, str]] = field(default_factory=list)
+    approx: str = "residual"
+
+
+def _fake_like(node: fx.Node):
+    return node_value(node)
+
+
+def _set_val(node: fx.Node, val) -> fx.Node:
+    node.meta["val"] = val
+    node.meta["example_value"] = val
+    return node
+
+
+def _extract_full_branch(region: BlockRegion, operands: list[fx.Node]) -> fx.GraphModule:
+    """The block's own nodes as a GraphModule over ``operands`` (extra operands unused)."""
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, op in enumerate(operands):
+        env[op] = _set_val(g.placeholder(f"arg{i}_{op.name}"), _fake_like(op))
+    for n in region.nodes:
+        env[n] = g.node_copy(n, lambda a: env[a])
+    outs = []
+    for o in region.stream_outputs:
+        outs.append(_set_val(g.call_method("contiguous", (env[o],)), _fake_like(o)))
+    g.output(tuple(outs))
+    return fx.GraphModule(torch.nn.Module(), g)
+
+
+def _approx_branch(region: BlockRegion, operands: list[fx.Node], slots: dict, approx: str) -> fx.GraphModule:
+    """Approximation of the block's outputs from its stream inputs and the cached state."""
+    g = fx.Graph()
+    ph = [_set_val(g.placeholder(f"arg{i}_{op.name}"), _fake_like(op)) for i, op in enumerate(operands)]
+    outs = []
+    for s, o in enumerate(region.stream_outputs):
+        h = ph[slots["stream"][s]]
+        if approx == "residual":
+            y = g.call_function(D.approx_residual, (h, ph[slots["res"][s]]))
+        elif approx == "linear":
+            y = g.call_function(D.approx_linear, (h, ph[slots["w"][s]], ph[slots["b"][s]]))
+        else:
+            y = g.call_function(D.approx_residual_linear,
+                                (h, ph[slots["res"][s]], ph[slots["in"][s]], ph[slots["w"][s]], ph[slots["b"][s]]))
+        outs.append(_set_val(y, _fake_like(o)))
+    g.output(tuple(outs))
+    return fx.GraphModule(torch.nn.Module(), g)
+
+
+def _find_timestep(placeholders: list[fx.Node]) -> fx.Node | None:
+    for p in placeholders:
+        if not is_param(p) and _TIMESTEP.search(p.name) and tensor_meta(p) is not None:
+            return p
+    return None
+
+
+def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list[BlockRegion] | None = None,
+                      *, approx: str | None = None) -> tuple[fx.GraphModule, BlockCacheResult]:
+    """Rewrite a copy of ``gm`` so each block region becomes a guarded ``torch.cond``.
+
+    Args:
+        gm: a Dynamo graph (parameters as placeholders).
+        config: thresholds, warmup, approximation kind.
+        regions: from ``find_blocks(gm)``; found here when None.
+        approx: overrides ``config.approx`` (the backend passes "residual" when ``linear`` has
+            no calibration).
+
+    Returns:
+        (new gm, BlockCacheResult); ``gm`` itself is not modified. With no region the copy is
+        unchanged and ``result.blocks`` is empty.
+    """
+    search = find_blocks(gm) if regions is None else None
+    regions = search.regions if regions is None else regions
+    gm, val_map = clone_graph_module(gm)
+    regions = [remap_region(r, val_map) for r in regions]
+    approx = approx or config.approx
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    orig_out = out_node.args[0]
+    is_tuple = isinstance(orig_out, (tuple, list))
+    orig_outs = list(orig_out) if is_tuple else [orig_out]
+    result = BlockCacheResult(
+        blocks=[r.name for r in regions], stream_shapes=[r.stream_shapes for r in regions], thresholds=[],
+        num_user_inputs=len(placeholders), num_user_outputs=len(orig_outs), output_is_tuple=is_tuple,
+        left_alone=list(search.left_alone) if search else [], approx=approx,
+    )
+    if not regions:
+        return gm, result
+
+    last_ph = placeholders[-1]
+    new_inputs: list[fx.Node] = []
+
+    def add_input(name: str, val, spec) -> fx.Node:
+        nonlocal last_ph
+        with graph.inserting_after(last_ph):
+            p = graph.placeholder(name)
+        _set_val(p, val)
+        p._dynamo_source = None  # AOTAutograd wants it on every placeholder of a Dynamo graph
+        last_ph = p
+        new_inputs.append(p)
+        (result.state if isinstance(spec, StateSpec) else result.weights).append(spec)
+        result.extra_inputs.append(spec)
+        return p
+
+    def state_input(name: str, like_shape, dtype, fill: float) -> fx.Node:
+        val = torch.empty(like_shape, dtype=dtype, device="meta")
+        return add_input("fc_" + re.sub(r"\W", "_", name), val, StateSpec(name, tuple(like_shape), dtype, fill))
+
+    def safe(name: str) -> str:
+        return re.sub(r"\W", "_", name)
+
+    # trajectory state
+    step_in = state_input("step", (), torch.int64, -1)
+    prev_t_in = state_input("prev_t", (), torch.float32, float("-inf"))
+    ts = _find_timestep(placeholders)
+    result.timestep_input = ts.name if ts is not None else None
+    with graph.inserting_after(last_ph):
+        traj = graph.call_function(D.trajectory_step, (ts, prev_t_in, step_in))
+    with graph.inserting_after(traj):
+        step_node = graph.call_function(operator.getitem, (traj, 0))
+    with graph.inserting_after(step_node):
+        t_node = graph.call_function(operator.getitem, (traj, 1))
+    new_state_outputs = [step_node, t_node]
+    trace_delta, trace_thr, trace_ok = [], [], []
+    min_step = max(1, config.warmup_steps)
+
+    remap: dict[fx.Node, fx.Node] = {}  # outputs of rewritten regions -> their cond getitems
+    for k, region in enumerate(regions):
+        region = BlockRegion(region.name, region.list_name, region.index, region.module_type, region.nodes,
+                             [remap.get(n, n) for n in region.stream_inputs], region.stream_outputs,
+                             [remap.get(n, n) for n in region.context_inputs], region.param_inputs)
+        tag = safe(region.name)
+        metas = [tensor_meta(h) for h in region.stream_inputs]
+        a_in = [state_input(f"{tag}.anchor_in.{s}", m[0], m[1], 0.0) for s, m in enumerate(metas)]
+        a_res = [state_input(f"{tag}.anchor_res.{s}", m[0], m[1], 0.0) for s, m in enumerate(metas)]
+        consec = state_input(f"{tag}.consecutive", (), torch.int64, 0)
+        prev = ([state_input(f"{tag}.previous_in.{s}", m[0], m[1], 0.0) for s, m in enumerate(metas)]
+                if config.reference == "previous" else None)
+        ws, bs = [], []
+        if approx in ("linear", "residual_linear"):
+            for s, m in enumerate(metas):
+                d = m[0][-1]
+                val_w = torch.empty((d, d), dtype=torch.float32, device="meta")
+                val_b = torch.empty((d,), dtype=torch.float32, device="meta")
+                ws.append(add_input(f"fc_{tag}_w{s}", val_w, WeightSpec(f"{region.name}.weight.{s}", region.name, s, "weight", (d, d), torch.float32)))
+                bs.append(add_input(f"fc_{tag}_b{s}", val_b, WeightSpec(f"{region.name}.bias.{s}", region.name, s, "bias", (d,), torch.float32)))
+
+        # ND: elements per sample over all streams decided together
+        nd = sum(int(torch.Size(m[0][1:]).numel()) for m in metas)
+        q = D.chi2_quantile_ratio(config.significance_level, nd)
+        result.thresholds.append(config.cache_ratio_threshold * q ** 0.5)
+
+        operands = list(region.stream_inputs) + list(region.context_inputs) + list(region.param_inputs)
+        slots = {"stream": list(range(len(region.stream_inputs)))}
+        base = len(operands)
+        operands += a_res + a_in + ws + bs
+        n = len(metas)
+        slots["res"] = list(range(base, base + n))
+        slots["in"] = list(range(base + n, base + 2 * n))
+        slots["w"] = list(range(base + 2 * n, base + 2 * n + len(ws)))
+        slots["b"] = list(range(base + 2 * n + len(ws), base + 2 * n + len(ws) + len(bs)))
+
+        full_gm = _extract_full_branch(region, operands)
+        approx_gm = _approx_branch(region, operands, slots, approx)
+        gm.add_submodule(f"fc_{tag}_full", full_gm)
+        gm.add_submodule(f"fc_{tag}_approx", approx_gm)
+
+        members = set(region.nodes)
+        last = region.nodes[-1]
+        # cond operands must be contiguous (a non-contiguous one gave wrong results under
+        # AOTInductor, and Inductor asserts the strides it traced with)
+        contig = {}
+        for op in dict.fromkeys(region.stream_inputs + region.context_inputs):
+            if tensor_meta(op) is None:
+                continue
+            with graph.inserting_after(last):
+                c = graph.call_method("contiguous", (op,))
+            _set_val(c, _fake_like(op))
+            contig[op] = c
+            last = c
+        operands = [contig.get(o, o) for o in operands]
+        region = BlockRegion(region.name, region.list_name, region.index, region.module_type, region.nodes,
+                             [contig.get(n, n) for n in region.stream_inputs], region.stream_outputs,
+                             [contig.get(n, n) for n in region.context_inputs], region.param_inputs)
+        refs = prev if prev is not None else a_in
+        kw = dict(q_ratio=q, tau=config.cache_ratio_threshold, beta=config.adaptive_beta,
+                  timestep_max=config.timestep_max, min_step=min_step,
+                  max_consecutive=config.max_consecutive_approx, enabled=config.enable_block_approx)
+        with graph.inserting_after(last):
+            dec = graph.call_function(D.block_decision, (list(region.stream_inputs), refs, step_node, consec, t_node), kw)
+        with graph.inserting_after(dec):
+            ok = graph.call_function(operator.getitem, (dec, 0))
+        with graph.inserting_after(ok):
+            delta = graph.call_function(operator.getitem, (dec, 1))
+        with graph.inserting_after(delta):
+            thr = graph.call_function(operator.getitem, (dec, 2))
+        with graph.inserting_after(thr):
+            attr_t = graph.get_attr(f"fc_{tag}_approx")
+        with graph.inserting_after(attr_t):
+            attr_f = graph.get_attr(f"fc_{tag}_full")
+        with graph.inserting_after(attr_f):
+            cond = graph.call_function(torch.ops.higher_order.cond, (ok, attr_t, attr_f, tuple(operands)))
+        prev_node = cond
+        outs = []
+        for s, o in enumerate(region.stream_outputs):
+            with graph.inserting_after(prev_node):
+                gi = graph.call_function(operator.getitem, (cond, s))
+            _set_val(gi, _fake_like(o))
+            outs.append(gi)
+            prev_node = gi
+        with graph.inserting_after(prev_node):
+            upd = graph.call_function(D.update_state, (ok, list(region.stream_inputs), outs, a_in, a_res, consec))
+        prev_node = upd
+        new_state = []
+        for i in range(3):
+            with graph.inserting_after(prev_node):
+                prev_node = graph.call_function(operator.getitem, (upd, i))
+            new_state.append(prev_node)
+        flat = []
+        for i, group in enumerate(new_state[:2]):
+            for s in range(n):
+                with graph.inserting_after(prev_node):
+                    prev_node = graph.call_function(operator.getitem, (group, s))
+                flat.append(prev_node)
+        new_state_outputs += flat + [new_state[2]]
+        if prev is not None:
+            with graph.inserting_after(prev_node):
+                up = graph.call_function(D.update_previous, (list(region.stream_inputs), prev))
+            prev_node = up
+            for s in range(n):
+                with graph.inserting_after(prev_node):
+                    prev_node = graph.call_function(operator.getitem, (up, s))
+                new_state_outputs.append(prev_node)
+        trace_delta.append(delta)
+        trace_thr.append(thr)
+        trace_ok.append(ok)
+
+        for o, gi in zip(region.stream_outputs, outs):
+            o.replace_all_uses_with(gi, delete_user_cb=lambda u: u not in members)
+            remap[o] = gi
+        for node in reversed(region.nodes):
+            graph.erase_node(node)
+
+    with graph.inserting_before(out_node):
+        td = graph.call_function(torch.stack, (trace_delta,))
+        tt = graph.call_function(torch.stack, (trace_thr,))
+        tk = graph.call_function(torch.stack, (trace_ok,))
+    out_node.args = (tuple(orig_outs) + tuple(new_state_outputs) + (td, tt, tk),)
+    try:
+        graph.lint()
+    except Exception:
+        from torch.fx.passes.tools_common import legalize_graph
+
+        legalize_graph(gm)
+        gm.graph.lint()
+    gm.recompile()
+    return gm, result

@@ -1,0 +1,229 @@
+"""Find the transformer-block regions of a Dynamo graph.
+
+A block is one element of a ``ModuleList`` of identical modules (``transformer_blocks.<i>``,
+``single_transformer_blocks.<i>``...). Dynamo tags every traced node with the module stack it
+ran under (``node.meta["nn_module_stack"]``); a node belongs to block ``<i>`` when the outermost
+indexed entry of its stack *ends* with ``.<i>`` (anchored: DiT calls
+``transformer_blocks[0].norm1.emb`` again for its output layer, which must stay glue).
+
+For each region we work out, from data flow alone:
+- stream inputs/outputs: residual-stream tensors [B, N, D] the block maps to the same shape
+  (one stream for DiT/PixArt, two for SD3/Flux joint blocks), paired in order;
+- context inputs: every other non-parameter value the block reads (temb, rotary embeddings,
+  masks, cross-attention states);
+- parameter inputs: placeholders holding weights.
+A region that does not fit (no stream, outputs that are not streams, not convex) is reported in
+``left_alone`` with the reason and is not rewritten.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+# "...['transformer_blocks'].3" or "transformer_blocks.3" (plain module paths)
+_INDEXED = re.compile(r"^(?P<list>.*?)(?:'\])?\.(?P<idx>\d+)$")
+_PARAM_NAME = re.compile(r"_(parameters|buffers)_")
+
+
+def node_value(node: fx.Node):
+    """The example value of a node (FakeTensor or real), whichever meta key Dynamo/make_fx set."""
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
+def tensor_meta(node) -> tuple[tuple, torch.dtype] | None:
+    v = node_value(node) if isinstance(node, fx.Node) else None
+    if isinstance(v, torch.Tensor):
+        return tuple(v.shape), v.dtype
+    return None
+
+
+def is_param(node: fx.Node) -> bool:
+    """A placeholder holding a parameter or buffer (Dynamo lifts them to graph inputs)."""
+    if node.op == "get_attr":
+        return True
+    if node.op != "placeholder":
+        return False
+    return bool(_PARAM_NAME.search(node.name)) or isinstance(node_value(node), torch.nn.Parameter)
+
+
+def _clean_path(path: str) -> str:
+    """Dynamo's ``L['self'].__dict__['_modules']['transformer_blocks'].3`` -> ``transformer_blocks.3``."""
+    p = re.sub(r"\.__dict__\['_modules'\]\['([^']+)'\]", r".\1", path)
+    p = re.sub(r"\['([^']+)'\]", r".\1", p)
+    p = re.sub(r"^L\.self\.?|^L\['self'\]\.?|^self\.?", "", p)
+    return p.lstrip(".")
+
+
+def block_of(node: fx.Node) -> tuple[str, str, int, str] | None:
+    """(block name, list name, index, module type name) of the block a node runs in, or None."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    for path, mtype in stack.values():
+        clean = _clean_path(path)
+        m = _INDEXED.match(clean)
+        if m:
+            tname = mtype.__name__ if isinstance(mtype, type) else str(mtype).rsplit(".", 1)[-1]
+            return clean, m.group("list"), int(m.group("idx")), tname
+    return None
+
+
+@dataclass
+class BlockRegion:
+    """One block of the graph: its nodes (graph order) and its inputs/outputs."""
+
+    name: str
+    list_name: str
+    index: int
+    module_type: str
+    nodes: list[fx.Node]
+    stream_inputs: list[fx.Node] = field(default_factory=list)
+    stream_outputs: list[fx.Node] = field(default_factory=list)
+    context_inputs: list[fx.Node] = field(default_factory=list)
+    param_inputs: list[fx.Node] = field(default_factory=list)
+
+    @property
+    def stream_shapes(self) -> list[tuple]:
+        return [tensor_meta(n)[0] for n in self.stream_outputs]
+
+
+@dataclass
+class BlockSearchResult:
+    """What ``find_blocks`` found: usable regions in graph order, and blocks left alone with why."""
+
+    regions: list[BlockRegion]
+    left_alone: list[tuple[str, str]]
+
+
+def _external_inputs(nodes: list[fx.Node], members: set[fx.Node]) -> list[fx.Node]:
+    seen: dict[fx.Node, None] = {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in members:
+                seen.setdefault(a, None)
+    return list(seen)
+
+
+def _outputs(nodes: list[fx.Node], members: set[fx.Node]) -> list[fx.Node]:
+    return [n for n in nodes if any(u not in members for u in n.users)]
+
+
+def _is_convex(nodes: list[fx.Node], members: set[fx.Node]) -> bool:
+    """No path leaves the region and comes back (required to replace it by one node)."""
+    order = {n: i for i, n in enumerate(nodes[0].graph.nodes)}
+    last = max(order[n] for n in nodes)
+    frontier = [u for n in nodes for u in n.users if u not in members]
+    seen = set()
+    while frontier:
+        u = frontier.pop()
+        if u in seen or order[u] > last:
+            continue
+        seen.add(u)
+        for w in u.users:
+            if w in members:
+                return False
+            frontier.append(w)
+    return True
+
+
+def find_blocks(gm: fx.GraphModule) -> BlockSearchResult:
+    """Find every block region of ``gm`` (pure: ``gm`` is not modified).
+
+    Returns:
+        BlockSearchResult with regions in graph order; ``left_alone`` lists (block name, reason).
+    """
+    groups: dict[str, list[fx.Node]] = {}
+    info: dict[str, tuple[str, int, str]] = {}
+    for node in gm.graph.nodes:
+        if not node.op.startswith("call_"):
+            continue
+        b = block_of(node)
+        if b is None:
+            continue
+        name, lst, idx, tname = b
+        groups.setdefault(name, []).append(node)
+        info[name] = (lst, idx, tname)
+
+    # a block list holds identical module types; mixed lists are not blocks (e.g. ff.net)
+    types_by_list: dict[str, set[str]] = {}
+    for name, (lst, _, tname) in info.items():
+        types_by_list.setdefault(lst, set()).add(tname)
+
+    consumers: dict[fx.Node, set[str]] = {}
+    for name, nodes in groups.items():
+        members = set(nodes)
+        for a in _external_inputs(nodes, members):
+            consumers.setdefault(a, set()).add(name)
+
+    regions, left = [], []
+    for name, nodes in groups.items():
+        lst, idx, tname = info[name]
+        if len(types_by_list[lst]) != 1:
+            left.append((name, f"{lst} mixes module types {sorted(types_by_list[lst])}"))
+            continue
+        reason, region = _analyse(name, lst, idx, tname, nodes, consumers)
+        if region is None:
+            left.append((name, reason))
+        else:
+            regions.append(region)
+    return BlockSearchResult(regions, left)
+
+
+def _analyse(name, lst, idx, tname, nodes, consumers) -> tuple[str, BlockRegion | None]:
+    members = set(nodes)
+    inputs = _external_inputs(nodes, members)
+    outputs = _outputs(nodes, members)
+    if not outputs:
+        return "block output is unused", None
+    for o in outputs:
+        if tensor_meta(o) is None or len(tensor_meta(o)[0]) != 3:
+            return f"output {o.name} is not a [B, N, D] tensor", None
+    if not _is_convex(nodes, members):
+        return "region is not convex (glue between its nodes depends on it)", None
+    params = [a for a in inputs if is_param(a)]
+    others = [a for a in inputs if not is_param(a)]
+    metas = {a: tensor_meta(a) for a in others}
+    # stream inputs: same shape/dtype as an output; prefer values no other block reads
+    # (contexts such as temb or cross-attention states are read by every block)
+    streams_in: list[fx.Node] = []
+    for o in outputs:
+        cands = [a for a in others if metas[a] == tensor_meta(o) and a not in streams_in]
+        own = [a for a in cands if consumers.get(a, set()) == {name}]
+        pick = own or cands
+        if not pick:
+            return f"no input has the shape of output {o.name} {tensor_meta(o)[0]}", None
+        streams_in.append(pick[0])
+    context = [a for a in others if a not in streams_in]
+    return "", BlockRegion(name, lst, idx, tname, nodes, streams_in, outputs, context, params)
+
+
+def clone_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
+    """A copy of ``gm`` whose graph can be rewritten without touching Dynamo's own graph.
+
+    Keeps what AOTAutograd reads off a Dynamo graph (``meta``, ``_param_name_to_source``,
+    placeholders' ``_dynamo_source``). Returns (copy, old node -> new node).
+    """
+    g = fx.Graph()
+    val_map: dict[fx.Node, fx.Node] = {}
+    out = g.graph_copy(gm.graph, val_map)
+    g.output(out)
+    new = fx.GraphModule(gm, g)
+    new.meta = dict(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        new._param_name_to_source = gm._param_name_to_source
+    for old, nn_ in val_map.items():
+        if hasattr(old, "_dynamo_source"):
+            nn_._dynamo_source = old._dynamo_source
+    return new, val_map
+
+
+def remap_region(region: BlockRegion, val_map: dict[fx.Node, fx.Node]) -> BlockRegion:
+    """The same region expressed with the nodes of a cloned graph."""
+    m = lambda ns: [val_map[n] for n in ns]
+    return BlockRegion(region.name, region.list_name, region.index, region.module_type, m(region.nodes),
+                       m(region.stream_inputs), m(region.stream_outputs), m(region.context_inputs),
+                       m(region.param_inputs))

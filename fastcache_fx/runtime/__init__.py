@@ -1,0 +1,1 @@
+"""What lives across calls: per-graph, per-context cache state, decisions, statistics."""

@@ -1,0 +1,67 @@
+"""The current CFG context name (cond / uncond ...), from diffusers' ``cache_context`` or ours.
+
+Pipelines that call the transformer twice per step wrap each call in
+``transformer.cache_context("cond")`` (diffusers CacheMixin). ``attach_diffusers_context``
+registers a stateful diffusers hook whose ``StateManager`` receives that context, so the
+backend keeps one cache state per context. Models without CacheMixin (DiT, PixArt) can use
+``fastcache_fx.cache_context(name)`` directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+
+_CURRENT: ContextVar[str | None] = ContextVar("fastcache_fx_context", default=None)
+DEFAULT_CONTEXT = "default"
+HOOK_NAME = "fastcache_fx_context"
+
+
+def current_context() -> str:
+    """The active context name ("default" when none is set)."""
+    return _CURRENT.get() or DEFAULT_CONTEXT
+
+
+@contextlib.contextmanager
+def cache_context(name: str):
+    """Run transformer calls under context ``name``: each context has its own cache state."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name: expected a non-empty string, got {name!r}")
+    token = _CURRENT.set(name)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def attach_diffusers_context(module) -> bool:
+    """Follow diffusers' ``module.cache_context(name)`` calls; True if the hook was attached.
+
+    Uses diffusers' own HookRegistry: a stateful ModelHook holding a StateManager subclass whose
+    ``set_context`` records the name here. Idempotent.
+    """
+    try:
+        from diffusers.hooks import HookRegistry, ModelHook
+        from diffusers.hooks.hooks import BaseState, StateManager
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return False
+
+    class _ContextRelay(StateManager):
+        def set_context(self, context) -> None:
+            name = getattr(context, "name", context)
+            _CURRENT.set(name if name else None)
+
+    class _ContextHook(ModelHook):
+        _is_stateful = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.relay = _ContextRelay(BaseState)
+
+        def reset_state(self, module):
+            return module
+
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    if registry.get_hook(HOOK_NAME) is None:
+        registry.register_hook(_ContextHook(), HOOK_NAME)
+    return True

@@ -1,0 +1,124 @@
+"""GraphRuntime: calls one rewritten, compiled graph and owns its cache state between calls.
+
+State is a list of tensors laid out by ``BlockCacheResult.state``; there is one list per CFG
+context, created lazily (diffusers StateManager style) and dropped on ``reset()`` or when the
+model last ran through another graph (a change of shape, dtype, device or batch size).
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+import torch
+
+from ..passes.block_cache import BlockCacheResult, StateSpec
+from .context import current_context
+from .registry import ModelEntry
+
+
+@dataclass
+class StepRecord:
+    """One step of one context: tensors as the graph returned them (read lazily by stats())."""
+
+    context: str
+    step: torch.Tensor
+    delta: torch.Tensor
+    threshold: torch.Tensor
+    approx: torch.Tensor
+
+
+def _concrete(shape, bindings: dict) -> tuple[int, ...]:
+    out = []
+    for d in shape:
+        if isinstance(d, torch.SymInt):
+            expr = d.node.expr
+            out.append(int(expr.xreplace(bindings)))
+        else:
+            out.append(int(d))
+    return tuple(out)
+
+
+class GraphRuntime:
+    """The callable the backend hands to Dynamo for one graph.
+
+    Args:
+        entry: the model's registry entry (shared by all graphs of the model).
+        layout: what the block-cache pass did (input/output layout, block names).
+        compiled: the lowered graph (Inductor), called with user inputs + extra inputs.
+        weights: tensors for the ``WeightSpec`` inputs (calibrated maps), in layout order.
+        device: where state tensors live.
+        sym_sources: [(input index, dim or None, sympy symbol)] to size state of dynamic graphs.
+        clone_outputs: copy outputs that a CUDA-graph replay would overwrite.
+    """
+
+    def __init__(self, entry: ModelEntry, layout: BlockCacheResult, compiled, weights: dict[str, torch.Tensor],
+                 device: torch.device, trace_steps: int, sym_sources=(), clone_outputs: bool = False) -> None:
+        self.entry = entry
+        self.layout = layout
+        self.compiled = compiled
+        self.weights = weights
+        self.device = device
+        self.sym_sources = list(sym_sources)
+        self.clone_outputs = clone_outputs
+        self.states: dict[str, list[torch.Tensor]] = {}
+        self.trace: collections.deque[StepRecord] = collections.deque(maxlen=trace_steps)
+        self.calls = 0
+        entry.graphs.append(self)
+
+    # state -------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every context's cache state (the next step of each context is computed fully)."""
+        self.states.clear()
+
+    def _bindings(self, args) -> dict:
+        b = {}
+        for i, dim, sym in self.sym_sources:
+            v = args[i]
+            b[sym] = int(v.shape[dim]) if dim is not None else int(v)
+        return b
+
+    def _fresh_state(self, args) -> list[torch.Tensor]:
+        bindings = self._bindings(args) if self.sym_sources else {}
+        out = []
+        for spec in self.layout.state:
+            out.append(torch.full(_concrete(spec.shape, bindings), spec.fill, dtype=spec.dtype, device=self.device))
+        return out
+
+    def _state_for(self, ctx: str, args) -> list[torch.Tensor]:
+        st = self.states.get(ctx)
+        if st is not None and self.sym_sources:
+            bindings = self._bindings(args)
+            if any(t.shape != _concrete(s.shape, bindings) for t, s in zip(st, self.layout.state)):
+                st = None  # dynamic graph saw a new shape: never reuse a stale cache
+        if st is None:
+            st = self.states[ctx] = self._fresh_state(args)
+        return st
+
+    # call --------------------------------------------------------------------------------
+    def __call__(self, *args):
+        if self.entry.note_call(self):
+            self.reset()
+        ctx = current_context()
+        state = self._state_for(ctx, args)
+        extra = []
+        si = 0
+        for spec in self.layout.extra_inputs:
+            if isinstance(spec, StateSpec):
+                extra.append(state[si])
+                si += 1
+            else:
+                extra.append(self.weights[spec.name])
+        full = list(args) + extra
+        outs = self.compiled(*full)  # Dynamo's convention for backend results: positional args
+        nu, ns = self.layout.num_user_outputs, len(self.layout.state)
+        new_state = list(outs[nu:nu + ns])
+        delta, thr, ok = outs[nu + ns:nu + ns + 3]
+        if self.clone_outputs:
+            new_state = [t.clone() for t in new_state]
+            delta, thr, ok = delta.clone(), thr.clone(), ok.clone()
+        self.states[ctx] = new_state
+        self.trace.append(StepRecord(ctx, new_state[0], delta, thr, ok))
+        self.calls += 1
+        user = outs[:nu]
+        return tuple(user) if self.layout.output_is_tuple else user[0]

@@ -1,0 +1,43 @@
+"""Statistics of a model's fastcache graphs, computed from the lazily kept step trace."""
+
+from __future__ import annotations
+
+from .registry import ModelEntry
+
+
+def collect(entry: ModelEntry | None) -> dict:
+    """Aggregate every graph of a model.
+
+    Returns:
+        dict with ``block_approx_ratio`` (approximated / evaluated block-steps), ``per_block``
+        {block name: ratio}, ``steps`` (calls), ``blocks`` (names, graph order), ``graphs``
+        (number of compiled fastcache graphs) and ``trace``: one dict per step with
+        ``context``, ``step`` (index in its trajectory), ``approx`` [L] bools, ``delta`` [L] and
+        ``threshold`` [L] (the relative-change bound delta was compared with).
+    """
+    empty = {"block_approx_ratio": 0.0, "per_block": {}, "steps": 0, "blocks": [], "graphs": 0, "trace": []}
+    if entry is None or not entry.graphs:
+        return empty
+    trace, counts, totals, blocks = [], {}, {}, []
+    for g in entry.graphs:
+        names = g.layout.blocks
+        for n in names:
+            if n not in blocks:
+                blocks.append(n)
+        for rec in g.trace:
+            approx = [bool(x) for x in rec.approx.tolist()]
+            trace.append({"context": rec.context, "step": int(rec.step), "blocks": names, "approx": approx,
+                          "delta": [float(x) for x in rec.delta.tolist()],
+                          "threshold": [float(x) for x in rec.threshold.tolist()]})
+            for n, a in zip(names, approx):
+                counts[n] = counts.get(n, 0) + int(a)
+                totals[n] = totals.get(n, 0) + 1
+    total = sum(totals.values())
+    return {
+        "block_approx_ratio": (sum(counts.values()) / total) if total else 0.0,
+        "per_block": {n: counts.get(n, 0) / totals[n] for n in blocks if totals.get(n)},
+        "steps": len(trace),
+        "blocks": blocks,
+        "graphs": len(entry.graphs),
+        "trace": trace,
+    }
