@@ -1,0 +1,1 @@
+"""Debugging tools: explain, graph diff, decision heat maps."""
