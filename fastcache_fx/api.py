@@ -28,7 +28,8 @@ def enable_fastcache(pipe_or_model, *, fullgraph: bool = False, mode: str | None
     if not isinstance(target, torch.nn.Module):
         raise TypeError(f"expected a diffusers pipeline or an nn.Module, got {type(pipe_or_model).__name__}")
     attach_diffusers_context(registry.unwrap(target))
-    compiled = torch.compile(registry.unwrap(target), backend=FastCacheBackend(config, mode=mode), fullgraph=fullgraph)
+    compiled = torch.compile(registry.unwrap(target), backend=FastCacheBackend(config, mode=mode), fullgraph=fullgraph,
+                             dynamic=False)
     if hasattr(pipe_or_model, "transformer"):
         pipe_or_model.transformer = compiled
         return pipe_or_model

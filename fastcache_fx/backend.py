@@ -50,6 +50,13 @@ class FastCacheBackend:
             warnings.warn("fastcache: no transformer blocks recognised in this graph; compiled with plain Inductor"
                           + (f" (left alone: {search.left_alone})" if search.left_alone else ""), stacklevel=2)
             return compile_graph(gm, example_inputs, mode)
+        if _has_symbolic_shapes(gm):
+            # a dynamic-shape graph: cache state could not be sized safely, so no cache at all
+            # (correct outputs, never a stale cache); torch.compile(..., dynamic=False) avoids this
+            warnings.warn("fastcache: graph has dynamic shapes; compiled with plain Inductor and no cache. "
+                          "Pass dynamic=False to torch.compile (enable_fastcache does) to keep one cached graph "
+                          "per shape", stacklevel=2)
+            return compile_graph(gm, example_inputs, mode)
         if config.lowering == "tensorrt":
             from .lowering.tensorrt import require_tensorrt
 
@@ -74,6 +81,16 @@ class FastCacheBackend:
         entry = registry.entry_for_params(params)
         return GraphRuntime(entry, layout, compiled, weights, device, config.trace_steps, sym_sources,
                             clone_outputs=mode == "reduce-overhead")
+
+
+def _has_symbolic_shapes(gm: fx.GraphModule) -> bool:
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        v = node_value(n)
+        if isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in v.shape)):
+            return True
+    return False
 
 
 def _symbol_sources(placeholders: list[fx.Node]) -> list:

@@ -196,10 +196,10 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
                              [remap.get(n, n) for n in region.context_inputs], region.param_inputs)
         tag = safe(region.name)
         metas = [tensor_meta(h) for h in region.stream_inputs]
-        a_in = [state_input(f"{tag}.anchor_in.{s}", m[0], m[1], 0.0) for s, m in enumerate(metas)]
-        a_res = [state_input(f"{tag}.anchor_res.{s}", m[0], m[1], 0.0) for s, m in enumerate(metas)]
-        consec = state_input(f"{tag}.consecutive", (), torch.int64, 0)
-        prev = ([state_input(f"{tag}.previous_in.{s}", m[0], m[1], 0.0) for s, m in enumerate(metas)]
+        a_in = [state_input(f"{region.name}.anchor_in.{s}", m[0], m[1], 0.0) for s, m in enumerate(metas)]
+        a_res = [state_input(f"{region.name}.anchor_res.{s}", m[0], m[1], 0.0) for s, m in enumerate(metas)]
+        consec = state_input(f"{region.name}.consecutive", (), torch.int64, 0)
+        prev = ([state_input(f"{region.name}.previous_in.{s}", m[0], m[1], 0.0) for s, m in enumerate(metas)]
                 if config.reference == "previous" else None)
         ws, bs = [], []
         if approx in ("linear", "residual_linear"):

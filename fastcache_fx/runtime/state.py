@@ -29,10 +29,12 @@ class StepRecord:
 
 
 def _concrete(shape, bindings: dict) -> tuple[int, ...]:
+    """Evaluate a state shape of a dynamic graph with the symbols bound by this call's inputs."""
     out = []
     for d in shape:
         if isinstance(d, torch.SymInt):
-            expr = d.node.expr
+            # intermediate shapes may use symbols the ShapeEnv knows to equal input symbols
+            expr = d.node.shape_env.replace(d.node.expr)
             out.append(int(expr.xreplace(bindings)))
         else:
             out.append(int(d))

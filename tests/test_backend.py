@@ -1,0 +1,173 @@
+"""The fastcache backend end to end on tiny real diffusers models (Inductor on CPU)."""
+
+import warnings
+
+import pytest
+import torch
+
+import fastcache_fx
+from fastcache_fx import zoo
+from conftest import rel_err
+
+FAMILY_TIMESTEPS = {"dit": [900, 700, 500], "pixart": [900, 700, 500], "sd3": [900.0, 700.0, 500.0],
+                    "flux": [0.9, 0.7, 0.5]}
+
+
+@pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "flux"])
+def test_disabled_approximation_equals_eager_fullgraph(family):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model, kw = zoo.build(family)
+    compiled = torch.compile(model, backend="fastcache", fullgraph=True, options={"enable_block_approx": False})
+    for t in FAMILY_TIMESTEPS[family]:
+        kw["timestep"] = torch.full_like(kw["timestep"], t)
+        kw["hidden_states"] = kw["hidden_states"] + 0.01 * torch.randn_like(kw["hidden_states"])
+        assert rel_err(compiled(**kw).sample, model(**kw).sample) < 1e-4
+    assert sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
+    s = fastcache_fx.stats(model)
+    assert s["steps"] == 3 and s["block_approx_ratio"] == 0.0 and s["graphs"] == 1
+    assert len(s["blocks"]) == len(s["trace"][0]["delta"])
+
+
+@pytest.fixture(scope="module")
+def dit_compiled():
+    torch._dynamo.reset()
+    model, kw = zoo.build("dit")
+    compiled = torch.compile(model, backend="fastcache", dynamic=False, options={
+        "cache_ratio_threshold": 0.05, "warmup_steps": 2, "max_consecutive_approx": 2})
+    return model, compiled, kw
+
+
+def _run(compiled, x, t, labels):
+    return compiled(x, timestep=torch.full((x.shape[0],), t), class_labels=labels).sample
+
+
+def _approx_trace(model, last=None):
+    tr = fastcache_fx.stats(model)["trace"]
+    return [t["approx"] for t in (tr if last is None else tr[-last:])]
+
+
+def test_scripted_decision_trace(dit_compiled):
+    model, compiled, kw = dit_compiled
+    fastcache_fx.reset(model)
+    x, labels = kw["hidden_states"], kw["class_labels"]
+    before = len(fastcache_fx.stats(model)["trace"])
+    outs = []
+    for i, t in enumerate([900, 800, 700, 600, 500]):  # identical inputs
+        outs.append(_run(compiled, x, t, labels))
+    _run(compiled, x + 3.0 * torch.randn_like(x), 400, labels)  # a large change
+    trace = fastcache_fx.stats(model)["trace"][before:]
+    got = [t["approx"] for t in trace]
+    F, T = [False, False], [True, True]
+    # warmup 2 -> full, full; then approx twice (max_consecutive_approx=2), full, large change -> full
+    assert got == [F, F, T, T, F, F]
+    assert [t["step"] for t in trace] == [0, 1, 2, 3, 4, 5]
+    # identical inputs: block 0 sees exactly its anchor; block 1 sees H + R_anchor (= Y_anchor up to rounding)
+    assert trace[2]["delta"][0] == 0.0 and trace[2]["delta"][1] < 1e-6 and trace[5]["delta"][0] > 0.05
+    st = fastcache_fx.stats(model)
+    assert 0 < st["block_approx_ratio"] < 1 and set(st["per_block"]) == {"transformer_blocks.0", "transformer_blocks.1"}
+
+
+def test_reset_and_new_trajectory(dit_compiled):
+    model, compiled, kw = dit_compiled
+    x, labels = kw["hidden_states"], kw["class_labels"]
+    for t in [900, 800, 700]:
+        _run(compiled, x, t, labels)
+    assert _approx_trace(model, 1) == [[True, True]]
+    fastcache_fx.reset(model)
+    _run(compiled, x, 600, labels)
+    assert _approx_trace(model, 1) == [[False, False]]
+    # the timestep going up starts a new trajectory: full during warmup
+    for t in [500, 400]:
+        _run(compiled, x, t, labels)
+    _run(compiled, x, 999, labels)
+    assert fastcache_fx.stats(model)["trace"][-1]["step"] == 0
+    assert _approx_trace(model, 1) == [[False, False]]
+
+
+def test_contexts_have_their_own_state(dit_compiled):
+    model, compiled, kw = dit_compiled
+    x, labels = kw["hidden_states"], kw["class_labels"]
+    fastcache_fx.reset(model)
+    for t in [900, 800, 700]:
+        _run(compiled, x, t, labels)
+    with fastcache_fx.cache_context("uncond"):
+        _run(compiled, x, 900, labels)  # first step of this context: full
+    assert fastcache_fx.stats(model)["trace"][-1]["context"] == "uncond"
+    assert _approx_trace(model, 1) == [[False, False]]
+    _run(compiled, x, 600, labels)  # back in the default context, which continues its trajectory
+    assert fastcache_fx.stats(model)["trace"][-1]["step"] == 3
+
+
+def test_nan_input_is_never_cached(dit_compiled):
+    model, compiled, kw = dit_compiled
+    x, labels = kw["hidden_states"], kw["class_labels"]
+    fastcache_fx.reset(model)
+    for t in [900, 800, 700]:
+        _run(compiled, x, t, labels)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    _run(compiled, bad, 600, labels)
+    assert _approx_trace(model, 1) == [[False, False]]
+    # the anchor is still the clean one: identical clean input is approximated again
+    _run(compiled, x, 500, labels)
+    assert _approx_trace(model, 1) == [[True, True]]
+
+
+def test_batch_change_recomputes(dit_compiled):
+    model, compiled, kw = dit_compiled
+    x, labels = kw["hidden_states"], kw["class_labels"]
+    fastcache_fx.reset(model)
+    for t in [900, 800, 700]:
+        _run(compiled, x, t, labels)
+    x4, l4 = torch.cat([x, x]), torch.cat([labels, labels])
+    out4 = _run(compiled, x4, 600, l4)
+    assert _approx_trace(model, 1) == [[False, False]]
+    assert rel_err(out4, model(x4, timestep=torch.full((4,), 600), class_labels=l4).sample) < 1e-4
+    _run(compiled, x, 500, labels)  # back to batch 2: the old state is stale, recompute
+    assert _approx_trace(model, 1) == [[False, False]]
+
+
+def test_two_models_never_share_state(dit_compiled):
+    model, compiled, kw = dit_compiled
+    other, _ = zoo.build("dit", seed=1)
+    assert fastcache_fx.stats(other)["steps"] == 0
+    fastcache_fx.reset(other)  # no effect on the first model
+    assert fastcache_fx.stats(model)["steps"] > 0
+
+
+def test_module_without_blocks_falls_back_with_one_warning():
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8)).eval()
+    x = torch.randn(2, 4, 8)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = torch.compile(model, backend="fastcache")(x)
+    ours = [m for m in w if "fastcache" in str(m.message)]
+    assert len(ours) == 1 and "plain Inductor" in str(ours[0].message)
+    assert rel_err(out, model(x)) < 1e-5
+
+
+def test_linear_without_calibration_falls_back_to_residual():
+    with pytest.warns(UserWarning, match="falling back to approx='residual'"):
+        from fastcache_fx.backend import _approx_weights
+        from fastcache_fx.config import FastCacheConfig
+
+        assert _approx_weights(FastCacheConfig(approx="linear"), [])[1] == "residual"
+
+
+def test_backend_is_registered_as_entry_point():
+    from torch._dynamo.backends.registry import lookup_backend
+
+    assert lookup_backend("fastcache").__name__ == "fastcache_backend"
+
+
+def test_dynamic_shape_graph_is_compiled_without_cache():
+    torch._dynamo.reset()
+    model, kw = zoo.build("dit")
+    compiled = torch.compile(model, backend="fastcache")  # automatic dynamic shapes on the 2nd batch size
+    compiled(**kw)
+    kw4 = {k: torch.cat([v, v]) for k, v in kw.items()}
+    with pytest.warns(UserWarning, match="dynamic shapes"):
+        out = compiled(**kw4).sample
+    assert rel_err(out, model(**kw4).sample) < 1e-4

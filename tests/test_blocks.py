@@ -1,0 +1,99 @@
+import operator
+
+import pytest
+import torch
+from torch import fx
+
+from fastcache_fx import zoo
+from fastcache_fx.passes.block_cache import apply_block_cache
+from fastcache_fx.passes.blocks import find_blocks
+from fastcache_fx.config import FastCacheConfig
+
+
+def capture(model, kwargs):
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend, fullgraph=True)(**kwargs)
+    assert len(graphs) == 1
+    return graphs[0]
+
+
+EXPECTED = {  # family: [(block name, number of streams)]
+    "dit": [("transformer_blocks.0", 1), ("transformer_blocks.1", 1)],
+    "pixart": [("transformer_blocks.0", 1), ("transformer_blocks.1", 1)],
+    "sd3": [("transformer_blocks.0", 2), ("transformer_blocks.1", 1)],  # last block: context_pre_only
+    "flux": [("transformer_blocks.0", 2), ("single_transformer_blocks.0", 2), ("single_transformer_blocks.1", 1)],
+    "sana": [("transformer_blocks.0", 1), ("transformer_blocks.1", 1)],
+}
+
+
+@pytest.mark.parametrize("family", zoo.FAMILIES)
+def test_find_blocks_on_diffusers_families(family):
+    model, kwargs = zoo.build(family)
+    gm = capture(model, kwargs)
+    found = find_blocks(gm)
+    assert [(r.name, len(r.stream_outputs)) for r in found.regions] == EXPECTED[family]
+    assert found.left_alone == []
+    for r in found.regions:
+        for h, y in zip(r.stream_inputs, r.stream_outputs):
+            assert h.meta["example_value"].shape == y.meta["example_value"].shape
+            assert len(y.meta["example_value"].shape) == 3
+    if family == "pixart":  # the cross-attention states are context, read by every block
+        assert all(any("encoder_hidden_states" in c.name for c in r.context_inputs) for r in found.regions)
+    if family == "dit":  # DiT reuses transformer_blocks[0].norm1.emb for its output layer: glue, not a block
+        names = [n.name for n in found.regions[0].nodes]
+        assert len(names) == len(found.regions[1].nodes)
+
+
+def _hand_written_graph() -> fx.GraphModule:
+    """Two 'blocks' in a ModuleList, traced by hand-setting nn_module_stack (no diffusers)."""
+    class Block(torch.nn.Module):
+        pass
+
+    g = fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = torch.empty(2, 4, 8)
+    w = g.placeholder("l_self_modules_blocks_modules_0_parameters_weight_")
+    w.meta["val"] = torch.nn.Parameter(torch.empty(8, 8))
+    h = x
+    for i in range(2):
+        stack = {"b": (f"blocks.{i}", Block)}
+        lin = g.call_function(torch.nn.functional.linear, (h, w))
+        lin.meta.update(nn_module_stack=stack, val=torch.empty(2, 4, 8))
+        add = g.call_function(operator.add, (h, lin))
+        add.meta.update(nn_module_stack=stack, val=torch.empty(2, 4, 8))
+        h = add
+    out = g.call_function(torch.relu, (h,))
+    out.meta["val"] = torch.empty(2, 4, 8)
+    g.output((out,))
+    return fx.GraphModule(torch.nn.Module(), g)
+
+
+def test_pass_on_hand_written_graph():
+    gm = _hand_written_graph()
+    found = find_blocks(gm)
+    assert [r.name for r in found.regions] == ["blocks.0", "blocks.1"]
+    assert found.regions[1].stream_inputs == [found.regions[0].stream_outputs[0]]
+    before = gm.code
+    new, res = apply_block_cache(gm, FastCacheConfig())
+    assert gm.code == before  # pure: input graph untouched
+    conds = [n for n in new.graph.nodes if n.target is torch.ops.higher_order.cond]
+    assert len(conds) == 2 and res.blocks == ["blocks.0", "blocks.1"]
+    # state: step, prev_t, then per block anchor_in, anchor_res, consecutive
+    assert [s.name for s in res.state][:5] == ["step", "prev_t", "blocks.0.anchor_in.0", "blocks.0.anchor_res.0",
+                                               "blocks.0.consecutive"]
+    n_out = len(next(n for n in new.graph.nodes if n.op == "output").args[0])
+    assert n_out == 1 + len(res.state) + 3
+
+
+def test_module_without_blocks_has_no_region():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 8))
+    graphs = []
+    torch._dynamo.reset()
+    torch.compile(model, backend=lambda gm, ex: (graphs.append(gm), gm.forward)[1])(torch.randn(2, 4, 8))
+    assert find_blocks(graphs[0]).regions == []
