@@ -63,15 +63,13 @@ class FastCacheBackend:
             require_tensorrt()
         weights, approx = _approx_weights(config, search.regions)
         user_placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        sym_sources = _symbol_sources(user_placeholders)
         gm, layout = apply_block_cache(gm, config, search.regions, approx=approx)
         self.last_layout = layout
         device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
         extra = []
         for spec in layout.extra_inputs:
             if isinstance(spec, StateSpec):
-                shape = tuple(int(d) if not isinstance(d, torch.SymInt) else d.node.hint for d in spec.shape)
-                extra.append(torch.full(shape, spec.fill, dtype=spec.dtype, device=device))
+                extra.append(torch.full(spec.shape, spec.fill, dtype=spec.dtype, device=device))
             else:
                 weights[spec.name] = weights[spec.name].to(device)
                 extra.append(weights[spec.name])
@@ -79,7 +77,7 @@ class FastCacheBackend:
         compiled = compile_graph(gm, list(example_inputs) + extra, mode)
         params = [x for x, n in zip(example_inputs, user_placeholders) if isinstance(x, torch.Tensor) and is_param(n)]
         entry = registry.entry_for_params(params)
-        return GraphRuntime(entry, layout, compiled, weights, device, config.trace_steps, sym_sources,
+        return GraphRuntime(entry, layout, compiled, weights, device, config.trace_steps,
                             clone_outputs=mode == "reduce-overhead")
 
 
@@ -91,24 +89,6 @@ def _has_symbolic_shapes(gm: fx.GraphModule) -> bool:
         if isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in v.shape)):
             return True
     return False
-
-
-def _symbol_sources(placeholders: list[fx.Node]) -> list:
-    """Where each shape symbol of a dynamic graph can be read at call time."""
-    out, seen = [], set()
-    for i, p in enumerate(placeholders):
-        v = node_value(p)
-        if isinstance(v, torch.SymInt):
-            sym = v.node.expr
-            if getattr(sym, "is_Symbol", False) and sym not in seen:
-                out.append((i, None, sym))
-                seen.add(sym)
-        elif isinstance(v, torch.Tensor):
-            for d, s in enumerate(v.shape):
-                if isinstance(s, torch.SymInt) and getattr(s.node.expr, "is_Symbol", False) and s.node.expr not in seen:
-                    out.append((i, d, s.node.expr))
-                    seen.add(s.node.expr)
-    return out
 
 
 def _approx_weights(config: FastCacheConfig, regions) -> tuple[dict, str]:

@@ -28,19 +28,6 @@ class StepRecord:
     approx: torch.Tensor
 
 
-def _concrete(shape, bindings: dict) -> tuple[int, ...]:
-    """Evaluate a state shape of a dynamic graph with the symbols bound by this call's inputs."""
-    out = []
-    for d in shape:
-        if isinstance(d, torch.SymInt):
-            # intermediate shapes may use symbols the ShapeEnv knows to equal input symbols
-            expr = d.node.shape_env.replace(d.node.expr)
-            out.append(int(expr.xreplace(bindings)))
-        else:
-            out.append(int(d))
-    return tuple(out)
-
-
 class GraphRuntime:
     """The callable the backend hands to Dynamo for one graph.
 
@@ -50,18 +37,16 @@ class GraphRuntime:
         compiled: the lowered graph (Inductor), called with user inputs + extra inputs.
         weights: tensors for the ``WeightSpec`` inputs (calibrated maps), in layout order.
         device: where state tensors live.
-        sym_sources: [(input index, dim or None, sympy symbol)] to size state of dynamic graphs.
         clone_outputs: copy outputs that a CUDA-graph replay would overwrite.
     """
 
     def __init__(self, entry: ModelEntry, layout: BlockCacheResult, compiled, weights: dict[str, torch.Tensor],
-                 device: torch.device, trace_steps: int, sym_sources=(), clone_outputs: bool = False) -> None:
+                 device: torch.device, trace_steps: int, clone_outputs: bool = False) -> None:
         self.entry = entry
         self.layout = layout
         self.compiled = compiled
         self.weights = weights
         self.device = device
-        self.sym_sources = list(sym_sources)
         self.clone_outputs = clone_outputs
         self.states: dict[str, list[torch.Tensor]] = {}
         self.trace: collections.deque[StepRecord] = collections.deque(maxlen=trace_steps)
@@ -73,28 +58,11 @@ class GraphRuntime:
         """Forget every context's cache state (the next step of each context is computed fully)."""
         self.states.clear()
 
-    def _bindings(self, args) -> dict:
-        b = {}
-        for i, dim, sym in self.sym_sources:
-            v = args[i]
-            b[sym] = int(v.shape[dim]) if dim is not None else int(v)
-        return b
-
-    def _fresh_state(self, args) -> list[torch.Tensor]:
-        bindings = self._bindings(args) if self.sym_sources else {}
-        out = []
-        for spec in self.layout.state:
-            out.append(torch.full(_concrete(spec.shape, bindings), spec.fill, dtype=spec.dtype, device=self.device))
-        return out
-
-    def _state_for(self, ctx: str, args) -> list[torch.Tensor]:
+    def _state_for(self, ctx: str) -> list[torch.Tensor]:
         st = self.states.get(ctx)
-        if st is not None and self.sym_sources:
-            bindings = self._bindings(args)
-            if any(t.shape != _concrete(s.shape, bindings) for t, s in zip(st, self.layout.state)):
-                st = None  # dynamic graph saw a new shape: never reuse a stale cache
-        if st is None:
-            st = self.states[ctx] = self._fresh_state(args)
+        if st is None:  # static graph: StateSpec shapes are ints
+            st = self.states[ctx] = [torch.full(s.shape, s.fill, dtype=s.dtype, device=self.device)
+                                     for s in self.layout.state]
         return st
 
     # call --------------------------------------------------------------------------------
@@ -102,7 +70,7 @@ class GraphRuntime:
         if self.entry.note_call(self):
             self.reset()
         ctx = current_context()
-        state = self._state_for(ctx, args)
+        state = self._state_for(ctx)
         extra = []
         si = 0
         for spec in self.layout.extra_inputs:
