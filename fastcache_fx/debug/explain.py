@@ -1,0 +1,232 @@
+"""``explain``: what the fastcache backend would do to a model, without compiling anything.
+
+    report = explain(model, hidden_states=x, timestep=t, class_labels=y)
+    print(report.text())          # blocks found, blocks left alone and why, graph diff
+    report.dump("explain_out")    # before/after dumps and diffs, for ``fastcache-fx diff``
+
+The model's Dynamo graph(s) are captured with a backend that only records them (the model runs
+eagerly once); each graph then goes through ``find_blocks`` and ``apply_block_cache`` exactly as
+in the backend, and the graph before and after is dumped with stable node names
+(``fastcache_fx.debug.dump``). Inductor never runs. With ``TORCH_TRACE`` set, the dumps are
+also emitted as tlparse artifacts ``fastcache_before_<i>`` / ``fastcache_after_<i>`` /
+``fastcache_diff_<i>``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from ..backend import _has_symbolic_shapes
+from ..config import FastCacheConfig
+from ..passes.block_cache import BlockCacheResult, apply_block_cache
+from ..passes.blocks import clone_graph_module, find_blocks
+from .dump import block_dot, graph_text, tag_canonical_names
+
+NO_BLOCKS = "no transformer blocks, compiled with plain Inductor"
+DYNAMIC = "graph has dynamic shapes, compiled with plain Inductor and no cache"
+
+
+@dataclass
+class BlockInfo:
+    """One block found in a graph: name, module type, node count, stream shapes [(B, N, D)...]
+    and the canonical names of its context inputs (``timestep``, ``glue.silu_0``...)."""
+
+    name: str
+    module_type: str
+    num_nodes: int
+    stream_shapes: list[tuple]
+    context_inputs: list[str]
+
+
+@dataclass
+class GraphExplanation:
+    """What the backend does with one Dynamo graph.
+
+    ``blocks`` are the regions ``find_blocks`` found (rewritten unless ``graph_left_alone``);
+    ``left_alone`` holds (block name, reason) from ``find_blocks``; ``graph_left_alone`` is set
+    when the whole graph is compiled without cache (no block, dynamic shapes, pass error).
+    ``before``/``after`` are ``graph_text`` dumps; ``diff`` their unified diff ("" when the
+    graph is left alone); ``dot`` the block-level Graphviz text.
+    """
+
+    index: int
+    num_nodes: int
+    blocks: list[BlockInfo]
+    left_alone: list[tuple[str, str]]
+    graph_left_alone: str | None
+    before: str
+    after: str
+    diff: str
+    dot: str
+    result: BlockCacheResult | None = None
+    timestep_input: str | None = None
+
+
+@dataclass
+class ExplainReport:
+    """``explain``'s answer: one GraphExplanation per captured Dynamo graph (graph-break order)."""
+
+    graphs: list[GraphExplanation]
+    config: FastCacheConfig
+    approx: str = "residual"
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks rewritten into ``torch.cond`` over all graphs."""
+        return sum(len(g.blocks) for g in self.graphs if g.graph_left_alone is None)
+
+    def text(self, diff: bool = True) -> str:
+        """A human-readable report; ``diff=False`` leaves out the graph diffs."""
+        out = [f"fastcache explain: {len(self.graphs)} graph(s), {self.num_blocks} block(s) rewritten "
+               f"(approx={self.approx}, cache_ratio_threshold={self.config.cache_ratio_threshold}, "
+               f"significance_level={self.config.significance_level})"]
+        for g in self.graphs:
+            out.append(f"\ngraph {g.index}: {g.num_nodes} nodes")
+            if g.graph_left_alone:
+                out.append(f"  left alone: {g.graph_left_alone}")
+            thr = g.result.thresholds if g.result is not None else []
+            for k, b in enumerate(g.blocks):
+                shapes = ", ".join(str(list(s)) for s in b.stream_shapes)
+                bound = f"  bound {thr[k]:.4g}" if k < len(thr) else ""
+                out.append(f"  block {b.name} ({b.module_type}): {b.num_nodes} nodes, streams {shapes}, "
+                           f"context: {', '.join(b.context_inputs) or '-'}{bound}")
+            for name, why in g.left_alone:
+                out.append(f"  left alone: {name}: {why}")
+            if g.result is not None and g.result.state:
+                out.append(f"  state inputs: {len(g.result.state)} (fc_*), timestep input: {g.timestep_input}")
+            if diff and g.diff:
+                out.append(f"  graph diff (before -> after apply_block_cache):")
+                out.append(g.diff.rstrip("\n"))
+        return "\n".join(out) + "\n"
+
+    def dump(self, directory: str | os.PathLike) -> list[Path]:
+        """Write ``graph_<i>_before.txt``, ``graph_<i>_after.txt``, ``graph_<i>.diff`` and
+        ``explain.txt`` (the report without diffs) into ``directory`` (created). Returns the paths."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for g in self.graphs:
+            for suffix, text in (("_before.txt", g.before), ("_after.txt", g.after), (".diff", g.diff)):
+                p = d / f"graph_{g.index}{suffix}"
+                p.write_text(text)
+                paths.append(p)
+        p = d / "explain.txt"
+        p.write_text(self.text(diff=False))  # the diffs are in graph_<i>.diff
+        paths.append(p)
+        self.files += paths
+        return paths
+
+    def write_dot(self, directory: str | os.PathLike) -> list[Path]:
+        """Write one block-level Graphviz file ``graph_<i>.dot`` per graph. Returns the paths."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for g in self.graphs:
+            p = d / f"graph_{g.index}.dot"
+            p.write_text(g.dot)
+            paths.append(p)
+        self.files += paths
+        return paths
+
+
+def unified_diff(before: str, after: str, a: str = "before", b: str = "after", context: int = 3) -> str:
+    """``difflib`` unified diff of two texts ("" when equal)."""
+    return "".join(difflib.unified_diff(before.splitlines(keepends=True), after.splitlines(keepends=True),
+                                        fromfile=a, tofile=b, n=context))
+
+
+def _emit_artifact(name: str, text: str) -> None:
+    """A tlparse artifact (only with TORCH_TRACE set; a no-op for torch otherwise)."""
+    if not os.environ.get("TORCH_TRACE"):
+        return
+    torch._logging.trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": "string"},
+                                    payload_fn=lambda: text)
+
+
+def explain_graph(gm: fx.GraphModule, config: FastCacheConfig, index: int = 0, approx: str | None = None) -> GraphExplanation:
+    """Explain one Dynamo graph: blocks, blocks left alone, dumps before/after the block-cache pass.
+
+    ``gm`` is not modified (the pass works on a clone whose nodes carry the canonical names).
+    """
+    gm, _ = clone_graph_module(gm)
+    names = tag_canonical_names(gm)  # the pass copies node meta, so its output keeps these names
+    search = find_blocks(gm)
+    before = graph_text(gm, f"graph {index} before")
+    blocks = [BlockInfo(r.name, r.module_type, len(r.nodes), r.stream_shapes, [names[c] for c in r.context_inputs])
+              for r in search.regions]
+    whole = None
+    if not search.regions:
+        whole = NO_BLOCKS
+    elif _has_symbolic_shapes(gm):
+        whole = DYNAMIC
+    after, result = before, None
+    if whole is None:
+        try:
+            new, result = apply_block_cache(gm, config, search.regions, approx=approx)
+            after = graph_text(new, f"graph {index} after")
+        except Exception as e:  # report, do not hide: the backend would fail the same way
+            whole = f"apply_block_cache failed: {type(e).__name__}: {e}"
+    diff = "" if whole is not None else unified_diff(before, after, f"graph_{index}_before", f"graph_{index}_after")
+    dot = block_dot(gm, f"graph {index}", cached={b.name for b in blocks} if whole is None else set())
+    _emit_artifact(f"fastcache_before_{index}", before)
+    _emit_artifact(f"fastcache_after_{index}", after)
+    if diff:
+        _emit_artifact(f"fastcache_diff_{index}", diff)
+    ts = result.timestep_input if result is not None else None
+    ts = next((names[n] for n in names if n.name == ts), ts)
+    return GraphExplanation(index, sum(1 for _ in gm.graph.nodes), blocks, list(search.left_alone), whole,
+                            before, after, diff, dot, result, ts)
+
+
+def explain(model: torch.nn.Module, *example_args, config: FastCacheConfig | dict | None = None,
+            dot_dir: str | os.PathLike | None = None, dump_dir: str | os.PathLike | None = None,
+            **example_kwargs) -> ExplainReport:
+    """Capture ``model``'s Dynamo graph(s) on the example inputs and explain each one.
+
+    Calls ``torch._dynamo.reset()`` first (compiled code of other models is dropped too), then
+    runs ``torch.compile(model, backend=<recorder>, dynamic=False)`` once: the model executes
+    eagerly, nothing is lowered.
+
+    Args:
+        model: the transformer (any nn.Module).
+        example_args, example_kwargs: one call's inputs (e.g. ``hidden_states`` [B, C, H, W],
+            ``timestep`` [B]).
+        config: FastCacheConfig or its options as a dict; None: defaults.
+        dot_dir: also write ``graph_<i>.dot`` block-level Graphviz files there.
+        dump_dir: also write the dumps there (``ExplainReport.dump``).
+
+    Returns:
+        ExplainReport (``.text()`` for the report).
+
+    Raises:
+        ValueError: a bad config option (named in the message).
+    """
+    config = FastCacheConfig.from_options(config)
+    # the backend falls back to "residual" when a linear approximation has no calibration
+    approx = "residual" if config.approx != "residual" and config.calibration is None else config.approx
+    graphs: list[GraphExplanation] = []
+
+    def recorder(gm: fx.GraphModule, example_inputs, **kwargs):
+        graphs.append(explain_graph(gm, config, len(graphs), approx))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=recorder, dynamic=False)(*example_args, **example_kwargs)
+    torch._dynamo.reset()  # drop the recorder's cache entries: a later compile must not reuse them
+    report = ExplainReport(graphs, config, approx)
+    if dump_dir is not None:
+        report.dump(dump_dir)
+    if dot_dir is not None:
+        report.write_dot(dot_dir)
+    return report
+
+
+__all__ = ["BlockInfo", "ExplainReport", "GraphExplanation", "explain", "explain_graph", "unified_diff"]
