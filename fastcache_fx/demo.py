@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-consecutive", type=int, default=None, help="max_consecutive_approx")
     p.add_argument("--out-png", type=Path, default=Path("demo.png"))
     p.add_argument("--out-json", type=Path, default=Path("demo.json"))
-    p.add_argument("--trace-png", type=Path, default=None, help="also write the decision heat map here")
+    p.add_argument("--trace-png", type=Path, default=None,
+                   help="decision heat map (blocks x steps); default: <out-png stem>_trace.png")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -102,16 +103,16 @@ def run(a) -> int:
     }
     _print_table(rows)
     _save_png(a.out_png, base_imgs, fc_imgs, labels, rows)
-    if a.trace_png is not None:
-        from .debug.heatmap import decision_heatmap
+    from .debug.heatmap import decision_heatmap
 
-        decision_heatmap({**st, "trace": timed}, a.trace_png)
+    trace_png = a.trace_png or a.out_png.with_name(a.out_png.stem + "_trace.png")
+    decision_heatmap({**st, "trace": timed}, trace_png)
     record = {"images": n, "steps": a.steps, "guidance_scale": a.guidance, "scheduler": a.scheduler,
               "options": FastCacheConfig.from_options(opts).to_dict(), "results": rows,
               "per_block_approx_ratio": st["per_block"], "torch": torch.__version__,
-              "png": str(a.out_png)}
+              "png": str(a.out_png), "trace_png": str(trace_png)}
     a.out_json.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    print(f"wrote {a.out_png} and {a.out_json}")
+    print(f"wrote {a.out_png}, {trace_png} and {a.out_json}")
     return 0
 
 

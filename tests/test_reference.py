@@ -65,7 +65,7 @@ def test_demo_writes_png_and_json(tmp_path):
     png, js = tmp_path / "demo.png", tmp_path / "demo.json"
     rc = main(["demo", "--steps", "4", "--seeds", "1", "--classes", "0,1,2", "--no-progress",
                "--out-png", str(png), "--out-json", str(js)])
-    assert rc == 0 and png.stat().st_size > 1000
+    assert rc == 0 and png.stat().st_size > 1000 and (tmp_path / "demo_trace.png").stat().st_size > 1000
     rec = json.loads(js.read_text())
     for method in ("inductor", "fastcache"):
         assert set(rec["results"][method]) == {"seconds_per_image", "speedup", "block_approx_ratio", "psnr_db",
