@@ -171,3 +171,27 @@ def test_dynamic_shape_graph_is_compiled_without_cache():
     with pytest.warns(UserWarning, match="dynamic shapes"):
         out = compiled(**kw4).sample
     assert rel_err(out, model(**kw4).sample) < 1e-4
+
+
+def test_enable_fastcache_follows_diffusers_cache_context():
+    torch._dynamo.reset()
+    model, kw = zoo.build("flux")  # Flux inherits diffusers' CacheMixin (cache_context)
+    compiled = fastcache_fx.enable_fastcache(model, cache_ratio_threshold=0.05)
+    for t in (0.9, 0.8):
+        with model.cache_context("cond"):
+            compiled(**{**kw, "timestep": torch.full_like(kw["timestep"], t)})
+        with model.cache_context("uncond"):
+            out = compiled(**{**kw, "timestep": torch.full_like(kw["timestep"], t)}).sample
+    trace = fastcache_fx.stats(compiled)["trace"]
+    assert [t["context"] for t in trace] == ["cond", "uncond", "cond", "uncond"]
+    assert [t["step"] for t in trace] == [0, 0, 1, 1]  # one trajectory per context
+    assert rel_err(out, model(**{**kw, "timestep": torch.full_like(kw["timestep"], 0.8)}).sample) < 1e-4
+
+
+def test_reference_previous_adds_previous_input_state():
+    from fastcache_fx.config import FastCacheConfig
+    from fastcache_fx.passes.block_cache import apply_block_cache
+    from test_blocks import _hand_written_graph
+
+    _, res = apply_block_cache(_hand_written_graph(), FastCacheConfig(reference="previous"))
+    assert "blocks.0.previous_in.0" in [s.name for s in res.state]
