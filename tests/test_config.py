@@ -26,3 +26,10 @@ def test_from_options_and_replace():
     assert FastCacheConfig.from_options(c) is c
     assert FastCacheConfig(adaptive_beta=[0.1, 0, 0, 0]).adaptive_beta == (0.1, 0.0, 0.0, 0.0)
     assert c.to_dict()["warmup_steps"] == 3
+
+
+def test_tensorrt_lowering_says_what_is_missing():
+    from fastcache_fx.lowering.tensorrt import require_tensorrt
+
+    with pytest.raises(RuntimeError, match="tensorrt"):
+        require_tensorrt()
