@@ -2,44 +2,105 @@
 
 ``calibrate(model, run_fn)`` hooks every block of the *uncompiled* model, lets ``run_fn`` run a
 few trajectories, and accumulates per block and stream the sufficient statistics of
-(input token x [D], output token y [D]) pairs in float64: n, sum x, sum y, X^T X, X^T Y (memory
-O(D^2), tokens are never stored). The fit is closed-form ridge regression on centred data:
-W^T = (Xc^T Xc + lambda I)^-1 Xc^T Yc, b = mean_y - W mean_x, with lambda = 1e-3 * tr(Xc^T Xc) / D
-(relative to the data scale). For ``residual_linear`` the pairs are consecutive calls of a block:
-dX = x_t - x_{t-1}, dY = y_t - y_{t-1}, fit dY = W dX + b.
+(input token x [D], output token y [D]) pairs in float64: n, sum x, sum y, X^T X, X^T Y
+(memory O(D^2) per stream; tokens are never stored). The fit is closed-form ridge regression on
+centred data (Hastie, Tibshirani, Friedman, ESL sec. 3.4.1):
 
-Streams are ordered canonically by token count N (largest first: the image stream before the
-text stream of joint blocks) and matched to graph regions by (N, D) when loading.
+    W^T = (Cxx + lambda I)^-1 Cxy,   b = mean_y - W mean_x,
+    Cxx = X^T X - n mean_x mean_x^T,  Cxy = X^T Y - n mean_x mean_y^T,
+
+with lambda chosen by generalized cross-validation (Golub, Heath, Wahba 1979) on a log grid,
+from the eigendecomposition Cxx = V diag(e) V^T alone (see ``RidgeStats.solve``).
+
+What is fitted (``kind``), matching ``runtime.decision``:
+- ``linear``: y = W x + b, the block output from its input (``approx_linear``: H_l ~ W H + b).
+- ``residual_linear``: on consecutive calls t-1, t of a block in one trajectory and context,
+  dX = x_t - x_{t-1}, dY = y_t - y_{t-1}; fitted is the change of the block *residual*
+  dR = dY - dX = W dX + b, because ``approx_residual_linear`` computes
+  H + R_anchor + W (H - H_anchor) + b = Y_anchor + dX + W dX + b (the identity part of dY is
+  already there). A new trajectory starts when the model's ``timestep`` stops decreasing (the
+  runtime's rule); calls under different ``fastcache_fx.cache_context`` names are not paired.
+
+Streams: a block's output streams are ordered canonically by token count N, largest first (the
+image stream is stream 0 when N_img > N_txt; on a tie ``hidden_states`` comes first). The graph
+pass orders streams in graph order instead; ``load_calibration`` maps one onto the other by
+(N, D), then by rank of N (another resolution), checking the width D.
+
+File format: safetensors, float32 tensors "<block>.weight.<s>" [D_out, D_in] (out x in, the
+``torch.nn.functional.linear`` convention) and "<block>.bias.<s>" [D_out]; the safetensors
+metadata holds JSON strings (see ``Calibration``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
+from .context import current_context
+
 KINDS = ("linear", "residual_linear")
+FORMAT = "fastcache_fx.calibration"
+FORMAT_VERSION = 1
+#: fallback ridge strength relative to the data scale: lambda = RIDGE_RELATIVE * tr(Cxx) / D
 RIDGE_RELATIVE = 1e-3
+#: GCV grid: lambda = s * tr(Cxx) / D for s in 10^GCV_GRID (the floor keeps the solve stable)
+GCV_GRID = torch.linspace(-8.0, 1.0, 37, dtype=torch.float64)
+
+
+class RidgeFit(NamedTuple):
+    """A solved ridge regression: weight [D_out, D_in], bias [D_out] (float32), the lambda used
+    and the relative training error ||Y - X W^T - b||_F / ||Y - mean_y||_F."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    ridge: float
+    rel_error: float
 
 
 class RidgeStats:
-    """Sufficient statistics of y = W x + b for tokens of width D (float64, O(D^2))."""
+    """Sufficient statistics of token pairs for y = W x + b (float64, O(D^2) memory).
 
-    def __init__(self, d_in: int, d_out: int) -> None:
+    Holds n, sum x [D_in], sum y [D_out], X^T X [D_in, D_in], X^T Y [D_in, D_out] and sum ||y||^2
+    (for the fit error). Statistics live on the device of the first tensors added (float64;
+    Apple MPS has no float64, so there they live on the CPU), or on ``device`` when given.
+    """
+
+    def __init__(self, d_in: int, d_out: int, device: torch.device | str | None = None) -> None:
+        self.d_in, self.d_out = int(d_in), int(d_out)
+        self.device = torch.device(device) if device is not None else None
         self.n = 0
-        self.sx = torch.zeros(d_in, dtype=torch.float64)
-        self.sy = torch.zeros(d_out, dtype=torch.float64)
-        self.xtx = torch.zeros(d_in, d_in, dtype=torch.float64)
-        self.xty = torch.zeros(d_in, d_out, dtype=torch.float64)
+        self.sx = self.sy = self.xtx = self.xty = None
         self.yty = 0.0
 
+    def _init(self, device: torch.device) -> None:
+        if self.device is None:
+            self.device = torch.device("cpu") if device.type == "mps" else device
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=self.device)
+        self.sx, self.sy = z(self.d_in), z(self.d_out)
+        self.xtx, self.xty = z(self.d_in, self.d_in), z(self.d_in, self.d_out)
+
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Accumulate token pairs x [..., D_in], y [..., D_out]."""
-        x = x.detach().reshape(-1, x.shape[-1]).double().cpu()
-        y = y.detach().reshape(-1, y.shape[-1]).double().cpu()
+        """Accumulate token pairs x [..., D_in], y [..., D_out] (same leading shape).
+
+        Raises:
+            ValueError: widths differ from the ones this object was made for, or the token
+                counts of x and y differ.
+        """
+        if x.shape[-1] != self.d_in or y.shape[-1] != self.d_out:
+            raise ValueError(f"RidgeStats: expected widths ({self.d_in}, {self.d_out}), got ({x.shape[-1]}, {y.shape[-1]})")
+        if self.sx is None:
+            self._init(x.device)
+        x = x.detach().reshape(-1, self.d_in).to(self.device, torch.float64)
+        y = y.detach().reshape(-1, self.d_out).to(self.device, torch.float64)
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"RidgeStats: {x.shape[0]} input tokens but {y.shape[0]} output tokens")
         self.n += x.shape[0]
         self.sx += x.sum(0)
         self.sy += y.sum(0)
@@ -47,48 +108,116 @@ class RidgeStats:
         self.xty += x.T @ y
         self.yty += float((y * y).sum())
 
-    def fit(self, ridge: float | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def merge(self, other: "RidgeStats") -> "RidgeStats":
+        """Add the statistics of ``other`` (same widths) into this one; returns self."""
+        if (other.d_in, other.d_out) != (self.d_in, self.d_out):
+            raise ValueError("RidgeStats.merge: widths differ")
+        if other.n == 0:
+            return self
+        if self.sx is None:
+            self._init(other.sx.device)
+        self.n += other.n
+        self.sx += other.sx.to(self.device)
+        self.sy += other.sy.to(self.device)
+        self.xtx += other.xtx.to(self.device)
+        self.xty += other.xty.to(self.device)
+        self.yty += other.yty
+        return self
+
+    def solve(self, ridge: float | None = None) -> RidgeFit:
         """Closed-form ridge fit on centred data.
 
-        Returns:
-            (W [D_out, D_in] float32, b [D_out] float32, relative training error
-            ||Y - XW^T - b||_F / ||Y - mean_y||_F).
+        With Cxx = V diag(e) V^T and Z = V^T Cxy (rows z_i):
+            W^T = V diag(1 / (e + lambda)) Z,
+            RSS(lambda) = tr(Cyy) - sum_i ||z_i||^2 (e_i + 2 lambda) / (e_i + lambda)^2,
+            df(lambda) = 1 + sum_i e_i / (e_i + lambda)   (the 1: the intercept),
+            GCV(lambda) = n RSS / (n - df)^2   (Golub, Heath, Wahba 1979),
+        minimised over lambda = s * tr(Cxx) / D, s in 10^[-8, 1]. Tokens of one image are not
+        independent, so GCV tends to pick a small lambda when n >> D; pass ``ridge`` to override.
+
+        Args:
+            ridge: None for GCV, or an absolute lambda >= 0.
 
         Raises:
-            ValueError: no samples were accumulated.
+            ValueError: no samples were accumulated, or ``ridge`` is negative / not finite.
         """
         if self.n == 0:
             raise ValueError("calibration: no samples accumulated")
-        mx, my = self.sx / self.n, self.sy / self.n
-        cxx = self.xtx - self.n * torch.outer(mx, mx)
-        cxy = self.xty - self.n * torch.outer(mx, my)
-        d = cxx.shape[0]
-        lam = ridge if ridge is not None else RIDGE_RELATIVE * float(torch.trace(cxx)) / d + 1e-12
-        wt = torch.linalg.solve(cxx + lam * torch.eye(d, dtype=torch.float64), cxy)  # [D_in, D_out]
+        if ridge is not None and (not math.isfinite(ridge) or ridge < 0):
+            raise ValueError(f"ridge: expected a finite number >= 0 or None, got {ridge!r}")
+        n = self.n
+        mx, my = (self.sx / n).cpu(), (self.sy / n).cpu()
+        cxx = self.xtx.cpu() - n * torch.outer(mx, mx)
+        cxy = self.xty.cpu() - n * torch.outer(mx, my)
+        cyy_tr = max(self.yty - n * float(my @ my), 0.0)
+        e, v = torch.linalg.eigh(0.5 * (cxx + cxx.T))
+        e = e.clamp_min(0.0)
+        z = v.T @ cxy  # [D_in, D_out]
+        z2 = (z * z).sum(1)  # [D_in]
+        scale = float(e.sum()) / self.d_in
+        if scale <= 0.0:  # constant inputs: the best map is the mean
+            return RidgeFit(torch.zeros(self.d_out, self.d_in), my.float(), 0.0,
+                            0.0 if cyy_tr == 0 else 1.0)
+
+        def rss(lam: torch.Tensor) -> torch.Tensor:  # lam [G] -> [G]
+            lam = lam[:, None]
+            return (cyy_tr - (z2 * (e + 2 * lam) / (e + lam) ** 2).sum(1)).clamp_min(0.0)
+
+        if ridge is None:
+            lams = scale * torch.pow(10.0, GCV_GRID)
+            df = 1.0 + (e / (e + lams[:, None])).sum(1)
+            gcv = torch.where(df < n, n * rss(lams) / (n - df).clamp_min(1e-12) ** 2, torch.full_like(df, math.inf))
+            lam = float(lams[int(torch.argmin(gcv))]) if torch.isfinite(gcv).any() else RIDGE_RELATIVE * scale
+        else:
+            lam = float(ridge)
+        inv = 1.0 / (e + lam)
+        if not torch.isfinite(inv).all():  # lambda = 0 and rank-deficient inputs: pseudo-inverse
+            inv = torch.where(e > e.max() * 1e-12, 1.0 / e.clamp_min(1e-300), torch.zeros_like(e))
+        wt = v @ (inv[:, None] * z)  # [D_in, D_out]
         b = my - mx @ wt
-        # residual sum of squares from the statistics: tr(Cyy) - 2 tr(W Cxy) + tr(W Cxx W^T)
-        cyy_tr = self.yty - self.n * float(my @ my)
-        rss = cyy_tr - 2 * float((wt * cxy).sum()) + float((wt * (cxx @ wt)).sum())
-        rel = (max(rss, 0.0) / cyy_tr) ** 0.5 if cyy_tr > 0 else 0.0
-        return wt.T.float().contiguous(), b.float(), rel
+        res = float(rss(torch.tensor([lam], dtype=torch.float64))[0]) if lam > 0 else \
+            max(cyy_tr - 2 * float((wt * cxy).sum()) + float((wt * (cxx @ wt)).sum()), 0.0)
+        rel = math.sqrt(res / cyy_tr) if cyy_tr > 0 else 0.0
+        return RidgeFit(wt.T.float().contiguous(), b.float().contiguous(), lam, rel)
+
+    def fit(self, ridge: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W [D_out, D_in], b [D_out]) float32 of ``solve(ridge)``: y ~ F.linear(x, W, b)."""
+        r = self.solve(ridge)
+        return r.weight, r.bias
 
 
 @dataclass
 class Calibration:
-    """Fitted maps ("<block>.weight.<s>" [D, D], "<block>.bias.<s>" [D]) and their metadata."""
+    """Fitted maps and their metadata.
+
+    tensors: "<block>.weight.<s>" [D_out, D_in] and "<block>.bias.<s>" [D_out], float32, with
+        s the canonical stream index (token count N descending).
+    metadata: ``format``, ``version``, ``model_class``, ``config_hash`` (sha256 of the
+        diffusers config as sorted JSON, "" without ``.config``), ``kind``, ``streams``
+        {block: [{"tokens": N, "width": D}, ...]}, ``samples`` {block: [token pairs per
+        stream]}, ``fit_error`` {block: [relative training error per stream]}, ``ridge``
+        {block: [lambda per stream]}, ``ridge_rule`` ("gcv" or "fixed").
+    """
 
     tensors: dict[str, torch.Tensor]
     metadata: dict = field(default_factory=dict)
 
+    def save(self, path: str | Path) -> None:
+        save(self, path)
+
 
 def model_info(model) -> dict:
-    """Class name and a hash of the diffusers config (what a calibration file is checked against)."""
+    """{"model_class", "config_hash"} of a model: what a calibration file is checked against."""
     cfg = getattr(model, "config", None)
-    h = hashlib.sha256(json.dumps(dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16] if cfg else ""
+    h = ""
+    if cfg is not None:
+        h = hashlib.sha256(json.dumps(dict(cfg), sort_keys=True, default=str).encode()).hexdigest()
     return {"model_class": type(model).__name__, "config_hash": h}
 
 
-def _block_modules(model) -> dict[str, torch.nn.Module]:
+def block_modules(model) -> dict[str, torch.nn.Module]:
+    """{"transformer_blocks.<i>" / "single_transformer_blocks.<i>": module} of a transformer
+    (the names ``BlockRegion.name`` gives the same blocks in a traced graph)."""
     out = {}
     for list_name in ("transformer_blocks", "single_transformer_blocks"):
         blocks = getattr(model, list_name, None)
@@ -98,59 +227,134 @@ def _block_modules(model) -> dict[str, torch.nn.Module]:
     return out
 
 
-def _pairs(args, kwargs, output) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(input, output) stream pairs of one block call, ordered by token count (largest first)."""
-    outs = output if isinstance(output, (tuple, list)) else (output,)
-    outs = [o for o in outs if isinstance(o, torch.Tensor) and o.dim() == 3]
-    ins = [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor) and v.dim() == 3]
-    prefer = [kwargs.get("hidden_states"), kwargs.get("encoder_hidden_states")]
+def _binder(module: torch.nn.Module) -> Callable:
+    """(args, kwargs) -> {parameter name: value} for ``module.forward`` (positional names too)."""
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        sig = None
+
+    def bind(args, kwargs) -> dict:
+        if sig is not None:
+            try:
+                named = dict(sig.bind_partial(*args, **kwargs).arguments)
+                for p in sig.parameters.values():  # flatten **kwargs
+                    if p.kind is inspect.Parameter.VAR_KEYWORD and isinstance(named.get(p.name), dict):
+                        named.update(named.pop(p.name))
+                return named
+            except TypeError:
+                pass
+        return {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}
+
+    return bind
+
+
+def stream_pairs(named_inputs: dict, output) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input, output) stream pairs of one block call, in canonical order.
+
+    Outputs are the 3-D tensors [B, N, D] of ``output`` (a tensor or a tuple; None entries such
+    as the last SD3 block's encoder stream are skipped). Each is paired with an unused input of
+    the same shape, preferring the diffusers name for its position: ``hidden_states`` for a
+    single tensor or the last element of a pair, ``encoder_hidden_states`` for the first element
+    of a pair (SD3/Flux blocks return (encoder_hidden_states, hidden_states)). Pairs are sorted
+    by N descending; on a tie the ``hidden_states`` pair comes first.
+    """
+    outs = list(output) if isinstance(output, (tuple, list)) else [output]
+    ins = [(k, v) for k, v in named_inputs.items() if isinstance(v, torch.Tensor) and v.dim() == 3]
     pairs, used = [], set()
-    for o in sorted(outs, key=lambda t: -t.shape[1]):
-        cands = [x for x in prefer if isinstance(x, torch.Tensor) and x.shape == o.shape and id(x) not in used]
-        cands += [x for x in ins if x.shape == o.shape and id(x) not in used]
+    for p, o in enumerate(outs):
+        if not isinstance(o, torch.Tensor) or o.dim() != 3:
+            continue
+        want = "hidden_states" if len(outs) == 1 or p == len(outs) - 1 else \
+            "encoder_hidden_states" if (len(outs) == 2 and p == 0) else None
+        cands = [(k, v) for k, v in ins if v.shape == o.shape and k not in used]
+        cands.sort(key=lambda kv: kv[0] != want)  # stable: the preferred name first
         if cands:
-            used.add(id(cands[0]))
-            pairs.append((cands[0], o))
-    return pairs
+            used.add(cands[0][0])
+            pairs.append((cands[0][0], cands[0][1], o))
+    pairs.sort(key=lambda t: (-t[2].shape[1], t[0] != "hidden_states"))
+    return [(x, y) for _, x, y in pairs]
 
 
-def calibrate(model, run_fn, out: str | Path | None = None, kind: str = "linear", ridge: float | None = None) -> Calibration:
+def _timestep_value(named: dict) -> float | None:
+    t = named.get("timestep")
+    if isinstance(t, torch.Tensor) and t.numel() > 0:
+        return float(t.reshape(-1)[0])
+    if isinstance(t, (int, float)):
+        return float(t)
+    return None
+
+
+def calibrate(model, run_fn: Callable, out: str | Path | None = None, kind: str = "linear",
+              ridge: float | None = None, stats_device: torch.device | str | None = None) -> Calibration:
     """Fit per-block linear maps on the uncompiled ``model`` while ``run_fn(model)`` runs it.
 
+    Forward hooks (``with_kwargs=True``) on every block of ``transformer_blocks`` /
+    ``single_transformer_blocks`` pair each output stream with its input (``stream_pairs``) and
+    accumulate ``RidgeStats`` per (block, canonical stream); nothing else of the model changes
+    and the hooks are removed afterwards. Runs under ``torch.no_grad()``.
+
     Args:
-        model: a diffusers transformer (blocks in ``transformer_blocks`` / ``single_transformer_blocks``).
-        run_fn: called once with ``model``; runs a few sampling trajectories.
+        model: a diffusers transformer, a pipeline with ``.transformer`` (``run_fn`` then gets
+            the pipeline), or a ``torch.compile``d module (its original module is hooked and
+            ``run_fn`` gets that, uncompiled).
+        run_fn: called once; runs a few sampling trajectories.
         out: where to save the safetensors file (optional).
-        kind: "linear" (y = W x + b) or "residual_linear" (dY = W dX + b between consecutive calls).
+        kind: "linear" (y = W x + b) or "residual_linear" (dR = W dX + b, see the module doc).
+        ridge: None chooses lambda per stream by GCV; a float is an absolute lambda.
+        stats_device: where statistics accumulate (default: the activations' device). Each
+            stream needs 8 (D^2 + D_in D_out) bytes: ~150 MB at D = 3072.
+
+    Returns:
+        The Calibration (also written to ``out`` when given).
 
     Raises:
-        ValueError: unknown ``kind``, or no block was called.
+        ValueError: unknown ``kind``, a model without block lists, or ``run_fn`` produced no
+            pair (no block was called; for residual_linear: no block called twice in a trajectory).
     """
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
-    blocks = _block_modules(model)
+    target = model.transformer if not isinstance(model, torch.nn.Module) and hasattr(model, "transformer") else model
+    target = getattr(target, "_orig_mod", target)
+    if target is not model and isinstance(model, torch.nn.Module):
+        model = target  # a compiled module: run the original
+    blocks = block_modules(target)
     if not blocks:
-        raise ValueError(f"calibration: {type(model).__name__} has no transformer_blocks / single_transformer_blocks")
+        raise ValueError(f"calibration: {type(target).__name__} has no transformer_blocks / single_transformer_blocks")
     stats: dict[tuple[str, int], RidgeStats] = {}
-    last: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-    shapes: dict[tuple[str, int], tuple] = {}
+    shapes: dict[tuple[str, int], tuple[int, int]] = {}
+    last: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (context, block, s) -> (x, y)
+    prev_t: dict[str, float] = {}  # context -> previous timestep
 
-    def hook(name):
+    def model_pre_hook(module, args, kwargs):
+        t = _timestep_value(bind_model(args, kwargs))
+        ctx = current_context()
+        if t is not None:
+            if ctx in prev_t and not t < prev_t[ctx]:  # timestep stopped decreasing: new trajectory
+                for k in [k for k in last if k[0] == ctx]:
+                    del last[k]
+            prev_t[ctx] = t
+
+    def hook(name, bind):
         def fn(module, args, kwargs, output):
-            for s, (x, y) in enumerate(_pairs(args, kwargs, output)):
+            for s, (x, y) in enumerate(stream_pairs(bind(args, kwargs), output)):
                 key = (name, s)
-                shapes[key] = tuple(y.shape[1:])
-                st = stats.setdefault(key, RidgeStats(x.shape[-1], y.shape[-1]))
+                shapes.setdefault(key, (x.shape[1], x.shape[-1]))
                 if kind == "linear":
-                    st.add(x, y)
-                else:
-                    prev = last.get(key)
-                    if prev is not None and prev[0].shape == x.shape:
-                        st.add(x - prev[0], y - prev[1])
-                    last[key] = (x.detach().clone(), y.detach().clone())
+                    stats.setdefault(key, RidgeStats(x.shape[-1], y.shape[-1], stats_device)).add(x, y)
+                    continue
+                lk = (current_context(), name, s)
+                prev = last.get(lk)
+                if prev is not None and prev[0].shape == x.shape:
+                    dx = x - prev[0]
+                    stats.setdefault(key, RidgeStats(x.shape[-1], y.shape[-1], stats_device)).add(dx, (y - prev[1]) - dx)
+                last[lk] = (x.detach().clone(), y.detach().clone())
         return fn
 
-    handles = [b.register_forward_hook(hook(n), with_kwargs=True) for n, b in blocks.items()]
+    bind_model = _binder(target)
+    handles = [b.register_forward_hook(hook(n, _binder(b)), with_kwargs=True) for n, b in blocks.items()]
+    if kind == "residual_linear":
+        handles.append(target.register_forward_pre_hook(model_pre_hook, with_kwargs=True))
     try:
         with torch.no_grad():
             run_fn(model)
@@ -158,15 +362,25 @@ def calibrate(model, run_fn, out: str | Path | None = None, kind: str = "linear"
         for h in handles:
             h.remove()
     if not stats:
-        raise ValueError("calibration: run_fn did not call any block")
-    tensors, errors, samples, widths = {}, {}, {}, {}
-    for (name, s), st in stats.items():
-        w, b, err = st.fit(ridge)
-        tensors[f"{name}.weight.{s}"], tensors[f"{name}.bias.{s}"] = w, b
-        errors[f"{name}.{s}"], samples[f"{name}.{s}"] = err, st.n
-        widths[f"{name}.{s}"] = list(shapes[(name, s)])
-    meta = {**model_info(model), "kind": kind, "stream_shapes": widths, "samples": samples, "fit_error": errors,
-            "ridge": "relative 1e-3 * tr(Cxx)/D" if ridge is None else ridge}
+        raise ValueError("calibration: run_fn produced no (input, output) pair"
+                         + (" (residual_linear needs a block called at least twice in one trajectory)"
+                            if kind == "residual_linear" else " (no block was called)"))
+    tensors: dict[str, torch.Tensor] = {}
+    streams, samples, errors, ridges = {}, {}, {}, {}
+    for name in blocks:  # model order
+        for s in range(len(shapes)):
+            st = stats.get((name, s))
+            if st is None:
+                break
+            r = st.solve(ridge)
+            tensors[f"{name}.weight.{s}"], tensors[f"{name}.bias.{s}"] = r.weight, r.bias
+            n_tok, width = shapes[(name, s)]
+            streams.setdefault(name, []).append({"tokens": int(n_tok), "width": int(width)})
+            samples.setdefault(name, []).append(int(st.n))
+            errors.setdefault(name, []).append(float(r.rel_error))
+            ridges.setdefault(name, []).append(float(r.ridge))
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, **model_info(target), "kind": kind, "streams": streams,
+            "samples": samples, "fit_error": errors, "ridge": ridges, "ridge_rule": "gcv" if ridge is None else "fixed"}
     cal = Calibration(tensors, meta)
     if out is not None:
         save(cal, out)
@@ -174,52 +388,108 @@ def calibrate(model, run_fn, out: str | Path | None = None, kind: str = "linear"
 
 
 def save(cal: Calibration, path: str | Path) -> None:
-    """Write tensors as safetensors with the metadata as JSON under the key "fastcache"."""
+    """Write ``cal`` as safetensors; each metadata field is stored as a JSON string."""
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in cal.tensors.items()}, str(path), metadata={"fastcache": json.dumps(cal.metadata)})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in cal.tensors.items()}, str(path),
+              metadata={k: json.dumps(v) for k, v in cal.metadata.items()})
 
 
 def load(path: str | Path) -> Calibration:
-    """Read a calibration file. Raises ValueError if it is not one."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = (f.metadata() or {}).get("fastcache")
-        if meta is None:
-            raise ValueError(f"calibration: {path} has no fastcache metadata")
-        return Calibration({k: f.get_tensor(k) for k in f.keys()}, json.loads(meta))
-
-
-def load_calibration(path, regions, kind: str, model_info_: dict | None = None) -> dict[str, torch.Tensor]:
-    """Weights for the graph pass: "<region>.weight.<s>" [D, D] and "<region>.bias.<s>" [D] with s
-    in the region's stream order (matched to the file's canonical order by (N, D)).
+    """Read a calibration file.
 
     Raises:
-        ValueError: wrong kind, model class / config hash, missing block, or width mismatch (named).
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a fastcache_fx calibration.
     """
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"calibration: no file {str(path)!r} (make one with fastcache_fx.calibrate "
+                                "or `fastcache-fx calibrate`)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise ValueError(f"calibration: {path} is not a safetensors file ({e})") from None
+    try:
+        meta = {k: json.loads(v) for k, v in raw.items()}
+    except json.JSONDecodeError:
+        meta = {}
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"calibration: {path} is not a fastcache_fx calibration file (no format={FORMAT!r} metadata)")
+    return Calibration(tensors, meta)
+
+
+def _match_streams(name: str, file_streams: list[dict], model_shapes: list[tuple]) -> list[int]:
+    """For each model stream (graph order) the file's canonical stream index.
+
+    Exact (N, D) matches first; the rest by rank of N (calibrated at another resolution),
+    whose width D must agree. The file may have more streams than the graph: an output the
+    graph never uses is not a stream there (the text output of Flux's last single block).
+    """
+    if len(file_streams) < len(model_shapes):
+        raise ValueError(f"calibration: block {name} has {len(file_streams)} stream(s) in file, "
+                         f"model has {len(model_shapes)}")
+    fmap: list[int | None] = [None] * len(model_shapes)
+    free = list(range(len(file_streams)))
+    for s, shape in enumerate(model_shapes):
+        hit = next((f for f in free if (file_streams[f]["tokens"], file_streams[f]["width"]) == (shape[1], shape[-1])), None)
+        if hit is not None:
+            fmap[s] = hit
+            free.remove(hit)
+    rest = sorted((s for s in range(len(model_shapes)) if fmap[s] is None), key=lambda s: -model_shapes[s][1])
+    for s, f in zip(rest, free):
+        if file_streams[f]["width"] != model_shapes[s][-1]:
+            raise ValueError(f"calibration: block {name} stream {s} has width {file_streams[f]['width']} in file, "
+                             f"model has {model_shapes[s][-1]}")
+        fmap[s] = f
+    return fmap
+
+
+def load_calibration(path: str | Path, regions, kind: str, model_info: dict | None = None) -> dict[str, torch.Tensor]:
+    """The weight inputs of the graph pass, from a calibration file.
+
+    Args:
+        path: a file written by ``calibrate`` / ``fastcache-fx calibrate``.
+        regions: ``BlockRegion``s (``find_blocks(gm).regions``).
+        kind: the approximation the graph uses ("linear" or "residual_linear").
+        model_info: optional {"model_class", "config_hash"} (``model_info(model)``) to check the
+            file against; empty values are not compared.
+
+    Returns:
+        {"<r.name>.weight.<s>": [D, D], "<r.name>.bias.<s>": [D]} float32 for every region r and
+        stream s in the region's own (graph) order, D = r.stream_shapes[s][-1]: exactly the
+        names of the ``WeightSpec``s that ``apply_block_cache`` creates.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: not a calibration file; fitted for another kind, model class or config; no
+            map for a block of ``regions``; fewer streams in the file than in the graph; another width.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
     cal = load(path)
     meta = cal.metadata
     if meta.get("kind") != kind:
-        raise ValueError(f"calibration: file was fitted for approx={meta.get('kind')!r}, asked for {kind!r}")
-    if model_info_:
-        for k in ("model_class", "config_hash"):
-            if model_info_.get(k) and meta.get(k) and model_info_[k] != meta[k]:
-                raise ValueError(f"calibration: file is for {k}={meta[k]!r}, model has {model_info_[k]!r}")
-    shapes = meta.get("stream_shapes", {})
-    out = {}
+        raise ValueError(f"calibration: {path} was fitted for approx={meta.get('kind')!r}, the graph uses approx={kind!r}")
+    for k in ("model_class", "config_hash"):
+        if model_info and model_info.get(k) and meta.get(k) and model_info[k] != meta[k]:
+            raise ValueError(f"calibration: {path} is for {k}={meta[k]!r}, the model has {k}={model_info[k]!r}")
+    streams = meta.get("streams", {})
+    out: dict[str, torch.Tensor] = {}
     for r in regions:
-        file_streams = {int(k.rsplit(".", 1)[1]): tuple(v) for k, v in shapes.items() if k.rsplit(".", 1)[0] == r.name}
-        if not file_streams:
-            raise ValueError(f"calibration: no map for block {r.name}")
-        for s, shape in enumerate(r.stream_shapes):
-            n, d = shape[1], shape[-1]
-            match = [fs for fs, (fn, fd) in file_streams.items() if fn == n and fd == d]
-            if not match:
-                widths = sorted(fd for _, fd in file_streams.values())
-                raise ValueError(f"calibration: block {r.name} stream {s} has width {d} and {n} tokens in the model; "
-                                 f"the file has widths {widths}")
-            fs = match[0]
-            out[f"{r.name}.weight.{s}"] = cal.tensors[f"{r.name}.weight.{fs}"].float()
-            out[f"{r.name}.bias.{s}"] = cal.tensors[f"{r.name}.bias.{fs}"].float()
+        if r.name not in streams:
+            raise ValueError(f"calibration: no map for block {r.name} in {path}")
+        shapes = r.stream_shapes
+        for s, f in enumerate(_match_streams(r.name, streams[r.name], shapes)):
+            d = shapes[s][-1]
+            w, b = cal.tensors.get(f"{r.name}.weight.{f}"), cal.tensors.get(f"{r.name}.bias.{f}")
+            if w is None or b is None or tuple(w.shape) != (d, d) or tuple(b.shape) != (d,):
+                raise ValueError(f"calibration: block {r.name} stream {s}: tensors {r.name}.weight/bias.{f} "
+                                 f"missing or not [{d}, {d}] / [{d}]")
+            out[f"{r.name}.weight.{s}"] = w.float().contiguous()
+            out[f"{r.name}.bias.{s}"] = b.float().contiguous()
     return out
