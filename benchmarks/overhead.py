@@ -47,15 +47,16 @@ def main(argv=None) -> dict:
     variants = [("inductor", None), ("fastcache, approx disabled", {"enable_block_approx": False})]
     forced = {"cache_ratio_threshold": 1e6, "warmup_steps": 1, "max_consecutive_approx": 10 ** 6}
     kinds = [k for k in a.kinds.split(",") if k]
-    calib = None
-    if any(k != "residual" for k in kinds):
-        calib = str(Path(tempfile.mkdtemp()) / "calib.safetensors")
-        fastcache_fx.calibrate(model, lambda m: [m(**{**kw, "timestep": torch.full_like(kw["timestep"], t)})
-                                                 for t in (900, 500)], out=calib)
+    calibs = {}
+    for k in kinds:
+        if k != "residual":  # one calibration file per kind: linear fits Y, residual_linear fits dR
+            calibs[k] = str(Path(tempfile.mkdtemp()) / f"calib_{k}.safetensors")
+            fastcache_fx.calibrate(model, lambda m: [m(**{**kw, "timestep": torch.full_like(kw["timestep"], t)})
+                                                     for t in (900, 500)], out=calibs[k], kind=k)
     for k in kinds:
         opts = {**forced, "approx": k}
         if k != "residual":
-            opts["calibration"] = calib
+            opts["calibration"] = calibs[k]
         variants.append((f"fastcache, all blocks {k}", opts))
 
     rows = []

@@ -34,8 +34,8 @@ class FastCacheConfig:
             "residual_linear" (H + R_anchor + W (H - H_anchor)).
         reference: "anchor" compares with the input at the last full computation, "previous"
             with the previous step's input (the paper's exact rule).
-        calibration: None, a path to a safetensors file from ``fastcache_fx.calibrate``, or
-            "online" (fit during the run).
+        calibration: None or a path to a safetensors file from ``fastcache_fx.calibrate``
+            ("online" fitting is planned, issue #4, and rejected for now).
         timestep_max: the timestep value that maps to t_norm = 1 (1000 for DDPM-style
             timesteps, 1 for flow-matching pipelines that pass sigmas).
         lowering: "inductor" or "tensorrt".
@@ -101,6 +101,8 @@ class FastCacheConfig:
             raise bad("lowering", f"expected one of {LOWERINGS}")
         if self.calibration is not None and not isinstance(self.calibration, str):
             object.__setattr__(self, "calibration", str(self.calibration))
+        if self.calibration == "online":
+            raise bad("calibration", "online calibration is not implemented yet; pass a file from fastcache_fx.calibrate")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | "FastCacheConfig" | None = None, **kwargs: Any) -> "FastCacheConfig":
