@@ -38,7 +38,6 @@ class FastCacheBackend:
     def __init__(self, config: FastCacheConfig | None = None, mode: str | None = None, **options) -> None:
         self.config = FastCacheConfig.from_options(config, **options)
         self.mode = mode
-        self.last_layout = None
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list, **kwargs):
         config = self.config
@@ -64,7 +63,6 @@ class FastCacheBackend:
         weights, approx = _approx_weights(config, search.regions)
         user_placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         gm, layout = apply_block_cache(gm, config, search.regions, approx=approx)
-        self.last_layout = layout
         device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
         extra = []
         for spec in layout.extra_inputs:

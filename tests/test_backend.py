@@ -42,6 +42,13 @@ def _run(compiled, x, t, labels):
     return compiled(x, timestep=torch.full((x.shape[0],), t), class_labels=labels).sample
 
 
+def _start_trajectory(model, compiled, x, labels):
+    """reset, then three identical steps: warmup (full, full) and one approximated step."""
+    fastcache_fx.reset(model)
+    for t in [900, 800, 700]:
+        _run(compiled, x, t, labels)
+
+
 def _approx_trace(model, last=None):
     tr = fastcache_fx.stats(model)["trace"]
     return [t["approx"] for t in (tr if last is None else tr[-last:])]
@@ -88,9 +95,7 @@ def test_reset_and_new_trajectory(dit_compiled):
 def test_contexts_have_their_own_state(dit_compiled):
     model, compiled, kw = dit_compiled
     x, labels = kw["hidden_states"], kw["class_labels"]
-    fastcache_fx.reset(model)
-    for t in [900, 800, 700]:
-        _run(compiled, x, t, labels)
+    _start_trajectory(model, compiled, x, labels)
     with fastcache_fx.cache_context("uncond"):
         _run(compiled, x, 900, labels)  # first step of this context: full
     assert fastcache_fx.stats(model)["trace"][-1]["context"] == "uncond"
@@ -102,9 +107,7 @@ def test_contexts_have_their_own_state(dit_compiled):
 def test_nan_input_is_never_cached(dit_compiled):
     model, compiled, kw = dit_compiled
     x, labels = kw["hidden_states"], kw["class_labels"]
-    fastcache_fx.reset(model)
-    for t in [900, 800, 700]:
-        _run(compiled, x, t, labels)
+    _start_trajectory(model, compiled, x, labels)
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
     _run(compiled, bad, 600, labels)
@@ -117,9 +120,7 @@ def test_nan_input_is_never_cached(dit_compiled):
 def test_batch_change_recomputes(dit_compiled):
     model, compiled, kw = dit_compiled
     x, labels = kw["hidden_states"], kw["class_labels"]
-    fastcache_fx.reset(model)
-    for t in [900, 800, 700]:
-        _run(compiled, x, t, labels)
+    _start_trajectory(model, compiled, x, labels)
     x4, l4 = torch.cat([x, x]), torch.cat([labels, labels])
     out4 = _run(compiled, x4, 600, l4)
     assert _approx_trace(model, 1) == [[False, False]]

@@ -67,10 +67,6 @@ class BlockCacheResult:
     approx: str = "residual"
 
 
-def _fake_like(node: fx.Node):
-    return node_value(node)
-
-
 def _set_val(node: fx.Node, val) -> fx.Node:
     node.meta["val"] = val
     node.meta["example_value"] = val
@@ -82,12 +78,12 @@ def _extract_full_branch(region: BlockRegion, operands: list[fx.Node]) -> fx.Gra
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for i, op in enumerate(operands):
-        env[op] = _set_val(g.placeholder(f"arg{i}_{op.name}"), _fake_like(op))
+        env[op] = _set_val(g.placeholder(f"arg{i}_{op.name}"), node_value(op))
     for n in region.nodes:
         env[n] = g.node_copy(n, lambda a: env[a])
     outs = []
     for o in region.stream_outputs:
-        outs.append(_set_val(g.call_method("contiguous", (env[o],)), _fake_like(o)))
+        outs.append(_set_val(g.call_method("contiguous", (env[o],)), node_value(o)))
     g.output(tuple(outs))
     return fx.GraphModule(torch.nn.Module(), g)
 
@@ -95,7 +91,7 @@ def _extract_full_branch(region: BlockRegion, operands: list[fx.Node]) -> fx.Gra
 def _approx_branch(region: BlockRegion, operands: list[fx.Node], slots: dict, approx: str) -> fx.GraphModule:
     """Approximation of the block's outputs from its stream inputs and the cached state."""
     g = fx.Graph()
-    ph = [_set_val(g.placeholder(f"arg{i}_{op.name}"), _fake_like(op)) for i, op in enumerate(operands)]
+    ph = [_set_val(g.placeholder(f"arg{i}_{op.name}"), node_value(op)) for i, op in enumerate(operands)]
     outs = []
     for s, o in enumerate(region.stream_outputs):
         h = ph[slots["stream"][s]]
@@ -106,7 +102,7 @@ def _approx_branch(region: BlockRegion, operands: list[fx.Node], slots: dict, ap
         else:
             y = g.call_function(D.approx_residual_linear,
                                 (h, ph[slots["res"][s]], ph[slots["in"][s]], ph[slots["w"][s]], ph[slots["b"][s]]))
-        outs.append(_set_val(y, _fake_like(o)))
+        outs.append(_set_val(y, node_value(o)))
     g.output(tuple(outs))
     return fx.GraphModule(torch.nn.Module(), g)
 
@@ -240,7 +236,7 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
                 continue
             with graph.inserting_after(last):
                 c = graph.call_method("contiguous", (op,))
-            _set_val(c, _fake_like(op))
+            _set_val(c, node_value(op))
             contig[op] = c
             last = c
         operands = [contig.get(o, o) for o in operands]
@@ -270,7 +266,7 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
         for s, o in enumerate(region.stream_outputs):
             with graph.inserting_after(prev_node):
                 gi = graph.call_function(operator.getitem, (cond, s))
-            _set_val(gi, _fake_like(o))
+            _set_val(gi, node_value(o))
             outs.append(gi)
             prev_node = gi
         with graph.inserting_after(prev_node):
