@@ -8,9 +8,10 @@ from .api import calibrate, enable_fastcache, reset, stats
 from .backend import FastCacheBackend, fastcache_backend
 from .config import FastCacheConfig
 from .runtime.context import cache_context
+from .runtime.replay import replay_decisions
 
 __version__ = "0.1.0"
 __all__ = [
     "FastCacheBackend", "FastCacheConfig", "cache_context", "calibrate", "enable_fastcache",
-    "fastcache_backend", "reset", "stats", "__version__",
+    "fastcache_backend", "replay_decisions", "reset", "stats", "__version__",
 ]

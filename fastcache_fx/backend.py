@@ -16,7 +16,7 @@ from torch import fx
 
 from .config import FastCacheConfig
 from .lowering.inductor import compile_graph
-from .passes.block_cache import StateSpec, apply_block_cache
+from .passes.block_cache import ControlSpec, StateSpec, apply_block_cache
 from .passes.blocks import find_blocks, is_param, node_value
 from .runtime import registry
 from .runtime.state import GraphRuntime
@@ -66,7 +66,7 @@ class FastCacheBackend:
         device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
         extra = []
         for spec in layout.extra_inputs:
-            if isinstance(spec, StateSpec):
+            if isinstance(spec, (StateSpec, ControlSpec)):
                 extra.append(torch.full(spec.shape, spec.fill, dtype=spec.dtype, device=device))
             else:
                 weights[spec.name] = weights[spec.name].to(device)

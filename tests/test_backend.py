@@ -196,3 +196,23 @@ def test_reference_previous_adds_previous_input_state():
 
     _, res = apply_block_cache(_hand_written_graph(), FastCacheConfig(reference="previous"))
     assert "blocks.0.previous_in.0" in [s.name for s in res.state]
+
+
+def test_replay_decisions_forces_the_trace(dit_compiled):
+    model, compiled, kw = dit_compiled
+    x, labels = kw["hidden_states"], kw["class_labels"]
+    fastcache_fx.reset(model)
+    rows = [[True, True], [False, True], [True, False], [True, True], [False, False]]
+    ts = [900, 800, 700, 600, 500]
+    with fastcache_fx.replay_decisions(model, rows) as replay:
+        # large changes every step: live decisions would never approximate
+        outs = [_run(compiled, x + 2.0 * i * torch.randn_like(x), t, labels) for i, t in enumerate(ts)]
+    assert replay.used == 5
+    # step 0 has no anchor: forced approximation falls back to a full computation
+    assert _approx_trace(model, 5) == [[False, False]] + rows[1:]
+    _run(compiled, x + 9.0, 400, labels)  # after the with block: live again (large change -> full)
+    assert _approx_trace(model, 1) == [[False, False]]
+    # a 2-column trace drives the model by proportional column mapping; bad traces are refused
+    with pytest.raises(ValueError, match="approx"):
+        with fastcache_fx.replay_decisions(model, [True, False]):
+            pass

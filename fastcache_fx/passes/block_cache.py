@@ -6,7 +6,8 @@ values become extra graph outputs, followed by three [L] trace tensors (delta, t
 decision). The graph stays functional, so one ``compile_fx`` call lowers it, and the runtime
 (``fastcache_fx.runtime``) owns the state between calls. Layout of the rewritten graph:
 
-    inputs  = original inputs + state (``BlockCacheResult.state``) + weights (``.weights``)
+    inputs  = original inputs + extra inputs (``BlockCacheResult.extra_inputs``: state, the
+              ``force`` control [L] int8, calibrated weights, in placeholder order)
     outputs = original outputs + new state (same order) + (delta [L], threshold [L], approx [L])
 """
 
@@ -50,6 +51,18 @@ class WeightSpec:
 
 
 @dataclass
+class ControlSpec:
+    """A per-call control input the runtime sets (not carried between calls): ``force`` is int8
+    [L], one entry per block: -1 decide live, 0 force a full computation, 1 force the
+    approximation (used to replay a decision trace, ``fastcache_fx.replay_decisions``)."""
+
+    name: str
+    shape: tuple
+    dtype: torch.dtype
+    fill: float
+
+
+@dataclass
 class BlockCacheResult:
     """What ``apply_block_cache`` did (the runtime's contract with the rewritten graph)."""
 
@@ -61,7 +74,8 @@ class BlockCacheResult:
     output_is_tuple: bool
     state: list[StateSpec] = field(default_factory=list)
     weights: list[WeightSpec] = field(default_factory=list)
-    extra_inputs: list = field(default_factory=list)  # StateSpec | WeightSpec in placeholder order
+    controls: list[ControlSpec] = field(default_factory=list)
+    extra_inputs: list = field(default_factory=list)  # StateSpec | ControlSpec | WeightSpec in placeholder order
     timestep_input: str | None = None
     left_alone: list[tuple[str, str]] = field(default_factory=list)
     approx: str = "residual"
@@ -159,7 +173,12 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
         p._dynamo_source = None  # AOTAutograd wants it on every placeholder of a Dynamo graph
         last_ph = p
         new_inputs.append(p)
-        (result.state if isinstance(spec, StateSpec) else result.weights).append(spec)
+        if isinstance(spec, StateSpec):
+            result.state.append(spec)
+        elif isinstance(spec, ControlSpec):
+            result.controls.append(spec)
+        else:
+            result.weights.append(spec)
         result.extra_inputs.append(spec)
         return p
 
@@ -173,6 +192,8 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
     # trajectory state
     step_in = state_input("step", (), torch.int64, -1)
     prev_t_in = state_input("prev_t", (), torch.float32, float("-inf"))
+    force_in = add_input("fc_force", torch.empty((len(regions),), dtype=torch.int8, device="meta"),
+                         ControlSpec("force", (len(regions),), torch.int8, -1))
     ts = _find_timestep(placeholders)
     result.timestep_input = ts.name if ts is not None else None
     with graph.inserting_after(last_ph):
@@ -248,7 +269,11 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
                   timestep_max=config.timestep_max, min_step=min_step,
                   max_consecutive=config.max_consecutive_approx, enabled=config.enable_block_approx)
         with graph.inserting_after(last):
-            dec = graph.call_function(D.block_decision, (list(region.stream_inputs), refs, step_node, consec, t_node), kw)
+            force_k = graph.call_function(operator.getitem, (force_in, k))
+        _set_val(force_k, torch.empty((), dtype=torch.int8, device="meta"))
+        with graph.inserting_after(force_k):
+            dec = graph.call_function(D.block_decision, (list(region.stream_inputs), refs, step_node, consec, t_node),
+                                      {**kw, "force": force_k})
         with graph.inserting_after(dec):
             ok = graph.call_function(operator.getitem, (dec, 0))
         with graph.inserting_after(ok):

@@ -65,6 +65,7 @@ def block_decision(
     min_step: int,
     max_consecutive: int,
     enabled: bool,
+    force: torch.Tensor | None = None,
 ):
     """Decide whether a block may be approximated this step (all its streams together).
 
@@ -76,6 +77,9 @@ def block_decision(
     Args:
         streams: stream inputs H_s [B, N_s, D_s]; refs: anchors A_s of the same shapes.
         step: [] int64 step in trajectory; consecutive: [] int64 approximations in a row.
+        force: optional [] int8 override (trace replay): -1 decides as above, 0 computes fully,
+            1 approximates whenever an anchor exists (step >= 1 and delta finite), ignoring the
+            threshold, warmup, the consecutive limit and ``enabled``.
 
     Returns:
         (approx [] bool, delta [] float32, threshold [] float32 = sqrt of the squared bound).
@@ -93,6 +97,9 @@ def block_decision(
     ok = (d2 <= thr2) & (step >= min_step) & (consecutive < max_consecutive)
     if not enabled:
         ok = ok & False
+    if force is not None:
+        forced = (force > 0) & (step >= 1) & torch.isfinite(delta)
+        ok = torch.where(force < 0, ok, forced)
     return ok, delta, thr2.sqrt()
 
 

@@ -22,6 +22,7 @@ class ModelEntry:
     def __init__(self) -> None:
         self.graphs: list = []
         self.last_graph = None
+        self.replay = None  # a runtime.replay.DecisionReplay while replay_decisions() is active
 
     def note_call(self, graph) -> bool:
         """Record that ``graph`` runs now; True when another graph ran last (shape, dtype,

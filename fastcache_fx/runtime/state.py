@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..passes.block_cache import BlockCacheResult, StateSpec
+from ..passes.block_cache import BlockCacheResult, ControlSpec, StateSpec
 from .context import current_context
 from .registry import ModelEntry
 
@@ -51,6 +51,8 @@ class GraphRuntime:
         self.states: dict[str, list[torch.Tensor]] = {}
         self.trace: collections.deque[StepRecord] = collections.deque(maxlen=trace_steps)
         self.calls = 0
+        # -1 everywhere: every block decides live (ControlSpec "force")
+        self.live = {c.name: torch.full(c.shape, int(c.fill), dtype=c.dtype, device=device) for c in layout.controls}
         entry.graphs.append(self)
 
     # state -------------------------------------------------------------------------------
@@ -71,12 +73,19 @@ class GraphRuntime:
             self.reset()
         ctx = current_context()
         state = self._state_for(ctx)
+        controls = dict(self.live)
+        if self.entry.replay is not None and "force" in controls:
+            row = self.entry.replay.next_row(len(self.layout.blocks))
+            if row is not None:
+                controls["force"] = row.to(self.device)
         extra = []
         si = 0
         for spec in self.layout.extra_inputs:
             if isinstance(spec, StateSpec):
                 extra.append(state[si])
                 si += 1
+            elif isinstance(spec, ControlSpec):
+                extra.append(controls[spec.name])
             else:
                 extra.append(self.weights[spec.name])
         full = list(args) + extra
