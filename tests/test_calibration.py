@@ -232,6 +232,7 @@ def test_cli_refuses_bad_arguments(tmp_path):
     from fastcache_fx.cli import main
 
     assert main(["calibrate", "--samples", "0", "--out", str(tmp_path / "c.safetensors")]) == 2
+    assert main(["calibrate", "--rank", "0", "--out", str(tmp_path / "c.safetensors")]) == 2
 
 
 def test_cli_calibrates_reference(tmp_path, monkeypatch):
@@ -241,11 +242,131 @@ def test_cli_calibrates_reference(tmp_path, monkeypatch):
     small = reference.build_dit({**reference.DIT_CONFIG, "num_layers": 2}).eval()
     monkeypatch.setattr(reference, "load", lambda *a, **k: small)  # the CLI runs the same code path
     out = tmp_path / "c.safetensors"
-    assert main(["calibrate", "--samples", "3", "--batch", "2", "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    assert main(["calibrate", "--samples", "3", "--batch", "2", "--steps", "2", "--out", str(out), "--no-progress",
+                 "--rank", "8", "--time-buckets", "2"]) == 0
     m = load(out).metadata
     assert m["samples"]["transformer_blocks.1"] == [3 * 2 * 2 * 64]  # 3 samples x CFG x 2 steps x 64 tokens
+    assert (m["width"], m["rank"], m["buckets"]) == (small.config.num_attention_heads * small.config.attention_head_dim, 8, 2)
+    assert m["bucket_samples"]["transformer_blocks.1"] == [[3 * 2 * 64, 3 * 2 * 64]]  # 2 steps: t ~ 999 and ~ 499
+    assert len(m["fit_error"]["transformer_blocks.0"]) == 1
 
     def missing(*a, **k):
         raise FileNotFoundError("reference model record dit.json is missing")
     monkeypatch.setattr(reference, "load", missing)
     assert main(["calibrate", "--out", str(out)]) == 2
+
+
+def test_underdetermined_fit_degrades_to_residual_reuse():
+    """n < D: the ridge fit is shrunk toward W = I (residual reuse), not toward W = 0."""
+    g = torch.Generator().manual_seed(1)
+    d, n = 64, 20
+    mean_res = torch.randn(d, generator=g)
+    a = torch.randn(d, d, generator=g) * 0.3 / d ** 0.5
+
+    def data(k):
+        x = torch.randn(k, d, generator=g) * 2 + 1
+        return x, x + mean_res + x @ a.T + 0.3 * torch.randn(k, d, generator=g)
+
+    x, y = data(n)
+    st = RidgeStats(d, d)
+    st.add(x, y)
+    xt, yt = data(500)
+    reuse = xt + (y - x).mean(0)  # what residual reuse with the mean residual predicts
+    w, b = st.fit(identity=True)
+    pred = torch.nn.functional.linear(xt, w, b)
+    assert (pred - reuse).norm() < 0.1 * reuse.norm()
+    assert (pred - yt).norm() <= 1.02 * (reuse - yt).norm()  # never much worse than residual reuse
+    w0, b0 = st.fit()  # the plain ridge (prior W = 0) is garbage here
+    assert (torch.nn.functional.linear(xt, w0, b0) - yt).norm() > 2 * (pred - yt).norm()
+    # with plenty of samples both priors reach the same map
+    xb, yb = data(5000)
+    big = RidgeStats(d, d)
+    big.add(xb, yb)
+    assert torch.allclose(big.fit(identity=True)[0], big.fit(ridge=1e-6)[0], atol=2e-2)
+
+
+def test_low_rank_error_falls_as_rank_grows():
+    g = torch.Generator().manual_seed(2)
+    d = 32
+    c = torch.randn(d, d, generator=g) @ torch.diag(torch.logspace(0, -2, d)) @ torch.randn(d, d, generator=g) / d
+    x = torch.randn(3000, d, generator=g)
+    y = x + x @ c.T + 0.01 * torch.randn(3000, d, generator=g)
+    st = RidgeStats(d, d)
+    st.add(x, y)
+    errs = []
+    for r in (1, 4, 16, 32):
+        fit = st.solve(identity=True, rank=r)
+        assert fit.u.shape == (d, r) and fit.v.shape == (d, r)
+        # the factors and the full weight describe the same map: W = I + U V^T
+        assert torch.allclose(fit.weight, torch.eye(d) + fit.u @ fit.v.T, atol=1e-5)
+        direct = torch.nn.functional.linear(x, fit.weight, fit.bias)
+        assert abs(float((y - direct).norm() / (y - y.mean(0)).norm()) - fit.rel_error) < 1e-4
+        errs.append(fit.rel_error)
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    assert abs(errs[-1] - st.solve(identity=True).rel_error) < 1e-6
+    with pytest.raises(ValueError, match="rank"):
+        st.solve(rank=0)
+
+
+class _TimeLin(torch.nn.Module):
+    """A block whose map flips sign with the timestep (as AdaLN makes blocks time-dependent)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.a = torch.nn.Linear(d, d)
+
+    def forward(self, hidden_states, timestep=None):
+        sign = 1.0 if float(timestep.reshape(-1)[0]) >= 500 else -1.0
+        return sign * self.a(hidden_states)
+
+
+class _TimeToy(torch.nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.transformer_blocks = torch.nn.ModuleList([_TimeLin(d)])
+
+    def forward(self, hidden_states, timestep):
+        return self.transformer_blocks[0](hidden_states, timestep=timestep)
+
+
+def test_time_buckets_fit_one_map_per_timestep_range(tmp_path):
+    toy = _TimeToy()
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(2, 20, 8, generator=g) for _ in range(4)]
+
+    def run(m):
+        for t, x in zip((900, 700, 300, 100), xs):
+            m(x, torch.tensor([t]))
+
+    cal = calibrate(toy, run, out=tmp_path / "k2.safetensors", time_buckets=2)
+    m = cal.metadata
+    assert m["buckets"] == 2 and m["rank"] is None and m["width"] == 8
+    assert m["bucket_samples"]["transformer_blocks.0"] == [[80, 80]]
+    w, b = cal.tensors["transformer_blocks.0.weight.0"], cal.tensors["transformer_blocks.0.bias.0"]
+    assert w.shape == (2, 8, 8) and b.shape == (2, 8)
+    blk, h = toy.transformer_blocks[0], torch.randn(1, 5, 8)
+    with torch.no_grad():
+        for k, t in ((0, 200), (1, 800)):  # bucket 0: t/1000 < 0.5
+            assert torch.allclose(approx_linear(h, w[k], b[k]), blk(h, torch.tensor([t])), atol=1e-3)
+        one = calibrate(toy, run)  # one bucket cannot represent both signs
+        assert one.metadata["fit_error"]["transformer_blocks.0"][0] > 0.5 > 1e-3 > m["fit_error"]["transformer_blocks.0"][0]
+    # low rank + buckets: u, v [K, D, r]
+    low = calibrate(toy, run, rank=3, time_buckets=2)
+    assert low.tensors["transformer_blocks.0.u.0"].shape == (2, 8, 3) and "transformer_blocks.0.weight.0" not in low.tensors
+
+
+def test_refusals_name_rank_and_buckets(dit_calibration, tmp_path):
+    model, kw, path, _ = dit_calibration
+    regions = _capture(model, kw)
+    with pytest.raises(ValueError, match=r"rank=None, the config asks for rank=16"):
+        load_calibration(path, regions, kind="linear", rank=16)
+    with pytest.raises(ValueError, match="time_buckets=1, the config asks for time_buckets=4"):
+        load_calibration(path, regions, kind="linear", time_buckets=4)
+    with pytest.raises(ValueError, match="another model"):
+        load_calibration(path, regions, kind="linear", model_info={"model_class": "FluxTransformer2DModel"})
+    low = tmp_path / "r4.safetensors"
+    calibrate(model, _run_fn(kw), out=low, rank=4)
+    w = load_calibration(low, regions, kind="linear", rank=4)
+    assert w["transformer_blocks.0.u.0"].shape == (16, 4) and w["transformer_blocks.0.v.0"].shape == (16, 4)
+    with pytest.raises(ValueError, match="rank=4, the config asks for rank=None"):
+        load_calibration(low, regions, kind="linear")

@@ -13,13 +13,20 @@ with lambda chosen by generalized cross-validation (Golub, Heath, Wahba 1979) on
 from the eigendecomposition Cxx = V diag(e) V^T alone (see ``RidgeStats.solve``).
 
 What is fitted (``kind``), matching ``runtime.decision``:
-- ``linear``: y = W x + b, the block output from its input (``approx_linear``: H_l ~ W H + b).
-- ``residual_linear``: on consecutive calls t-1, t of a block in one trajectory and context,
-  dX = x_t - x_{t-1}, dY = y_t - y_{t-1}; fitted is the change of the block *residual*
-  dR = dY - dX = W dX + b, because ``approx_residual_linear`` computes
-  H + R_anchor + W (H - H_anchor) + b = Y_anchor + dX + W dX + b (the identity part of dY is
-  already there). A new trajectory starts when the model's ``timestep`` stops decreasing (the
-  runtime's rule); calls under different ``fastcache_fx.cache_context`` names are not paired.
+- ``linear``: y = W x + b, the block output from its input (``approx_linear``: H_l ~ W H + b,
+  FastCache eq. 6), fitted as W = I + C on the residual r = y - x: the ridge penalty shrinks C
+  toward 0, so with too few samples (n < D) the map degrades to H + mean residual (residual
+  reuse) instead of to garbage.
+- ``residual_linear``: on consecutive calls t-1, t of a block in one trajectory and context
+  (consecutive *full* computations, as the runtime's anchor is the last full computation),
+  dX = x_t - x_{t-1}, dY = y_t - y_{t-1}; the issue's dY = W' dX is fitted as W' = I + C with
+  dR = dY - dX = C dX + b, because ``approx_residual_linear`` computes
+  H + R_anchor + C (H - H_anchor) + b = Y_anchor + dX + C dX + b. Prior C = 0: residual reuse.
+  A new trajectory starts when the model's ``timestep`` stops decreasing (the runtime's rule);
+  calls under different ``fastcache_fx.cache_context`` names are not paired.
+- ``rank=r``: C = U V^T (reduced-rank regression, ``RidgeStats.solve``), applied as
+  h + (h V) U^T + b in O(N D r).
+- ``time_buckets=K``: one map per bucket k = floor(K t / timestep_max) of the model's timestep.
 
 Streams: a block's output streams are ordered canonically by token count N, largest first (the
 image stream is stream 0 when N_img > N_txt; on a tie ``hidden_states`` comes first). The graph
@@ -27,8 +34,9 @@ pass orders streams in graph order instead; ``load_calibration`` maps one onto t
 (N, D), then by rank of N (another resolution), checking the width D.
 
 File format: safetensors, float32 tensors "<block>.weight.<s>" [D_out, D_in] (out x in, the
-``torch.nn.functional.linear`` convention) and "<block>.bias.<s>" [D_out]; the safetensors
-metadata holds JSON strings (see ``Calibration``).
+``torch.nn.functional.linear`` convention) and "<block>.bias.<s>" [D_out], or with a rank
+"<block>.u.<s>" [D_out, r], "<block>.v.<s>" [D_in, r] and the bias; with K > 1 time buckets
+every tensor has a leading [K]. The safetensors metadata holds JSON strings (see ``Calibration``).
 """
 
 from __future__ import annotations
@@ -47,21 +55,26 @@ from .context import current_context
 
 KINDS = ("linear", "residual_linear")
 FORMAT = "fastcache_fx.calibration"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: fallback ridge strength relative to the data scale: lambda = RIDGE_RELATIVE * tr(Cxx) / D
 RIDGE_RELATIVE = 1e-3
-#: GCV grid: lambda = s * tr(Cxx) / D for s in 10^GCV_GRID (the floor keeps the solve stable)
-GCV_GRID = torch.linspace(-8.0, 1.0, 37, dtype=torch.float64)
+#: GCV grid: lambda = s * tr(Cxx) / D for s in 10^GCV_GRID (the floor keeps the solve stable;
+#: the top, 10^4, is in effect the prior map)
+GCV_GRID = torch.linspace(-8.0, 4.0, 49, dtype=torch.float64)
 
 
 class RidgeFit(NamedTuple):
-    """A solved ridge regression: weight [D_out, D_in], bias [D_out] (float32), the lambda used
-    and the relative training error ||Y - X W^T - b||_F / ||Y - mean_y||_F."""
+    """A solved ridge regression: weight [D_out, D_in], bias [D_out] (float32), the lambda used,
+    the relative training error ||Y - X W^T - b||_F / ||Y - mean_y||_F and, for a low-rank fit,
+    the factors u [D_out, r], v [D_in, r] of the correction (W = I + u v^T, or u v^T without
+    the identity prior)."""
 
     weight: torch.Tensor
     bias: torch.Tensor
     ridge: float
     rel_error: float
+    u: torch.Tensor | None = None
+    v: torch.Tensor | None = None
 
 
 class RidgeStats:
@@ -124,65 +137,124 @@ class RidgeStats:
         self.yty += other.yty
         return self
 
-    def solve(self, ridge: float | None = None) -> RidgeFit:
-        """Closed-form ridge fit on centred data.
+    @classmethod
+    def from_tensors(cls, n, sx, sy, xtx, xty, yty) -> "RidgeStats":
+        """Statistics accumulated elsewhere (the online accumulators of the rewritten graph):
+        n [] (token pairs), sx [D_in], sy [D_out], xtx [D_in, D_in], xty [D_in, D_out], yty []."""
+        st = cls(sx.shape[-1], sy.shape[-1], device=torch.device("cpu"))
+        st._init(torch.device("cpu"))
+        st.n = int(round(float(n)))
+        st.sx += sx.detach().double().cpu()
+        st.sy += sy.detach().double().cpu()
+        st.xtx += xtx.detach().double().cpu()
+        st.xty += xty.detach().double().cpu()
+        st.yty = float(yty)
+        return st
 
-        With Cxx = V diag(e) V^T and Z = V^T Cxy (rows z_i):
-            W^T = V diag(1 / (e + lambda)) Z,
-            RSS(lambda) = tr(Cyy) - sum_i ||z_i||^2 (e_i + 2 lambda) / (e_i + lambda)^2,
+    def solve(self, ridge: float | None = None, *, identity: bool = False, rank: int | None = None) -> RidgeFit:
+        """Closed-form ridge fit on centred data, shrunk toward a prior map.
+
+        The fitted coefficient matrix is the *correction* C: with ``identity=False`` the target is
+        y itself (y = C x + b, prior C = 0: a large lambda gives the mean of y); with
+        ``identity=True`` (D_in = D_out) the target is the residual r = y - x, i.e. W = I + C
+        (prior W = I: a large lambda gives x + mean residual, FastCache's residual reuse).
+        With Cxx = V diag(e) V^T and Z = V^T Cxt (t the target, rows z_i):
+            C^T = V diag(1 / (e + lambda)) Z,
+            RSS(lambda) = tr(Ctt) - sum_i ||z_i||^2 (e_i + 2 lambda) / (e_i + lambda)^2,
             df(lambda) = 1 + sum_i e_i / (e_i + lambda)   (the 1: the intercept),
             GCV(lambda) = n RSS / (n - df)^2   (Golub, Heath, Wahba 1979),
-        minimised over lambda = s * tr(Cxx) / D, s in 10^[-8, 1]. Tokens of one image are not
-        independent, so GCV tends to pick a small lambda when n >> D; pass ``ridge`` to override.
+        minimised over lambda = s * tr(Cxx) / D, s in 10^[-8, 4] (the top of the grid is the
+        prior itself, which GCV picks when the data cannot support a map, e.g. n < D). Tokens of
+        one image are not independent, so GCV tends to pick a small lambda when n >> D; pass
+        ``ridge`` to override.
+
+        ``rank=r`` keeps C = U V^T of rank r: reduced-rank regression (Izenman 1975), i.e. the
+        truncated SVD of the fitted map weighted by the input covariance: U = the top r
+        eigenvectors Q of C Cxx C^T (the covariance of the fitted corrections), V = C^T Q, so
+        U V^T = Q Q^T C minimises the training error among rank-r maps with this C; the bias is
+        refitted. The approximation then costs O(N D r) instead of O(N D^2).
 
         Args:
             ridge: None for GCV, or an absolute lambda >= 0.
+            identity: shrink toward W = I (fit the residual); needs D_in = D_out.
+            rank: None (full) or 1 <= r <= min(D_in, D_out).
+
+        Returns:
+            RidgeFit: weight = the full map W [D_out, D_in] (I + C with ``identity``), bias b,
+            u [D_out, r] / v [D_in, r] with rank, lambda, rel_error = ||Y - Yhat||_F /
+            ||Y - mean_y||_F on the training pairs (Y the block output, not the residual).
 
         Raises:
-            ValueError: no samples were accumulated, or ``ridge`` is negative / not finite.
+            ValueError: no samples were accumulated, ``ridge`` is negative / not finite, ``rank``
+                is out of range, or ``identity`` with D_in != D_out.
         """
         if self.n == 0:
             raise ValueError("calibration: no samples accumulated")
         if ridge is not None and (not math.isfinite(ridge) or ridge < 0):
             raise ValueError(f"ridge: expected a finite number >= 0 or None, got {ridge!r}")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(self.d_in, self.d_out)):
+            raise ValueError(f"rank: expected an integer in 1..{min(self.d_in, self.d_out)} or None, got {rank!r}")
+        if identity and self.d_in != self.d_out:
+            raise ValueError(f"identity: needs equal widths, got ({self.d_in}, {self.d_out})")
         n = self.n
         mx, my = (self.sx / n).cpu(), (self.sy / n).cpu()
         cxx = self.xtx.cpu() - n * torch.outer(mx, mx)
         cxy = self.xty.cpu() - n * torch.outer(mx, my)
         cyy_tr = max(self.yty - n * float(my @ my), 0.0)
+        if identity:  # target r = y - x: Cxr = Cxy - Cxx, tr(Crr) = tr(Cyy) - 2 tr(Cxy) + tr(Cxx)
+            cxt, mt = cxy - cxx, my - mx
+            ctt_tr = max(cyy_tr - 2.0 * float(torch.diagonal(cxy).sum()) + float(torch.diagonal(cxx).sum()), 0.0)
+        else:
+            cxt, mt, ctt_tr = cxy, my, cyy_tr
+        eye = torch.eye(self.d_out, self.d_in, dtype=torch.float64) if identity else 0.0
+
+        def finish(ct: torch.Tensor, lam: float, res: float, u=None, v=None) -> RidgeFit:
+            b = mt - mx @ ct  # ct = C^T [D_in, D_out]
+            rel = math.sqrt(res / cyy_tr) if cyy_tr > 0 else (0.0 if res <= 0 else 1.0)
+            f = lambda a: None if a is None else a.float().contiguous()
+            return RidgeFit((ct.T + eye).float().contiguous(), b.float().contiguous(), lam, rel, f(u), f(v))
+
+        def rss_of(ct: torch.Tensor) -> float:  # training RSS of C^T, centred
+            return max(ctt_tr - 2 * float((ct * cxt).sum()) + float((ct * (cxx @ ct)).sum()), 0.0)
+
         e, v = torch.linalg.eigh(0.5 * (cxx + cxx.T))
         e = e.clamp_min(0.0)
-        z = v.T @ cxy  # [D_in, D_out]
-        z2 = (z * z).sum(1)  # [D_in]
         scale = float(e.sum()) / self.d_in
-        if scale <= 0.0:  # constant inputs: the best map is the mean
-            return RidgeFit(torch.zeros(self.d_out, self.d_in), my.float(), 0.0,
-                            0.0 if cyy_tr == 0 else 1.0)
+        if scale <= 0.0:  # constant inputs: the best map is the prior plus the mean
+            zero = torch.zeros(self.d_in, self.d_out, dtype=torch.float64)
+            lr = (torch.zeros(self.d_out, rank, dtype=torch.float64), torch.zeros(self.d_in, rank, dtype=torch.float64)) \
+                if rank else (None, None)
+            return finish(zero, 0.0, ctt_tr, *lr)
+        z = v.T @ cxt  # [D_in, D_out]
+        z2 = (z * z).sum(1)  # [D_in]
 
         def rss(lam: torch.Tensor) -> torch.Tensor:  # lam [G] -> [G]
             lam = lam[:, None]
-            return (cyy_tr - (z2 * (e + 2 * lam) / (e + lam) ** 2).sum(1)).clamp_min(0.0)
+            return (ctt_tr - (z2 * (e + 2 * lam) / (e + lam) ** 2).sum(1)).clamp_min(0.0)
 
         if ridge is None:
             lams = scale * torch.pow(10.0, GCV_GRID)
             df = 1.0 + (e / (e + lams[:, None])).sum(1)
-            gcv = torch.where(df < n, n * rss(lams) / (n - df).clamp_min(1e-12) ** 2, torch.full_like(df, math.inf))
+            # df <= n / 2: GCV's small-lambda limit is degenerate (it interpolates) when n <= D
+            gcv = torch.where(df <= 0.5 * n, n * rss(lams) / (n - df).clamp_min(1e-12) ** 2, torch.full_like(df, math.inf))
             lam = float(lams[int(torch.argmin(gcv))]) if torch.isfinite(gcv).any() else RIDGE_RELATIVE * scale
         else:
             lam = float(ridge)
         inv = 1.0 / (e + lam)
         if not torch.isfinite(inv).all():  # lambda = 0 and rank-deficient inputs: pseudo-inverse
             inv = torch.where(e > e.max() * 1e-12, 1.0 / e.clamp_min(1e-300), torch.zeros_like(e))
-        wt = v @ (inv[:, None] * z)  # [D_in, D_out]
-        b = my - mx @ wt
-        res = float(rss(torch.tensor([lam], dtype=torch.float64))[0]) if lam > 0 else \
-            max(cyy_tr - 2 * float((wt * cxy).sum()) + float((wt * (cxx @ wt)).sum()), 0.0)
-        rel = math.sqrt(res / cyy_tr) if cyy_tr > 0 else 0.0
-        return RidgeFit(wt.T.float().contiguous(), b.float().contiguous(), lam, rel)
+        ct = v @ (inv[:, None] * z)  # C^T [D_in, D_out]
+        if rank is None:
+            return finish(ct, lam, rss_of(ct))
+        fe, fq = torch.linalg.eigh(ct.T @ cxx @ ct)  # covariance of the fitted corrections
+        q = fq[:, torch.argsort(fe, descending=True)[:rank]]  # U [D_out, r]
+        vr = ct @ q  # V [D_in, r]: C_r^T = V U^T
+        ct_r = vr @ q.T
+        return finish(ct_r, lam, rss_of(ct_r), q, vr)
 
-    def fit(self, ridge: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W [D_out, D_in], b [D_out]) float32 of ``solve(ridge)``: y ~ F.linear(x, W, b)."""
-        r = self.solve(ridge)
+    def fit(self, ridge: float | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W [D_out, D_in], b [D_out]) float32 of ``solve(ridge, **kwargs)``: y ~ F.linear(x, W, b)."""
+        r = self.solve(ridge, **kwargs)
         return r.weight, r.bias
 
 
@@ -190,13 +262,18 @@ class RidgeStats:
 class Calibration:
     """Fitted maps and their metadata.
 
-    tensors: "<block>.weight.<s>" [D_out, D_in] and "<block>.bias.<s>" [D_out], float32, with
-        s the canonical stream index (token count N descending).
+    tensors: "<block>.weight.<s>" [D_out, D_in] and "<block>.bias.<s>" [D_out] (or, with a
+        rank, "<block>.u.<s>" [D_out, r], "<block>.v.<s>" [D_in, r] and the bias; a leading
+        [K] with K > 1 time buckets), float32, with s the canonical stream index (token count N
+        descending).
     metadata: ``format``, ``version``, ``model_class``, ``config_hash`` (sha256 of the
-        diffusers config as sorted JSON, "" without ``.config``), ``kind``, ``streams``
-        {block: [{"tokens": N, "width": D}, ...]}, ``samples`` {block: [token pairs per
-        stream]}, ``fit_error`` {block: [relative training error per stream]}, ``ridge``
-        {block: [lambda per stream]}, ``ridge_rule`` ("gcv" or "fixed").
+        diffusers config as sorted JSON, "" without ``.config``), ``kind``, ``width`` (of the
+        first block's first stream), ``rank`` (null = full), ``buckets`` K, ``timestep_max``,
+        ``prior``, ``streams`` {block: [{"tokens": N, "width": D}, ...]}, ``samples`` {block:
+        [token pairs per stream]}, ``bucket_samples`` {block: [[per bucket] per stream]},
+        ``fit_error`` {block: [relative training error per stream]}, ``bucket_fit_error``,
+        ``ridge`` {block: [lambda (list per bucket when K > 1) per stream]}, ``ridge_rule``
+        ("gcv" or "fixed").
     """
 
     tensors: dict[str, torch.Tensor]
@@ -285,35 +362,45 @@ def _timestep_value(named: dict) -> float | None:
     return None
 
 
-def calibrate(model, run_fn: Callable, out: str | Path | None = None, kind: str = "linear",
-              ridge: float | None = None, stats_device: torch.device | str | None = None) -> Calibration:
-    """Fit per-block linear maps on the uncompiled ``model`` while ``run_fn(model)`` runs it.
+def time_bucket(t: float, buckets: int, timestep_max: float) -> int:
+    """Bucket k in 0..K-1 of a timestep: floor(K t / timestep_max), clamped (t / timestep_max is
+    the normalised timestep; AdaLN makes a block's function depend on it)."""
+    return min(max(int(math.floor(buckets * float(t) / timestep_max)), 0), buckets - 1)
 
-    Forward hooks (``with_kwargs=True``) on every block of ``transformer_blocks`` /
-    ``single_transformer_blocks`` pair each output stream with its input (``stream_pairs``) and
-    accumulate ``RidgeStats`` per (block, canonical stream); nothing else of the model changes
-    and the hooks are removed afterwards. Runs under ``torch.no_grad()``.
 
-    Args:
-        model: a diffusers transformer, a pipeline with ``.transformer`` (``run_fn`` then gets
-            the pipeline), or a ``torch.compile``d module (its original module is hooked and
-            ``run_fn`` gets that, uncompiled).
-        run_fn: called once; runs a few sampling trajectories.
-        out: where to save the safetensors file (optional).
-        kind: "linear" (y = W x + b) or "residual_linear" (dR = W dX + b, see the module doc).
-        ridge: None chooses lambda per stream by GCV; a float is an absolute lambda.
-        stats_device: where statistics accumulate (default: the activations' device). Each
-            stream needs 8 (D^2 + D_in D_out) bytes: ~150 MB at D = 3072.
+@dataclass
+class CalibrationStats:
+    """Accumulated statistics of one calibration run, before fitting.
 
-    Returns:
-        The Calibration (also written to ``out`` when given).
+    stats: {(block, canonical stream, bucket): RidgeStats}; shapes: {(block, stream): (N, D)};
+    blocks: block names in model order; kind, time_buckets, timestep_max as collected;
+    info: ``model_info`` of the model.
+    """
+
+    stats: dict
+    shapes: dict
+    blocks: list
+    kind: str
+    time_buckets: int
+    timestep_max: float
+    info: dict
+
+
+def collect_stats(model, run_fn: Callable, kind: str = "linear", time_buckets: int = 1,
+                  timestep_max: float = 1000.0, stats_device: torch.device | str | None = None) -> CalibrationStats:
+    """Run ``run_fn(model)`` with forward hooks on every block and accumulate ``RidgeStats``
+    per (block, canonical stream, time bucket). See ``calibrate`` for the arguments.
 
     Raises:
-        ValueError: unknown ``kind``, a model without block lists, or ``run_fn`` produced no
-            pair (no block was called; for residual_linear: no block called twice in a trajectory).
+        ValueError: unknown ``kind``, ``time_buckets`` < 1, ``time_buckets`` > 1 on a model
+            called without a ``timestep``, a model without block lists, or no pair recorded.
     """
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+    if isinstance(time_buckets, bool) or not isinstance(time_buckets, int) or time_buckets < 1:
+        raise ValueError(f"time_buckets: expected an integer >= 1, got {time_buckets!r}")
+    if not timestep_max > 0:
+        raise ValueError(f"timestep_max: expected > 0, got {timestep_max!r}")
     target = model.transformer if not isinstance(model, torch.nn.Module) and hasattr(model, "transformer") else model
     target = getattr(target, "_orig_mod", target)
     if target is not model and isinstance(model, torch.nn.Module):
@@ -321,25 +408,30 @@ def calibrate(model, run_fn: Callable, out: str | Path | None = None, kind: str 
     blocks = block_modules(target)
     if not blocks:
         raise ValueError(f"calibration: {type(target).__name__} has no transformer_blocks / single_transformer_blocks")
-    stats: dict[tuple[str, int], RidgeStats] = {}
+    stats: dict[tuple[str, int, int], RidgeStats] = {}
     shapes: dict[tuple[str, int], tuple[int, int]] = {}
     last: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (context, block, s) -> (x, y)
     prev_t: dict[str, float] = {}  # context -> previous timestep
+    now = {"bucket": 0}
 
     def model_pre_hook(module, args, kwargs):
         t = _timestep_value(bind_model(args, kwargs))
         ctx = current_context()
-        if t is not None:
-            if ctx in prev_t and not t < prev_t[ctx]:  # timestep stopped decreasing: new trajectory
-                for k in [k for k in last if k[0] == ctx]:
-                    del last[k]
-            prev_t[ctx] = t
+        if t is None:
+            if time_buckets > 1:
+                raise ValueError("time_buckets: the model was called without a timestep")
+            return
+        now["bucket"] = time_bucket(t, time_buckets, timestep_max)
+        if ctx in prev_t and not t < prev_t[ctx]:  # timestep stopped decreasing: new trajectory
+            for k in [k for k in last if k[0] == ctx]:
+                del last[k]
+        prev_t[ctx] = t
 
     def hook(name, bind):
         def fn(module, args, kwargs, output):
             for s, (x, y) in enumerate(stream_pairs(bind(args, kwargs), output)):
-                key = (name, s)
-                shapes.setdefault(key, (x.shape[1], x.shape[-1]))
+                shapes.setdefault((name, s), (x.shape[1], x.shape[-1]))
+                key = (name, s, now["bucket"])
                 if kind == "linear":
                     stats.setdefault(key, RidgeStats(x.shape[-1], y.shape[-1], stats_device)).add(x, y)
                     continue
@@ -353,8 +445,7 @@ def calibrate(model, run_fn: Callable, out: str | Path | None = None, kind: str 
 
     bind_model = _binder(target)
     handles = [b.register_forward_hook(hook(n, _binder(b)), with_kwargs=True) for n, b in blocks.items()]
-    if kind == "residual_linear":
-        handles.append(target.register_forward_pre_hook(model_pre_hook, with_kwargs=True))
+    handles.append(target.register_forward_pre_hook(model_pre_hook, with_kwargs=True))
     try:
         with torch.no_grad():
             run_fn(model)
@@ -365,23 +456,109 @@ def calibrate(model, run_fn: Callable, out: str | Path | None = None, kind: str 
         raise ValueError("calibration: run_fn produced no (input, output) pair"
                          + (" (residual_linear needs a block called at least twice in one trajectory)"
                             if kind == "residual_linear" else " (no block was called)"))
+    return CalibrationStats(stats, shapes, list(blocks), kind, time_buckets, float(timestep_max), model_info(target))
+
+
+def fit_calibration(cs: CalibrationStats, rank: int | None = None, time_buckets: int | None = None,
+                    ridge: float | None = None) -> Calibration:
+    """Fit the maps of ``cs`` (one ridge solve per block, stream and bucket).
+
+    ``linear`` fits the residual y - x (W = I + C, shrunk toward residual reuse: see
+    ``RidgeStats.solve(identity=True)``); ``residual_linear`` fits dR = C dX + b (prior C = 0:
+    again residual reuse). ``time_buckets`` may be a divisor of ``cs.time_buckets`` (buckets are
+    pooled: K = 1 from statistics collected with K = 4); None keeps the collected K. A bucket
+    without samples gets the fit of all buckets pooled (recorded as 0 samples).
+
+    Raises:
+        ValueError: ``time_buckets`` does not divide the collected K; a bad ``rank``.
+    """
+    kc = cs.time_buckets
+    k_out = kc if time_buckets is None else time_buckets
+    if isinstance(k_out, bool) or not isinstance(k_out, int) or k_out < 1 or kc % k_out:
+        raise ValueError(f"time_buckets: expected a divisor of the collected {kc}, got {time_buckets!r}")
+    identity = cs.kind == "linear"
     tensors: dict[str, torch.Tensor] = {}
-    streams, samples, errors, ridges = {}, {}, {}, {}
-    for name in blocks:  # model order
-        for s in range(len(shapes)):
-            st = stats.get((name, s))
-            if st is None:
+    streams, samples, bsamples, errors, berrors, ridges = {}, {}, {}, {}, {}, {}
+    for name in cs.blocks:
+        s = 0
+        while (name, s) in cs.shapes:
+            n_tok, width = cs.shapes[(name, s)]
+            per = []  # merged stats per output bucket
+            for k in range(k_out):
+                st = None
+                for kk in range(k * (kc // k_out), (k + 1) * (kc // k_out)):
+                    src = cs.stats.get((name, s, kk))
+                    if src is not None:
+                        st = (st or RidgeStats(src.d_in, src.d_out)).merge(src)
+                per.append(st)
+            pooled = None
+            for st in per:
+                if st is not None:
+                    pooled = (pooled or RidgeStats(st.d_in, st.d_out)).merge(st)
+            if pooled is None:
                 break
-            r = st.solve(ridge)
-            tensors[f"{name}.weight.{s}"], tensors[f"{name}.bias.{s}"] = r.weight, r.bias
-            n_tok, width = shapes[(name, s)]
+            fits = [(st if st is not None and st.n > 0 else pooled).solve(ridge, identity=identity, rank=rank)
+                    for st in per]
+            keys = ("u", "v", "bias") if rank is not None else ("weight", "bias")
+            for key in keys:
+                ts = [getattr(f, key) for f in fits]
+                tensors[f"{name}.{key}.{s}"] = ts[0] if k_out == 1 else torch.stack(ts)
             streams.setdefault(name, []).append({"tokens": int(n_tok), "width": int(width)})
-            samples.setdefault(name, []).append(int(st.n))
-            errors.setdefault(name, []).append(float(r.rel_error))
-            ridges.setdefault(name, []).append(float(r.ridge))
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, **model_info(target), "kind": kind, "streams": streams,
-            "samples": samples, "fit_error": errors, "ridge": ridges, "ridge_rule": "gcv" if ridge is None else "fixed"}
-    cal = Calibration(tensors, meta)
+            ns = [0 if st is None else int(st.n) for st in per]
+            samples.setdefault(name, []).append(sum(ns))
+            bsamples.setdefault(name, []).append(ns)
+            # pooled relative error: sqrt(sum_k err_k^2 var_k / sum_k var_k), weighted by samples
+            w = [max(n, 0) for n in ns]
+            errors.setdefault(name, []).append(float(math.sqrt(sum(wi * f.rel_error ** 2 for wi, f in zip(w, fits))
+                                                               / max(sum(w), 1))))
+            berrors.setdefault(name, []).append([float(f.rel_error) for f in fits])
+            ridges.setdefault(name, []).append([float(f.ridge) for f in fits] if k_out > 1 else float(fits[0].ridge))
+            s += 1
+    first = next(iter(streams.values()))[0]
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, **cs.info, "kind": cs.kind, "width": first["width"],
+            "rank": rank, "buckets": k_out, "timestep_max": cs.timestep_max, "prior": "identity_plus_residual",
+            "streams": streams, "samples": samples, "bucket_samples": bsamples, "fit_error": errors,
+            "bucket_fit_error": berrors, "ridge": ridges, "ridge_rule": "gcv" if ridge is None else "fixed"}
+    return Calibration(tensors, meta)
+
+
+def calibrate(model, run_fn: Callable, out: str | Path | None = None, kind: str = "linear",
+              ridge: float | None = None, stats_device: torch.device | str | None = None,
+              rank: int | None = None, time_buckets: int = 1, timestep_max: float = 1000.0) -> Calibration:
+    """Fit per-block linear maps on the uncompiled ``model`` while ``run_fn(model)`` runs it.
+
+    Forward hooks (``with_kwargs=True``) on every block of ``transformer_blocks`` /
+    ``single_transformer_blocks`` pair each output stream with its input (``stream_pairs``) and
+    accumulate ``RidgeStats`` per (block, canonical stream, time bucket); nothing else of the
+    model changes and the hooks are removed afterwards. Runs under ``torch.no_grad()``.
+    ``collect_stats`` + ``fit_calibration``.
+
+    Args:
+        model: a diffusers transformer, a pipeline with ``.transformer`` (``run_fn`` then gets
+            the pipeline), or a ``torch.compile``d module (its original module is hooked and
+            ``run_fn`` gets that, uncompiled).
+        run_fn: called once; runs a few sampling trajectories.
+        out: where to save the safetensors file (optional).
+        kind: "linear" (y = W x + b with W = I + C) or "residual_linear" (dR = C dX + b, see
+            the module doc).
+        ridge: None chooses lambda per stream by GCV; a float is an absolute lambda.
+        stats_device: where statistics accumulate (default: the activations' device). Each
+            stream needs 8 (D^2 + D_in D_out) bytes per bucket: ~150 MB at D = 3072.
+        rank: None (full W) or r: W = I + U V^T (``linear``) / C = U V^T (``residual_linear``).
+        time_buckets: K maps per block, bucket k covering t / timestep_max in [k/K, (k+1)/K).
+        timestep_max: the timestep value mapped to 1 (``FastCacheConfig.timestep_max``).
+
+    Returns:
+        The Calibration (also written to ``out`` when given).
+
+    Raises:
+        ValueError: unknown ``kind``, bad ``rank`` / ``time_buckets``, a model without block
+            lists, or ``run_fn`` produced no pair (no block was called; for residual_linear: no
+            block called twice in a trajectory).
+    """
+    cs = collect_stats(model, run_fn, kind=kind, time_buckets=time_buckets, timestep_max=timestep_max,
+                       stats_device=stats_device)
+    cal = fit_calibration(cs, rank=rank, ridge=ridge)
     if out is not None:
         save(cal, out)
     return cal
@@ -449,7 +626,22 @@ def _match_streams(name: str, file_streams: list[dict], model_shapes: list[tuple
     return fmap
 
 
-def load_calibration(path: str | Path, regions, kind: str, model_info: dict | None = None) -> dict[str, torch.Tensor]:
+def weight_names(kind: str, rank: int | None) -> tuple[str, ...]:
+    """Tensor names per (block, stream) of a calibration: ("weight", "bias") or, low rank,
+    ("u", "v", "bias")."""
+    return ("u", "v", "bias") if rank is not None else ("weight", "bias")
+
+
+def weight_shapes(d: int, rank: int | None, buckets: int) -> dict[str, tuple]:
+    """Shapes of the weight inputs of one stream of width ``d``: weight [D, D] / u, v [D, r] /
+    bias [D], with a leading [K] when ``buckets`` K > 1."""
+    lead = (buckets,) if buckets > 1 else ()
+    shapes = {"weight": (d, d), "bias": (d,)} if rank is None else {"u": (d, rank), "v": (d, rank), "bias": (d,)}
+    return {k: lead + v for k, v in shapes.items()}
+
+
+def load_calibration(path: str | Path, regions, kind: str, model_info: dict | None = None,
+                     rank: int | None = None, time_buckets: int = 1) -> dict[str, torch.Tensor]:
     """The weight inputs of the graph pass, from a calibration file.
 
     Args:
@@ -458,16 +650,19 @@ def load_calibration(path: str | Path, regions, kind: str, model_info: dict | No
         kind: the approximation the graph uses ("linear" or "residual_linear").
         model_info: optional {"model_class", "config_hash"} (``model_info(model)``) to check the
             file against; empty values are not compared.
+        rank, time_buckets: what the config asks for (``FastCacheConfig.rank / time_buckets``);
+            the file must have been fitted with the same.
 
     Returns:
-        {"<r.name>.weight.<s>": [D, D], "<r.name>.bias.<s>": [D]} float32 for every region r and
-        stream s in the region's own (graph) order, D = r.stream_shapes[s][-1]: exactly the
-        names of the ``WeightSpec``s that ``apply_block_cache`` creates.
+        {"<r.name>.<key>.<s>": tensor} float32 for every region r, stream s in the region's own
+        (graph) order and key in ``weight_names(kind, rank)``, shaped as ``weight_shapes``:
+        exactly the names of the ``WeightSpec``s that ``apply_block_cache`` creates.
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: not a calibration file; fitted for another kind, model class or config; no
-            map for a block of ``regions``; fewer streams in the file than in the graph; another width.
+        ValueError: not a calibration file; fitted for another kind, model (class or config),
+            rank or number of time buckets; no map for a block of ``regions``; fewer streams in
+            the file than in the graph; another width. The message names what differs.
     """
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
@@ -477,7 +672,14 @@ def load_calibration(path: str | Path, regions, kind: str, model_info: dict | No
         raise ValueError(f"calibration: {path} was fitted for approx={meta.get('kind')!r}, the graph uses approx={kind!r}")
     for k in ("model_class", "config_hash"):
         if model_info and model_info.get(k) and meta.get(k) and model_info[k] != meta[k]:
-            raise ValueError(f"calibration: {path} is for {k}={meta[k]!r}, the model has {k}={model_info[k]!r}")
+            raise ValueError(f"calibration: {path} is for another model: {k}={meta[k]!r} in file, "
+                             f"the model has {k}={model_info[k]!r}")
+    if meta.get("rank") != rank:
+        raise ValueError(f"calibration: {path} has rank={meta.get('rank')!r}, the config asks for rank={rank!r} "
+                         "(calibrate with the same rank)")
+    if int(meta.get("buckets", 1)) != time_buckets:
+        raise ValueError(f"calibration: {path} has time_buckets={meta.get('buckets', 1)!r}, the config asks for "
+                         f"time_buckets={time_buckets!r}")
     streams = meta.get("streams", {})
     out: dict[str, torch.Tensor] = {}
     for r in regions:
@@ -485,11 +687,10 @@ def load_calibration(path: str | Path, regions, kind: str, model_info: dict | No
             raise ValueError(f"calibration: no map for block {r.name} in {path}")
         shapes = r.stream_shapes
         for s, f in enumerate(_match_streams(r.name, streams[r.name], shapes)):
-            d = shapes[s][-1]
-            w, b = cal.tensors.get(f"{r.name}.weight.{f}"), cal.tensors.get(f"{r.name}.bias.{f}")
-            if w is None or b is None or tuple(w.shape) != (d, d) or tuple(b.shape) != (d,):
-                raise ValueError(f"calibration: block {r.name} stream {s}: tensors {r.name}.weight/bias.{f} "
-                                 f"missing or not [{d}, {d}] / [{d}]")
-            out[f"{r.name}.weight.{s}"] = w.float().contiguous()
-            out[f"{r.name}.bias.{s}"] = b.float().contiguous()
+            for key, shape in weight_shapes(shapes[s][-1], rank, time_buckets).items():
+                t = cal.tensors.get(f"{r.name}.{key}.{f}")
+                if t is None or tuple(t.shape) != shape:
+                    raise ValueError(f"calibration: block {r.name} stream {s}: tensor {r.name}.{key}.{f} "
+                                     f"missing or not {list(shape)}")
+                out[f"{r.name}.{key}.{s}"] = t.float().contiguous()
     return out

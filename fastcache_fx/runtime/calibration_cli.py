@@ -1,6 +1,7 @@
 """``fastcache-fx calibrate``: fit the linear block maps of the bundled reference DiT.
 
-    fastcache-fx calibrate --model reference --samples 64 --steps 20 --out calib.safetensors [--kind linear]
+    fastcache-fx calibrate --model reference --samples 64 --steps 20 --out calib.safetensors
+                           [--kind linear] [--rank R] [--time-buckets K]
 
 Samples ``--samples`` digits (classes 0..9 in turn, batched CFG, seeds ``--seed`` + i) with
 ``fastcache_fx.reference.sample`` on the uncompiled model while ``calibration.calibrate``
@@ -27,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=16, help="trajectories per batch (default 16)")
     p.add_argument("--kind", default="linear", choices=KINDS, help="approximation to fit (default linear)")
     p.add_argument("--ridge", type=float, default=None, help="absolute ridge lambda (default: chosen by GCV)")
+    p.add_argument("--rank", type=int, default=None, help="low-rank maps W = I + U V^T of this rank (default: full)")
+    p.add_argument("--time-buckets", type=int, default=1, help="maps per block for K timestep ranges (default 1)")
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
     p.add_argument("--scheduler", default="ddim", choices=("ddim", "dpmsolver", "euler"))
     p.add_argument("--seed", type=int, default=0, help="seed of the first trajectory (default 0)")
@@ -51,9 +54,11 @@ def run(args) -> int:
         ValueError: a bad argument value (named).
         FileNotFoundError: the reference weights are missing.
     """
-    for name in ("samples", "steps", "batch"):
+    for name in ("samples", "steps", "batch", "time_buckets"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name}: must be >= 1, got {getattr(args, name)}")
+            raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if args.rank is not None and args.rank < 1:
+        raise ValueError(f"--rank: must be >= 1, got {args.rank}")
     from tqdm.auto import tqdm
 
     reference, model = _load_reference()
@@ -67,12 +72,18 @@ def run(args) -> int:
                                  scheduler=args.scheduler, seed=args.seed + start)
                 bar.update(len(chunk))
 
-    cal = calibrate(model, run_fn, out=args.out, kind=args.kind, ridge=args.ridge)
+    cal = calibrate(model, run_fn, out=args.out, kind=args.kind, ridge=args.ridge, rank=args.rank,
+                    time_buckets=args.time_buckets)
     meta = cal.metadata
     for block, errs in meta["fit_error"].items():
-        ridges = ", ".join(f"{r:.3g}" for r in meta["ridge"][block])
+        ridges = ", ".join("/".join(f"{x:.3g}" for x in (r if isinstance(r, list) else [r])) for r in meta["ridge"][block])
         print(f"{block}: {sum(meta['samples'][block])} token pairs, relative fit error "
               f"{', '.join(f'{e:.4f}' for e in errs)}, lambda {ridges}")
-    print(f"wrote {args.out} (kind={args.kind}, {len(meta['fit_error'])} blocks); use "
-          f"options={{'approx': '{args.kind}', 'calibration': '{args.out}'}}")
+    opts = {"approx": args.kind, "calibration": str(args.out)}
+    if args.rank is not None:
+        opts["rank"] = args.rank
+    if args.time_buckets > 1:
+        opts["time_buckets"] = args.time_buckets
+    print(f"wrote {args.out} (kind={args.kind}, width {meta['width']}, rank {meta['rank']}, "
+          f"{meta['buckets']} time bucket(s), {len(meta['fit_error'])} blocks); use options={opts}")
     return 0
