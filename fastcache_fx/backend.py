@@ -18,6 +18,7 @@ from .config import FastCacheConfig
 from .lowering.inductor import compile_graph
 from .passes.block_cache import ControlSpec, StateSpec, apply_block_cache
 from .passes.blocks import find_blocks, is_param, node_value
+from .passes.token_merge import apply_token_merge, attach_token_merge_state
 from .runtime import registry
 from .runtime.state import GraphRuntime
 
@@ -60,9 +61,18 @@ class FastCacheBackend:
             from .lowering.tensorrt import require_tensorrt
 
             require_tensorrt()
-        weights, approx = _approx_weights(config, search.regions)
         user_placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        merge = None
+        if config.enable_token_merge:
+            gm, merge = apply_token_merge(gm, config, search.regions)
+            if merge.applied:
+                search = find_blocks(gm)  # the block cache sizes its state from the merged shapes
+            else:
+                warnings.warn(f"fastcache: token merge left alone: {merge.reason}", stacklevel=2)
+        weights, approx = _approx_weights(config, search.regions)
         gm, layout = apply_block_cache(gm, config, search.regions, approx=approx)
+        if merge is not None:
+            gm, layout = attach_token_merge_state(gm, layout, merge)
         device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
         extra = []
         for spec in layout.extra_inputs:
@@ -75,8 +85,10 @@ class FastCacheBackend:
         compiled = compile_graph(gm, list(example_inputs) + extra, mode)
         params = [x for x, n in zip(example_inputs, user_placeholders) if isinstance(x, torch.Tensor) and is_param(n)]
         entry = registry.entry_for_params(params)
-        return GraphRuntime(entry, layout, compiled, weights, device, config.trace_steps,
-                            clone_outputs=mode == "reduce-overhead")
+        runtime = GraphRuntime(entry, layout, compiled, weights, device, config.trace_steps,
+                               clone_outputs=mode == "reduce-overhead")
+        runtime.token_merge = merge if merge is not None and merge.applied else None  # read by stats()
+        return runtime
 
 
 def _has_symbolic_shapes(gm: fx.GraphModule) -> bool:

@@ -40,6 +40,15 @@ class FastCacheConfig:
             timesteps, 1 for flow-matching pipelines that pass sigmas).
         lowering: "inductor" or "tensorrt".
         trace_steps: how many steps of per-block decisions ``stats()`` keeps (ring buffer).
+        enable_token_merge: insert the token-merge pyramid (``passes/token_merge.py``, FastCache
+            sec. 3.3) before the block cache.
+        token_merge_k: K, neighbours of the k-NN spatial density (>= 1).
+        token_merge_lambda: lambda >= 0, weight of the temporal saliency in the importance
+            S = rho_sp (1 + lambda rho_tm).
+        num_stages: stages the blocks are split into (>= 1; tokens are merged between stages).
+        merge_ratio: tokens kept per window from one stage to the next, 0 < r <= 1 (1: identity).
+        token_merge_window: side of the square token windows clusters are formed in (>= 1);
+            a merge costs O(N * window^2).
     """
 
     cache_ratio_threshold: float = 0.05
@@ -57,6 +66,11 @@ class FastCacheConfig:
     trace_steps: int = 10000
     enable_spatial_approx: bool = False
     enable_token_merge: bool = False
+    token_merge_k: int = 5
+    token_merge_lambda: float = 1.0
+    num_stages: int = 3
+    merge_ratio: float = 0.5
+    token_merge_window: int = 4
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -84,6 +98,13 @@ class FastCacheConfig:
         integer("warmup_steps", 0)
         integer("max_consecutive_approx", 0)
         integer("trace_steps", 1)
+        integer("token_merge_k", 1)
+        integer("num_stages", 1)
+        integer("token_merge_window", 1)
+        if real("token_merge_lambda") < 0:
+            raise bad("token_merge_lambda", "expected >= 0")
+        if not 0 < real("merge_ratio") <= 1:
+            raise bad("merge_ratio", "expected 0 < merge_ratio <= 1")
         for name in ("enable_block_approx", "enable_spatial_approx", "enable_token_merge"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "expected a bool")

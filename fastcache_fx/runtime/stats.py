@@ -14,8 +14,12 @@ def collect(entry: ModelEntry | None) -> dict:
         (number of compiled fastcache graphs) and ``trace``: one dict per step with
         ``context``, ``step`` (index in its trajectory), ``approx`` [L] bools, ``delta`` [L] and
         ``threshold`` [L] (the relative-change bound delta was compared with).
+        ``token_merge``: for the last graph with the token-merge pyramid, ``{"stages": block
+        names per stage, "tokens_per_stage": tokens per sample, "grid": (h, w), "window": (wh, ww)}``,
+        else None.
     """
-    empty = {"block_approx_ratio": 0.0, "per_block": {}, "steps": 0, "blocks": [], "graphs": 0, "trace": []}
+    empty = {"block_approx_ratio": 0.0, "per_block": {}, "steps": 0, "blocks": [], "graphs": 0, "trace": [],
+             "token_merge": None}
     if entry is None or not entry.graphs:
         return empty
     trace, counts, totals, blocks = [], {}, {}, []
@@ -39,5 +43,13 @@ def collect(entry: ModelEntry | None) -> dict:
         "steps": len(trace),
         "blocks": blocks,
         "graphs": len(entry.graphs),
+        "token_merge": _token_merge(entry),
         "trace": trace,
     }
+
+
+def _token_merge(entry: ModelEntry) -> dict | None:
+    tm = next((g.token_merge for g in reversed(entry.graphs) if getattr(g, "token_merge", None) is not None), None)
+    if tm is None:
+        return None
+    return {"stages": tm.stages, "tokens_per_stage": list(tm.tokens_per_stage), "grid": tm.grid, "window": tm.window}
