@@ -7,11 +7,13 @@
 from .api import calibrate, enable_fastcache, reset, stats
 from .backend import FastCacheBackend, fastcache_backend
 from .config import FastCacheConfig
+from .exported import load_exported
+from .lowering.export import export
 from .runtime.context import cache_context
 from .runtime.replay import replay_decisions
 
 __version__ = "0.1.0"
 __all__ = [
-    "FastCacheBackend", "FastCacheConfig", "cache_context", "calibrate", "enable_fastcache",
-    "fastcache_backend", "replay_decisions", "reset", "stats", "__version__",
+    "FastCacheBackend", "FastCacheConfig", "cache_context", "calibrate", "enable_fastcache", "export",
+    "fastcache_backend", "load_exported", "replay_decisions", "reset", "stats", "__version__",
 ]

@@ -82,7 +82,12 @@ class FastCacheBackend:
                 weights[spec.name] = weights[spec.name].to(device)
                 extra.append(weights[spec.name])
         log.info("fastcache: %d blocks rewritten (%s), %d left alone", len(layout.blocks), approx, len(layout.left_alone))
-        compiled = compile_graph(gm, list(example_inputs) + extra, mode)
+        if config.lowering == "tensorrt":  # one engine per glue piece and per branch (#7)
+            from .lowering.tensorrt import compile_tensorrt
+
+            compiled = compile_tensorrt(gm, list(example_inputs) + extra, layout.blocks)
+        else:
+            compiled = compile_graph(gm, list(example_inputs) + extra, mode)
         params = [x for x, n in zip(example_inputs, user_placeholders) if isinstance(x, torch.Tensor) and is_param(n)]
         entry = registry.entry_for_params(params)
         runtime = GraphRuntime(entry, layout, compiled, weights, device, config.trace_steps,

@@ -1,4 +1,4 @@
-"""The ``fastcache-fx`` command: demo, calibrate, explain, diff.
+"""The ``fastcache-fx`` command: demo, calibrate, explain, diff, export.
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
 ``run(args) -> int``; this file only wires them up and turns bad input into clear messages.
@@ -16,6 +16,7 @@ COMMANDS = {
     "calibrate": ("fastcache_fx.runtime.calibration_cli", "fit linear block maps (ridge) on the reference model"),
     "explain": ("fastcache_fx.debug.explain_cli", "show the blocks found and the graph diff of each pass"),
     "diff": ("fastcache_fx.debug.diff_cli", "compare two graph dumps or export manifests"),
+    "export": ("fastcache_fx.lowering.export_cli", "write an AOTInductor package or TensorRT engines of the cached graph"),
 }
 
 

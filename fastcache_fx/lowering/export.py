@@ -1,0 +1,468 @@
+"""Export the cached graph for deployment without Dynamo: AOTInductor packages, TensorRT engines.
+
+    fastcache_fx.export(transformer, dict(hidden_states=x, timestep=t, class_labels=y), "out/",
+                        format="aotinductor", config=FastCacheConfig(...))
+    model = fastcache_fx.load_exported("out/")
+
+How: Dynamo traces the transformer once (a capturing backend, ``fullgraph=True``,
+``dynamic=False``), ``passes.block_cache`` rewrites the graph exactly as the backend does, then
+
+- ``format="aotinductor"``: ``CachedGraphModule`` wraps the rewritten graph as an ``nn.Module``
+  whose cache state (``BlockCacheResult.state``) lives in buffers updated in ``forward``;
+  ``torch.export`` traces it (one ``torch.cond`` per block, mutable buffers) and
+  ``torch._inductor.aoti_compile_and_package`` writes ``model.pt2``;
+- ``format="tensorrt"``: ``lowering.split`` cuts the graph into glue and per-block branch pieces,
+  each lowered to a Torch-TensorRT engine and saved as an ExportedProgram; ``program.json`` says
+  how to run them, and the loader keeps the state and picks the branches.
+
+``out_dir/manifest.json`` records everything the loader checks (see ``write_manifest``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import fx
+
+from ..config import FastCacheConfig
+from ..passes.block_cache import BlockCacheResult, StateSpec, WeightSpec, apply_block_cache
+from ..passes.blocks import find_blocks
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "fastcache_fx.export"
+MANIFEST_VERSION = 1
+FORMATS = ("aotinductor", "tensorrt")
+WEIGHTS_FILE = "weights.safetensors"
+PACKAGE_FILE = "model.pt2"
+PROGRAM_FILE = "program.json"
+
+
+def spec_kind(spec) -> str:
+    """"state", "weight" or "control" (every other spec kind of ``extra_inputs``, e.g. the
+    per-block decision override ``force``: fed with its ``fill`` value, i.e. live decisions)."""
+    if isinstance(spec, StateSpec):
+        return "state"
+    if isinstance(spec, WeightSpec):
+        return "weight"
+    if type(spec).__name__ == "AccumSpec":  # online-calibration accumulators: not exportable
+        return "accum"
+    return "control"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, str(name), None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"manifest: unknown dtype {name!r}")
+    return dt
+
+
+def _json_fill(x: float):
+    return x if math.isfinite(x) else repr(float(x))  # JSON has no inf: "-inf"
+
+
+# ------------------------------------------------------------------------------------------
+# capture and rewrite
+
+
+@dataclass
+class CapturedGraph:
+    """One Dynamo graph of the transformer and how its placeholders map to the call.
+
+    ``roles[i]`` is ("input", name) for a user tensor argument or ("const", None) for a
+    parameter/buffer (real value in ``example_inputs[i]``). ``outputs`` describes how the
+    model's return value is built from the graph outputs: {"kind": "fields", "names": [...],
+    "index": [...]} (diffusers ``BaseOutput``), {"kind": "tuple", "index": [...]} or
+    {"kind": "tensor", "index": [i]}.
+    """
+
+    gm: fx.GraphModule
+    example_inputs: list
+    roles: list[tuple[str, str | None]]
+    inputs: dict[str, torch.Tensor]
+    static_kwargs: dict[str, Any]
+    outputs: dict
+
+
+def _bind_inputs(model: torch.nn.Module, example_inputs) -> dict[str, Any]:
+    if isinstance(example_inputs, Mapping):
+        return dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    sig = inspect.signature(model.forward)
+    return dict(sig.bind_partial(*example_inputs).arguments)
+
+
+def capture(model: torch.nn.Module, example_inputs) -> CapturedGraph:
+    """Trace ``model`` once with Dynamo (fullgraph, static shapes) and keep the FX graph.
+
+    Args:
+        model: the transformer (``nn.Module``; a compiled module's ``_orig_mod`` is used).
+        example_inputs: keyword arguments (dict) or positional arguments of ``model.forward``.
+
+    Raises:
+        ValueError: a non-tensor argument that is not JSON (None/bool/int/float/str), or a graph
+            input that is neither an argument nor a parameter.
+    """
+    model = getattr(model, "_orig_mod", model)
+    kwargs = _bind_inputs(model, example_inputs)
+    tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    static = {}
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor):
+            continue
+        if v is not None and not isinstance(v, (bool, int, float, str)):
+            raise ValueError(f"example_inputs[{k!r}]: only tensors and None/bool/int/float/str values can be "
+                             f"exported, got {type(v).__name__}")
+        static[k] = v
+    box: dict = {}
+
+    def capturing_backend(gm, ex, **_kw):
+        box["gm"], box["ex"] = gm, list(ex)
+
+        def run(*args):
+            outs = gm(*args)
+            box["outs"] = outs
+            return outs
+
+        return run
+
+    # no torch._dynamo.reset() here: it would drop the caller's other compiled models
+    with torch.no_grad():
+        result = torch.compile(model, backend=capturing_backend, fullgraph=True, dynamic=False)(**kwargs)
+        if "gm" not in box:  # Dynamo's recompile limit reached by earlier traces of this model
+            torch._dynamo.reset()
+            result = torch.compile(model, backend=capturing_backend, fullgraph=True, dynamic=False)(**kwargs)
+    gm, ex, outs = box["gm"], box["ex"], box["outs"]
+    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    by_id = {id(v): k for k, v in tensors.items()}
+    roles = []
+    for n, x in zip([n for n in gm.graph.nodes if n.op == "placeholder"], ex):
+        if isinstance(x, torch.Tensor) and id(x) in by_id:
+            roles.append(("input", by_id[id(x)]))
+        elif isinstance(x, torch.Tensor):
+            roles.append(("const", None))
+        else:
+            raise ValueError(f"export: graph input {n.name} is a {type(x).__name__}, not a tensor (dynamic shapes?)")
+
+    def index_of(t) -> int:
+        for i, o in enumerate(outs):
+            if o is t:
+                return i
+        raise ValueError("export: the model's output is not a graph output (computed outside the graph?)")
+
+    if isinstance(result, torch.Tensor):
+        layout = {"kind": "tensor", "index": [index_of(result)]}
+    elif isinstance(result, Mapping):  # diffusers BaseOutput (an OrderedDict)
+        names = [k for k, v in result.items() if v is not None]
+        layout = {"kind": "fields", "names": names, "index": [index_of(result[k]) for k in names]}
+    elif isinstance(result, (tuple, list)):
+        layout = {"kind": "tuple", "index": [index_of(t) for t in result]}
+    else:
+        raise ValueError(f"export: unsupported model output type {type(result).__name__}")
+    return CapturedGraph(gm, ex, roles, tensors, static, layout)
+
+
+def rewrite(captured: CapturedGraph, config: FastCacheConfig):
+    """The backend's rewrite of a captured graph.
+
+    Returns:
+        (rewritten gm, BlockCacheResult, calibrated weights {spec name: tensor}, approx kind).
+
+    Raises:
+        ValueError: no transformer block was recognised (nothing to cache).
+    """
+    from ..backend import _approx_weights
+
+    if getattr(config, "enable_token_merge", False):
+        raise ValueError("FastCacheConfig.enable_token_merge: export does not support the token-merge pass yet")
+    if config.calibration == "online":
+        raise ValueError("FastCacheConfig.calibration: export needs fixed maps (a calibration file), not 'online'")
+    search = find_blocks(captured.gm)
+    if not search.regions:
+        raise ValueError("export: no transformer blocks recognised in the model's graph"
+                         + (f" (left alone: {search.left_alone})" if search.left_alone else ""))
+    weights, approx = _approx_weights(config, search.regions)
+    gm, layout = apply_block_cache(captured.gm, config, search.regions, approx=approx)
+    if any(spec_kind(s) == "accum" for s in layout.extra_inputs):
+        raise ValueError("FastCacheConfig.calibration: export needs fixed maps, the graph has online accumulators")
+    return gm, layout, weights, approx
+
+
+def extra_values(layout: BlockCacheResult, weights: Mapping[str, torch.Tensor], device) -> list[torch.Tensor]:
+    """Initial values of ``layout.extra_inputs``: fills for state and controls, the weights."""
+    out = []
+    for spec in layout.extra_inputs:
+        if spec_kind(spec) == "weight":
+            out.append(weights[spec.name].to(device).contiguous())
+        else:
+            out.append(torch.full(tuple(spec.shape), spec.fill, dtype=spec.dtype, device=device))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# AOTInductor
+
+
+class CachedGraphModule(torch.nn.Module):
+    """The rewritten graph as a stateful module for ``torch.export``.
+
+    ``forward(*user_inputs, reset, *controls)``: ``user_inputs`` in ``input_names`` order,
+    ``reset`` a [] bool tensor (True: start from the initial state, as ``fastcache_fx.reset``),
+    ``controls`` one tensor per control spec (``force`` [L] int8: -1 decides live). Returns
+    ``(*user_outputs, step [] int64, delta [L] f32, threshold [L] f32, approx [L] bool)``. The
+    cache state lives in buffers ``state_<i>`` updated in place (mutable buffers under export);
+    parameters and calibrated weights are buffers ``const_<i>`` / ``weight_<i>``.
+    """
+
+    def __init__(self, gm: fx.GraphModule, captured: CapturedGraph, layout: BlockCacheResult,
+                 weights: Mapping[str, torch.Tensor], device) -> None:
+        super().__init__()
+        self.gm = gm
+        self.layout = layout
+        self.input_names = list(captured.inputs)
+        self.slots: list[tuple[str, Any]] = []  # per rewritten-graph placeholder
+        for i, ((role, name), x) in enumerate(zip(captured.roles, captured.example_inputs)):
+            if role == "input":
+                self.slots.append(("input", self.input_names.index(name)))
+            else:
+                self.register_buffer(f"const_{i}", x.detach().to(device).contiguous())
+                self.slots.append(("const", f"const_{i}"))
+        self.fills: list[float] = []
+        ns = nc = 0
+        for i, spec in enumerate(layout.extra_inputs):
+            kind = spec_kind(spec)
+            if kind == "state":
+                self.register_buffer(f"state_{ns}", torch.full(tuple(spec.shape), spec.fill, dtype=spec.dtype, device=device))
+                self.fills.append(spec.fill)
+                self.slots.append(("state", ns))
+                ns += 1
+            elif kind == "weight":
+                self.register_buffer(f"weight_{i}", weights[spec.name].detach().to(device).contiguous())
+                self.slots.append(("const", f"weight_{i}"))
+            else:
+                self.slots.append(("control", nc))
+                nc += 1
+        self.num_state = ns
+        self.num_controls = nc
+
+    def forward(self, *args):
+        nu = len(self.input_names)
+        user, reset, controls = args[:nu], args[nu], args[nu + 1:]
+        state = []
+        for i in range(self.num_state):
+            buf = getattr(self, f"state_{i}")
+            state.append(torch.where(reset, torch.full_like(buf, self.fills[i]), buf).contiguous())
+        full = []
+        for kind, ref in self.slots:
+            if kind == "input":
+                full.append(user[ref])
+            elif kind == "const":
+                full.append(getattr(self, ref))
+            elif kind == "state":
+                full.append(state[ref])
+            else:
+                full.append(controls[ref])
+        outs = self.gm(*full)
+        no, ns = self.layout.num_user_outputs, self.num_state
+        new_state = outs[no:no + ns]
+        for i, v in enumerate(new_state):
+            getattr(self, f"state_{i}").copy_(v)
+        delta, thr, ok = outs[no + ns:no + ns + 3]
+        return (*outs[:no], new_state[0], delta, thr, ok)
+
+
+def _call_args(captured: CapturedGraph, layout: BlockCacheResult, device) -> tuple:
+    user = [captured.inputs[k] for k in captured.inputs]
+    controls = [torch.full(tuple(s.shape), s.fill, dtype=s.dtype, device=device)
+                for s in layout.extra_inputs if spec_kind(s) == "control"]
+    return (*user, torch.tensor(True, device=device), *controls)
+
+
+def _export_aotinductor(captured, gm, layout, weights, device, out_dir: Path) -> list[str]:
+    module = CachedGraphModule(gm, captured, layout, weights, device).eval()
+    args = _call_args(captured, layout, device)
+    with torch.no_grad():
+        ep = torch.export.export(module, args, strict=False)
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(out_dir / PACKAGE_FILE))
+    return [PACKAGE_FILE]
+
+
+# ------------------------------------------------------------------------------------------
+# split pieces (TensorRT, or another engine compiler)
+
+
+class EngineFormat:
+    """How split pieces are lowered, saved and loaded back (``format="tensorrt"``).
+
+    ``compile(gm, example_inputs, name)`` -> engine; ``save(engine, gm, example_inputs, path)``;
+    the loader calls ``torch.export.load(path).module()`` after importing ``requires``.
+    """
+
+    name = "torch.export"
+    requires: tuple[str, ...] = ()
+
+    def compile(self, gm: fx.GraphModule, example_inputs: list, name: str):
+        return torch.export.export(gm, tuple(example_inputs), strict=False).module()
+
+    def save(self, engine, gm: fx.GraphModule, example_inputs: list, path: Path) -> None:
+        torch.export.save(torch.export.export(gm, tuple(example_inputs), strict=False), str(path))
+
+
+def _export_split(captured, gm, layout, weights, device, out_dir: Path, engine_format: EngineFormat) -> tuple[list[str], dict]:
+    from .split import compile_split
+
+    example = list(captured.example_inputs) + extra_values(layout, weights, device)
+    built: dict[str, tuple] = {}
+
+    def compiler(piece_gm, ins, name):
+        engine = engine_format.compile(piece_gm, ins, name)
+        built[name] = (engine, piece_gm, ins)
+        return engine
+
+    program = compile_split(gm, example, compiler, layout.blocks)
+    files, pieces = [], []
+    for p in program.pieces:
+        entry = {"kind": p.kind, "name": p.name, "inputs": p.inputs, "outputs": p.outputs}
+        keys = ["glue"] if p.kind == "glue" else ["approx", "full"]
+        if p.kind == "block":
+            entry["pred"] = p.pred
+        for key in keys:
+            label = p.name if p.kind == "glue" else f"{p.name}.{key}"
+            fname = "engines/" + "".join(c if c.isalnum() or c in "._-" else "_" for c in label) + ".pt2"
+            (out_dir / "engines").mkdir(exist_ok=True)
+            engine, piece_gm, ins = built[label]
+            engine_format.save(engine, piece_gm, ins, out_dir / fname)
+            entry[key] = fname
+            files.append(fname)
+        pieces.append(entry)
+    # program inputs: one per rewritten-graph placeholder (None = baked parameter)
+    roles = []
+    names = program.input_names
+    nu = len(captured.roles)
+    for i, name in enumerate(names):
+        if i < nu:
+            role, arg = captured.roles[i]
+            roles.append(None if name is None else {"value": name, "role": role, "arg": arg})
+        else:
+            spec = layout.extra_inputs[i - nu]
+            roles.append({"value": name, "role": spec_kind(spec), "arg": spec.name})
+    prog = {"engine_format": engine_format.name, "requires": list(engine_format.requires),
+            "inputs": [r for r in roles if r is not None], "outputs": program.output_names, "pieces": pieces}
+    (out_dir / PROGRAM_FILE).write_text(json.dumps(prog, indent=1) + "\n")
+    return files + [PROGRAM_FILE], prog
+
+
+# ------------------------------------------------------------------------------------------
+# manifest and the public entry point
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _versions() -> dict:
+    import diffusers
+
+    from .. import __version__
+
+    return {"fastcache_fx": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
+
+
+def export(transformer: torch.nn.Module, example_inputs, out_dir, format: str = "aotinductor",
+           config: FastCacheConfig | Mapping | None = None, *, engine_format: EngineFormat | None = None) -> Path:
+    """Export ``transformer`` with FastCache's block cache in its graph, for serving without Dynamo.
+
+    The graph is the backend's: every block a ``torch.cond(approx?, approximation, full block)``
+    with the chi-square decision inside (FastCache, arXiv 2505.20353, sec. 3.2), the cache state
+    carried between calls. Shapes and dtypes are fixed to ``example_inputs`` (one export per
+    resolution/batch size; batched CFG = one context).
+
+    Args:
+        transformer: a diffusers DiT (or any model the backend rewrites), on the target device.
+        example_inputs: keyword arguments (dict, e.g. ``hidden_states=[B, C, H, W]``,
+            ``timestep=[B]``, ``class_labels=[B]``) or positional arguments of ``forward``.
+        out_dir: created if missing; receives ``manifest.json``, the artifact(s) and
+            ``weights.safetensors`` when the approximation uses calibrated linear maps.
+        format: "aotinductor" (``model.pt2``, any device Inductor supports) or "tensorrt"
+            (``engines/*.pt2`` + ``program.json``; CUDA and ``torch_tensorrt`` required).
+        config: FastCacheConfig (or a dict of its fields); defaults when None.
+        engine_format: for ``format="tensorrt"`` only: another piece lowering (the CPU tests
+            pass ``EngineFormat()``, plain ``torch.export`` programs); default TensorRT.
+
+    Returns:
+        the path of ``manifest.json``.
+
+    Raises:
+        ValueError: unknown format, bad config field, no blocks found, unsupported inputs.
+        RuntimeError: format="tensorrt" without CUDA or without ``torch_tensorrt``.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format: expected one of {FORMATS}, got {format!r}")
+    config = config if isinstance(config, FastCacheConfig) else FastCacheConfig.from_options(config)
+    if format == "tensorrt" and engine_format is None:
+        from .tensorrt import TensorRTFormat, require_tensorrt
+
+        require_tensorrt("export(format='tensorrt')")
+        engine_format = TensorRTFormat()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    captured = capture(transformer, example_inputs)
+    gm, layout, weights, approx = rewrite(captured, config)
+    device = next(iter(captured.inputs.values())).device if captured.inputs else torch.device("cpu")
+    if format == "aotinductor":
+        files = _export_aotinductor(captured, gm, layout, weights, device, out_dir)
+        engine_name = "aotinductor"
+    else:
+        files, _ = _export_split(captured, gm, layout, weights, device, out_dir, engine_format)
+        engine_name = engine_format.name
+    if weights:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(out_dir / WEIGHTS_FILE))
+        files.append(WEIGHTS_FILE)
+    manifest = {
+        "format_id": MANIFEST_FORMAT,
+        "manifest_version": MANIFEST_VERSION,
+        "format": format,
+        "engine": engine_name,
+        "versions": _versions(),
+        "model_class": type(getattr(transformer, "_orig_mod", transformer)).__name__,
+        "device": str(device),
+        "config": config.to_dict(),
+        "approx": approx,
+        "blocks": list(layout.blocks),
+        "thresholds": list(layout.thresholds),
+        "left_alone": [list(x) for x in layout.left_alone],
+        "inputs": [{"name": k, "shape": list(v.shape), "dtype": dtype_name(v.dtype)} for k, v in captured.inputs.items()],
+        "static_kwargs": captured.static_kwargs,
+        "outputs": captured.outputs,
+        "num_graph_outputs": layout.num_user_outputs,
+        "state": [{"name": s.name, "shape": list(s.shape), "dtype": dtype_name(s.dtype), "fill": _json_fill(s.fill)}
+                  for s in layout.state],
+        "controls": [{"name": s.name, "shape": list(s.shape), "dtype": dtype_name(s.dtype), "fill": _json_fill(s.fill)}
+                     for s in layout.extra_inputs if spec_kind(s) == "control"],
+        "weights": [{"name": s.name, "block": s.block, "stream": s.stream, "kind": getattr(s, "kind", None),
+                     "shape": list(s.shape)} for s in layout.weights],
+        "files": {f: sha256(out_dir / f) for f in files},
+    }
+    path = out_dir / MANIFEST
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,230 @@
+"""Export (#7): AOTInductor package and split-branch (TensorRT-style) runtime of the cached graph.
+
+The AOTInductor export of the bundled reference DiT and the split runtime are each run over a
+whole 50-step DDIM trajectory (2 images, batched CFG = batch 4) and compared step by step with
+the in-process backend: same decisions, outputs within 1e-4.
+"""
+
+import importlib.util
+import json
+import shutil
+
+import pytest
+import torch
+
+import fastcache_fx
+from fastcache_fx import reference
+from fastcache_fx.config import FastCacheConfig
+from fastcache_fx.lowering.export import EngineFormat
+
+CLASSES = [3, 7]  # 2 images -> batch 4 with CFG
+STEPS = 50
+CONFIG = FastCacheConfig(cache_ratio_threshold=0.1, warmup_steps=2, max_consecutive_approx=3)
+HAS_TRT = torch.cuda.is_available() and importlib.util.find_spec("torch_tensorrt") is not None
+NO_TRT = "TensorRT engines need CUDA and torch_tensorrt; this machine has " + (
+    "no CUDA device" if not torch.cuda.is_available() else "no torch_tensorrt package")
+
+
+class Recorder:
+    """Wraps a transformer callable and keeps every step's output."""
+
+    def __init__(self, fn):
+        self.fn, self.outs = fn, []
+
+    def __call__(self, *args, **kwargs):
+        out = self.fn(*args, **kwargs)
+        self.outs.append(out.sample.clone())
+        return out
+
+
+def _example():
+    return dict(hidden_states=torch.randn(4, 1, 8, 8), timestep=torch.full((4,), 999, dtype=torch.long),
+                class_labels=torch.tensor(CLASSES + [reference.NULL_CLASS] * 2))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return reference.load()
+
+
+@pytest.fixture(scope="module")
+def backend_run(model):
+    """The in-process backend over one trajectory: (per-step outputs, images, decision trace)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=fastcache_fx.FastCacheBackend(CONFIG), dynamic=False)
+    rec = Recorder(compiled)
+    images = reference.sample(rec, CLASSES, num_inference_steps=STEPS, seed=0)
+    trace = fastcache_fx.stats(model)["trace"]
+    torch._dynamo.reset()
+    return rec.outs, images, [t["approx"] for t in trace]
+
+
+@pytest.fixture(scope="module")
+def aoti_dir(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("aoti")
+    fastcache_fx.export(model, _example(), out, format="aotinductor", config=CONFIG)
+    return out
+
+
+@pytest.fixture(scope="module")
+def split_dir(model, tmp_path_factory):
+    """format="tensorrt" with torch.export programs standing in for the TensorRT engines."""
+    out = tmp_path_factory.mktemp("split")
+    fastcache_fx.export(model, _example(), out, format="tensorrt", config=CONFIG, engine_format=EngineFormat())
+    return out
+
+
+def _compare(loaded, backend_run):
+    outs, images, decisions = backend_run
+    rec = Recorder(loaded)
+    got_images = reference.sample(rec, CLASSES, num_inference_steps=STEPS, seed=0)
+    got = [t["approx"] for t in loaded.stats()["trace"]]
+    assert len(got) == STEPS and got == decisions
+    assert any(any(row) for row in decisions) and not all(all(row) for row in decisions)  # a real mix
+    for a, b in zip(rec.outs, outs):
+        assert (a - b).abs().max().item() <= 1e-4
+    assert (got_images - images).abs().max().item() <= 1e-4
+
+
+def test_aotinductor_export_matches_backend_over_trajectory(aoti_dir, backend_run):
+    m = json.loads((aoti_dir / "manifest.json").read_text())
+    assert m["format"] == "aotinductor" and "model.pt2" in m["files"]
+    assert m["blocks"] == [f"transformer_blocks.{i}" for i in range(6)]
+    assert [i["name"] for i in m["inputs"]] == ["hidden_states", "timestep", "class_labels"]
+    assert m["controls"] == [{"name": "force", "shape": [6], "dtype": "int8", "fill": -1}]
+    _compare(fastcache_fx.load_exported(aoti_dir), backend_run)
+
+
+def test_split_runtime_matches_backend_over_trajectory(split_dir, backend_run):
+    loaded = fastcache_fx.load_exported(split_dir)
+    _compare(loaded, backend_run)
+    prog = json.loads((split_dir / "program.json").read_text())
+    assert [p["kind"] for p in prog["pieces"]] == ["glue", "block"] * 6 + ["glue"]
+    # the runtime really ran the branch the in-graph decision chose
+    approx_runs = sum(v["approx"] for v in loaded.branches.values())
+    assert approx_runs == sum(sum(t["approx"]) for t in loaded.stats()["trace"])
+
+
+def test_split_program_with_eager_engines_equals_graph(model):
+    """compile_split with a pluggable engine compiler reproduces the rewritten graph exactly."""
+    from fastcache_fx.lowering.export import capture, extra_values, rewrite
+    from fastcache_fx.lowering.split import compile_split
+
+    cap = capture(model, _example())
+    gm, layout, weights, _ = rewrite(cap, CONFIG)
+    inputs = list(cap.example_inputs) + extra_values(layout, weights, "cpu")
+    names = []
+    program = compile_split(gm, inputs, lambda g, ins, name: names.append(name) or g, layout.blocks)
+    assert len(names) == 7 + 2 * 6 and "transformer_blocks.0.approx" in names
+    nu, ns, no = len(cap.example_inputs), len(layout.state), layout.num_user_outputs
+    force = nu + [i for i, s in enumerate(layout.extra_inputs) if s.name == "force"][0]
+    ts = cap.roles.index(("input", "timestep"))
+    state_pos = [nu + i for i, s in enumerate(layout.extra_inputs) if s in layout.state]
+    for f, t in ((0, 999), (1, 900)):  # force full everywhere, then force the approximation
+        inputs[force] = torch.full((6,), f, dtype=torch.int8)
+        inputs[ts] = torch.full((4,), t)
+        want, got = gm(*inputs), program(*inputs)
+        assert len(want) == len(got)
+        for a, b in zip(want, got):
+            assert torch.equal(a, b)
+        assert want[-1].tolist() == [bool(f)] * 6
+        for pos, new in zip(state_pos, want[no:no + ns]):  # carry the state to the next call
+            inputs[pos] = new
+    assert program.branches["transformer_blocks.3"] == {"approx": 1, "full": 1}
+
+
+def test_reset_starts_a_new_trajectory(aoti_dir, model):
+    loaded = fastcache_fx.load_exported(aoti_dir)
+    kw = _example()
+    for t in (999, 980, 960):
+        loaded(**{**kw, "timestep": torch.full((4,), t)})
+    assert loaded.stats()["trace"][-1]["approx"] == [True] * 6  # identical inputs after warmup
+    loaded.reset()
+    out = loaded(**{**kw, "timestep": torch.full((4,), 940)})  # still decreasing: only reset() restarts
+    last = loaded.stats()["trace"][-1]
+    assert last["step"] == 0 and last["approx"] == [False] * 6
+    want = model(**{**kw, "timestep": torch.full((4,), 940)}).sample
+    assert (out.sample - want).abs().max().item() <= 1e-4 and out[0] is out.sample
+
+
+def test_shapes_and_dtypes_other_than_the_manifest_are_refused(aoti_dir):
+    loaded = fastcache_fx.load_exported(aoti_dir)
+    kw = _example()
+    with pytest.raises(ValueError, match=r"hidden_states: this export takes shape \[4, 1, 8, 8\]"):
+        loaded(**{**kw, "hidden_states": torch.randn(2, 1, 8, 8)})
+    with pytest.raises(ValueError, match="timestep: .*torch.int64"):
+        loaded(**{**kw, "timestep": torch.full((4,), 999.0)})
+    with pytest.raises(ValueError, match="missing argument 'class_labels'"):
+        loaded(hidden_states=kw["hidden_states"], timestep=kw["timestep"])
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_corrupted_or_mismatched_manifest_is_refused(split_dir, tmp_path):
+    d = _copy(split_dir, tmp_path)
+    manifest = d / "manifest.json"
+    good = json.loads(manifest.read_text())
+
+    def write(m):
+        manifest.write_text(json.dumps(m))
+
+    write({**good, "versions": {**good["versions"], "fastcache_fx": "0.0.1"}})
+    with pytest.raises(ValueError, match="exported by fastcache-fx 0.0.1"):
+        fastcache_fx.load_exported(d)
+    write({k: v for k, v in good.items() if k != "inputs"})
+    with pytest.raises(ValueError, match=r"corrupted: missing field\(s\) \['inputs'\]"):
+        fastcache_fx.load_exported(d)
+    manifest.write_text(json.dumps(good)[:-20])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        fastcache_fx.load_exported(d)
+    write(good)
+    engine = next(f for f in good["files"] if f.endswith(".pt2"))
+    (d / engine).write_bytes((d / engine).read_bytes()[:-10])
+    with pytest.raises(ValueError, match="does not match its sha256"):
+        fastcache_fx.load_exported(d)
+    (d / engine).unlink()
+    with pytest.raises(ValueError, match="is missing"):
+        fastcache_fx.load_exported(d)
+    manifest.unlink()
+    with pytest.raises(ValueError, match="no manifest.json"):
+        fastcache_fx.load_exported(d)
+
+
+def test_export_rejects_bad_arguments(model, tmp_path):
+    with pytest.raises(ValueError, match="format: expected one of"):
+        fastcache_fx.export(model, _example(), tmp_path, format="onnx")
+    with pytest.raises(ValueError, match="FastCacheConfig.warmup_steps"):
+        fastcache_fx.export(model, _example(), tmp_path, config={"warmup_steps": -1})
+    with pytest.raises(ValueError, match="no transformer blocks"):
+        fastcache_fx.export(torch.nn.Linear(4, 4), {"input": torch.randn(2, 3, 4)}, tmp_path)
+
+
+@pytest.mark.skipif(HAS_TRT, reason="checks the error raised without CUDA/torch_tensorrt")
+def test_tensorrt_without_cuda_says_what_is_missing(model, tmp_path):
+    from fastcache_fx.cli import main
+
+    with pytest.raises(RuntimeError, match="needs (CUDA|the torch_tensorrt package)"):
+        fastcache_fx.export(model, _example(), tmp_path, format="tensorrt")
+    with pytest.raises(RuntimeError, match="lowering='tensorrt' needs"):
+        torch._dynamo.reset()
+        torch.compile(model, backend=fastcache_fx.FastCacheBackend(lowering="tensorrt"), fullgraph=True)(**_example())
+    torch._dynamo.reset()
+    assert main(["export", "--model", "reference", "--format", "tensorrt", "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_TRT, reason=NO_TRT)
+def test_tensorrt_backend_and_export_match_inductor(tmp_path):
+    model = reference.load().cuda()
+    kw = {k: v.cuda() for k, v in _example().items()}
+    torch._dynamo.reset()
+    trt = torch.compile(model, backend=fastcache_fx.FastCacheBackend(CONFIG, lowering="tensorrt"), dynamic=False)
+    want = model(**kw).sample
+    assert (trt(**kw).sample - want).abs().max().item() < 1e-2
+    fastcache_fx.export(model, kw, tmp_path, format="tensorrt", config=CONFIG)
+    loaded = fastcache_fx.load_exported(tmp_path)
+    assert (loaded(**kw).sample - want).abs().max().item() < 1e-2
