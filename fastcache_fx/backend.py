@@ -16,7 +16,7 @@ from torch import fx
 
 from .config import FastCacheConfig
 from .lowering.inductor import compile_graph
-from .passes.block_cache import ControlSpec, StateSpec, apply_block_cache
+from .passes.block_cache import AccumSpec, ControlSpec, StateSpec, apply_block_cache
 from .passes.blocks import find_blocks, is_param, node_value
 from .passes.token_merge import apply_token_merge, attach_token_merge_state
 from .runtime import registry
@@ -74,10 +74,18 @@ class FastCacheBackend:
         if merge is not None:
             gm, layout = attach_token_merge_state(gm, layout, merge)
         device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        online = None
+        if layout.online:  # calibration="online": zero maps (residual reuse) until the first refit
+            from .runtime.online import OnlineCalibration
+
+            online = OnlineCalibration(layout, config, device)
+            weights = online.initial_weights(device)
         extra = []
         for spec in layout.extra_inputs:
             if isinstance(spec, (StateSpec, ControlSpec)):
                 extra.append(torch.full(spec.shape, spec.fill, dtype=spec.dtype, device=device))
+            elif isinstance(spec, AccumSpec):
+                extra.append(online.accum[spec.name])
             else:
                 weights[spec.name] = weights[spec.name].to(device)
                 extra.append(weights[spec.name])
@@ -93,6 +101,7 @@ class FastCacheBackend:
         runtime = GraphRuntime(entry, layout, compiled, weights, device, config.trace_steps,
                                clone_outputs=mode == "reduce-overhead")
         runtime.token_merge = merge if merge is not None and merge.applied else None  # read by stats()
+        runtime.online = online
         return runtime
 
 
@@ -114,9 +123,12 @@ def _approx_weights(config: FastCacheConfig, regions) -> tuple[dict, str]:
         warnings.warn(f"fastcache: approx={config.approx!r} needs a calibration (calibration=path); "
                       "falling back to approx='residual'", stacklevel=3)
         return {}, "residual"
+    if config.calibration == "online":
+        return {}, config.approx  # the runtime's OnlineCalibration provides the weights
     from .runtime.calibration import load_calibration
 
-    return load_calibration(config.calibration, regions, kind=config.approx), config.approx
+    return load_calibration(config.calibration, regions, kind=config.approx, rank=config.rank,
+                            time_buckets=config.time_buckets), config.approx
 
 
 def fastcache_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mode=None, **kwargs):

@@ -34,8 +34,15 @@ class FastCacheConfig:
             "residual_linear" (H + R_anchor + W (H - H_anchor)).
         reference: "anchor" compares with the input at the last full computation, "previous"
             with the previous step's input (the paper's exact rule).
-        calibration: None or a path to a safetensors file from ``fastcache_fx.calibrate``
-            ("online" fitting is planned, issue #4, and rejected for now).
+        calibration: None, a path to a safetensors file from ``fastcache_fx.calibrate``, or
+            "online": the graph accumulates the ridge statistics of every full computation and
+            the runtime refits the maps as it goes (``runtime/online.py``).
+        rank: None (full maps) or r >= 1: W = I + U V^T, applied in O(N D r).
+        time_buckets: K >= 1 maps per block, for K equal ranges of t = timestep / timestep_max.
+        refit_every: online calibration refits a block's map after this many new full
+            computations of it (>= 1).
+        online_min_samples: token pairs a block (and bucket) needs before its online map is used
+            (``residual`` until then); None: 2 D.
         timestep_max: the timestep value that maps to t_norm = 1 (1000 for DDPM-style
             timesteps, 1 for flow-matching pipelines that pass sigmas).
         lowering: "inductor" or "tensorrt".
@@ -61,6 +68,10 @@ class FastCacheConfig:
     approx: str = "residual"
     reference: str = "anchor"
     calibration: str | None = None
+    rank: int | None = None
+    time_buckets: int = 1
+    refit_every: int = 8
+    online_min_samples: int | None = None
     timestep_max: float = 1000.0
     lowering: str = "inductor"
     trace_steps: int = 10000
@@ -122,8 +133,12 @@ class FastCacheConfig:
             raise bad("lowering", f"expected one of {LOWERINGS}")
         if self.calibration is not None and not isinstance(self.calibration, str):
             object.__setattr__(self, "calibration", str(self.calibration))
-        if self.calibration == "online":
-            raise bad("calibration", "online calibration is not implemented yet; pass a file from fastcache_fx.calibrate")
+        if self.rank is not None:
+            integer("rank", 1)
+        integer("time_buckets", 1)
+        integer("refit_every", 1)
+        if self.online_min_samples is not None:
+            integer("online_min_samples", 1)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | "FastCacheConfig" | None = None, **kwargs: Any) -> "FastCacheConfig":

@@ -7,7 +7,7 @@ from fastcache_fx import FastCacheConfig
     ("cache_ratio_threshold", 0.0), ("cache_ratio_threshold", float("nan")), ("significance_level", 1.0),
     ("significance_level", 0), ("warmup_steps", -1), ("warmup_steps", 1.5), ("max_consecutive_approx", -2),
     ("approx", "quadratic"), ("reference", "first"), ("adaptive_beta", (1, 2)), ("motion_threshold", -0.1),
-    ("enable_block_approx", "yes"), ("lowering", "xla"), ("timestep_max", 0), ("calibration", "online"),
+    ("enable_block_approx", "yes"), ("lowering", "xla"), ("timestep_max", 0), ("time_buckets", 0), ("rank", 0),
 ])
 def test_bad_value_names_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -9,6 +9,7 @@ decision). The graph stays functional, so one ``compile_fx`` call lowers it, and
     inputs  = original inputs + extra inputs (``BlockCacheResult.extra_inputs``: state, the
               ``force`` control [L] int8, calibrated weights, in placeholder order)
     outputs = original outputs + new state (same order) + (delta [L], threshold [L], approx [L])
+              + new online accumulators (``BlockCacheResult.accums`` order; calibration="online")
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import fx
 
 from ..config import FastCacheConfig
 from ..runtime import decision as D
+from ..runtime.calibration import weight_shapes
 from .blocks import BlockRegion, clone_graph_module, find_blocks, is_param, node_value, remap_region, tensor_meta
 
 _TIMESTEP = re.compile(r"timestep", re.IGNORECASE)
@@ -63,6 +65,24 @@ class ControlSpec:
 
 
 @dataclass
+class AccumSpec:
+    """An online-calibration accumulator (``calibration="online"``): ``key`` in n [K], sx [K, D],
+    sy [K, D], xtx [K, D, D], xty [K, D, D], yty [K] (float64, zeros at start) of
+    ``block``/``stream``. Carried between calls by ``runtime.online.OnlineCalibration`` (not per
+    context, kept across ``reset()``); its new value is a graph output after the trace tensors."""
+
+    name: str
+    block: str
+    stream: int
+    key: str
+    shape: tuple
+    dtype: torch.dtype
+
+
+ACCUM_KEYS = ("n", "sx", "sy", "xtx", "xty", "yty")
+
+
+@dataclass
 class BlockCacheResult:
     """What ``apply_block_cache`` did (the runtime's contract with the rewritten graph)."""
 
@@ -75,10 +95,14 @@ class BlockCacheResult:
     state: list[StateSpec] = field(default_factory=list)
     weights: list[WeightSpec] = field(default_factory=list)
     controls: list[ControlSpec] = field(default_factory=list)
-    extra_inputs: list = field(default_factory=list)  # StateSpec | ControlSpec | WeightSpec in placeholder order
+    accums: list[AccumSpec] = field(default_factory=list)
+    extra_inputs: list = field(default_factory=list)  # StateSpec | ControlSpec | WeightSpec | AccumSpec in placeholder order
     timestep_input: str | None = None
     left_alone: list[tuple[str, str]] = field(default_factory=list)
     approx: str = "residual"
+    rank: int | None = None
+    time_buckets: int = 1
+    online: bool = False
 
 
 def _set_val(node: fx.Node, val) -> fx.Node:
@@ -87,23 +111,35 @@ def _set_val(node: fx.Node, val) -> fx.Node:
     return node
 
 
-def _extract_full_branch(region: BlockRegion, operands: list[fx.Node]) -> fx.GraphModule:
-    """The block's own nodes as a GraphModule over ``operands`` (extra operands unused)."""
+def _extract_full_branch(region: BlockRegion, operands: list[fx.Node], slots: dict | None = None,
+                         learn: str | None = None) -> fx.GraphModule:
+    """The block's own nodes as a GraphModule over ``operands`` (extra operands unused). With
+    ``learn`` (online calibration: the approximation kind) the branch also returns the ridge
+    statistic increments of each stream (``decision.ridge_increments``) after the outputs."""
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+    ph = []
     for i, op in enumerate(operands):
         env[op] = _set_val(g.placeholder(f"arg{i}_{op.name}"), node_value(op))
+        ph.append(env[op])
     for n in region.nodes:
         env[n] = g.node_copy(n, lambda a: env[a])
     outs = []
     for o in region.stream_outputs:
         outs.append(_set_val(g.call_method("contiguous", (env[o],)), node_value(o)))
+    if learn is not None:
+        for s in range(len(region.stream_outputs)):
+            inc = g.call_function(D.ridge_increments, (ph[slots["stream"][s]], outs[s], ph[slots["in"][s]],
+                                                       ph[slots["res"][s]]), {"kind": learn})
+            outs += [g.call_function(operator.getitem, (inc, j)) for j in range(len(ACCUM_KEYS))]
     g.output(tuple(outs))
     return fx.GraphModule(torch.nn.Module(), g)
 
 
-def _approx_branch(region: BlockRegion, operands: list[fx.Node], slots: dict, approx: str) -> fx.GraphModule:
-    """Approximation of the block's outputs from its stream inputs and the cached state."""
+def _approx_branch(region: BlockRegion, operands: list[fx.Node], slots: dict, approx: str,
+                   config: FastCacheConfig, online: bool) -> fx.GraphModule:
+    """Approximation of the block's outputs from its stream inputs and the cached state (and,
+    online, zero statistic increments in place of the full branch's)."""
     g = fx.Graph()
     ph = [_set_val(g.placeholder(f"arg{i}_{op.name}"), node_value(op)) for i, op in enumerate(operands)]
     outs = []
@@ -111,12 +147,19 @@ def _approx_branch(region: BlockRegion, operands: list[fx.Node], slots: dict, ap
         h = ph[slots["stream"][s]]
         if approx == "residual":
             y = g.call_function(D.approx_residual, (h, ph[slots["res"][s]]))
-        elif approx == "linear":
-            y = g.call_function(D.approx_linear, (h, ph[slots["w"][s]], ph[slots["b"][s]]))
+        elif approx == "linear" and config.rank is None and config.time_buckets == 1 and not online:
+            y = g.call_function(D.approx_linear, (h, ph[slots["maps"][s][0]], ph[slots["maps"][s][1]]))
         else:
-            y = g.call_function(D.approx_residual_linear,
-                                (h, ph[slots["res"][s]], ph[slots["in"][s]], ph[slots["w"][s]], ph[slots["b"][s]]))
+            ready = ph[slots["ready"]] if online else None
+            y = g.call_function(D.approx_map, (h, ph[slots["res"][s]], ph[slots["in"][s]],
+                                               [ph[i] for i in slots["maps"][s]], ph[slots["t"]], ready),
+                                {"kind": approx, "rank": config.rank, "buckets": config.time_buckets,
+                                 "timestep_max": config.timestep_max})
         outs.append(_set_val(y, node_value(o)))
+    if online:
+        for s in range(len(region.stream_outputs)):
+            z = g.call_function(D.zero_increments, (ph[slots["stream"][s]],))
+            outs += [g.call_function(operator.getitem, (z, j)) for j in range(len(ACCUM_KEYS))]
     g.output(tuple(outs))
     return fx.GraphModule(torch.nn.Module(), g)
 
@@ -158,7 +201,12 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
         blocks=[r.name for r in regions], stream_shapes=[r.stream_shapes for r in regions], thresholds=[],
         num_user_inputs=len(placeholders), num_user_outputs=len(orig_outs), output_is_tuple=is_tuple,
         left_alone=list(search.left_alone) if search else [], approx=approx,
+        rank=config.rank if approx != "residual" else None,
+        time_buckets=config.time_buckets if approx != "residual" else 1,
+        online=approx != "residual" and config.calibration == "online",
     )
+    online = result.online
+    nk = result.time_buckets
     if not regions:
         return gm, result
 
@@ -177,6 +225,8 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
             result.state.append(spec)
         elif isinstance(spec, ControlSpec):
             result.controls.append(spec)
+        elif isinstance(spec, AccumSpec):
+            result.accums.append(spec)
         else:
             result.weights.append(spec)
         result.extra_inputs.append(spec)
@@ -202,6 +252,9 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
         step_node = graph.call_function(operator.getitem, (traj, 0))
     with graph.inserting_after(step_node):
         t_node = graph.call_function(operator.getitem, (traj, 1))
+    _set_val(step_node, torch.empty((), dtype=torch.int64, device="meta"))
+    _set_val(t_node, torch.empty((), dtype=torch.float32, device="meta"))
+    accum_outputs: list[fx.Node] = []
     new_state_outputs = [step_node, t_node]
     trace_delta, trace_thr, trace_ok = [], [], []
     min_step = max(1, config.warmup_steps)
@@ -218,14 +271,28 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
         consec = state_input(f"{region.name}.consecutive", (), torch.int64, 0)
         prev = ([state_input(f"{region.name}.previous_in.{s}", m[0], m[1], 0.0) for s, m in enumerate(metas)]
                 if config.reference == "previous" else None)
-        ws, bs = [], []
+        maps: list[list[fx.Node]] = []  # per stream: weight, bias / u, v, bias (calibration.weight_shapes)
+        ready: list[fx.Node] = []
+        accs: list[list[fx.Node]] = []  # per stream: ACCUM_KEYS
         if approx in ("linear", "residual_linear"):
             for s, m in enumerate(metas):
                 d = m[0][-1]
-                val_w = torch.empty((d, d), dtype=torch.float32, device="meta")
-                val_b = torch.empty((d,), dtype=torch.float32, device="meta")
-                ws.append(add_input(f"fc_{tag}_w{s}", val_w, WeightSpec(f"{region.name}.weight.{s}", region.name, s, "weight", (d, d), torch.float32)))
-                bs.append(add_input(f"fc_{tag}_b{s}", val_b, WeightSpec(f"{region.name}.bias.{s}", region.name, s, "bias", (d,), torch.float32)))
+                maps.append([])
+                for key, shape in weight_shapes(d, result.rank, nk).items():
+                    val = torch.empty(shape, dtype=torch.float32, device="meta")
+                    maps[-1].append(add_input(f"fc_{tag}_{key}{s}", val, WeightSpec(
+                        f"{region.name}.{key}.{s}", region.name, s, key, shape, torch.float32)))
+            if online:
+                shape = (nk,) if nk > 1 else ()
+                ready.append(add_input(f"fc_{tag}_ready", torch.empty(shape, dtype=torch.float32, device="meta"),
+                                       WeightSpec(f"{region.name}.ready", region.name, 0, "ready", shape, torch.float32)))
+                for s, m in enumerate(metas):
+                    d = m[0][-1]
+                    accs.append([])
+                    for key, shape in zip(ACCUM_KEYS, ((nk,), (nk, d), (nk, d), (nk, d, d), (nk, d, d), (nk,))):
+                        spec = AccumSpec(f"{region.name}.{key}.{s}", region.name, s, key, shape, torch.float64)
+                        accs[-1].append(add_input(f"fc_{tag}_acc_{key}{s}", torch.empty(shape, dtype=torch.float64,
+                                                                                        device="meta"), spec))
 
         # ND: elements per sample over all streams decided together
         nd = sum(int(torch.Size(m[0][1:]).numel()) for m in metas)
@@ -235,15 +302,23 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
         operands = list(region.stream_inputs) + list(region.context_inputs) + list(region.param_inputs)
         slots = {"stream": list(range(len(region.stream_inputs)))}
         base = len(operands)
-        operands += a_res + a_in + ws + bs
+        operands += a_res + a_in
         n = len(metas)
         slots["res"] = list(range(base, base + n))
         slots["in"] = list(range(base + n, base + 2 * n))
-        slots["w"] = list(range(base + 2 * n, base + 2 * n + len(ws)))
-        slots["b"] = list(range(base + 2 * n + len(ws), base + 2 * n + len(ws) + len(bs)))
+        slots["maps"] = []
+        for group in maps:
+            slots["maps"].append(list(range(len(operands), len(operands) + len(group))))
+            operands += group
+        if maps and (nk > 1 or online or result.rank is not None):
+            slots["t"] = len(operands)
+            operands.append(t_node)
+        if ready:
+            slots["ready"] = len(operands)
+            operands += ready
 
-        full_gm = _extract_full_branch(region, operands)
-        approx_gm = _approx_branch(region, operands, slots, approx)
+        full_gm = _extract_full_branch(region, operands, slots, learn=approx if online else None)
+        approx_gm = _approx_branch(region, operands, slots, approx, config, online)
         gm.add_submodule(f"fc_{tag}_full", full_gm)
         gm.add_submodule(f"fc_{tag}_approx", approx_gm)
 
@@ -294,6 +369,27 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
             _set_val(gi, node_value(o))
             outs.append(gi)
             prev_node = gi
+        if online:
+            incs = []
+            for s in range(n):
+                incs.append([])
+                for j, acc in enumerate(accs[s]):
+                    with graph.inserting_after(prev_node):
+                        prev_node = graph.call_function(operator.getitem, (cond, n + s * len(ACCUM_KEYS) + j))
+                    _set_val(prev_node, torch.empty(node_value(acc).shape[1:], dtype=torch.float32, device="meta"))
+                    incs[-1].append(prev_node)
+            with graph.inserting_after(prev_node):
+                prev_node = graph.call_function(D.learn_mask, (ok, list(region.stream_inputs), outs, step_node, approx))
+            learn = prev_node
+            for s in range(n):
+                with graph.inserting_after(prev_node):
+                    prev_node = graph.call_function(D.accumulate, (accs[s], incs[s], learn, t_node, nk,
+                                                                   config.timestep_max))
+                acc_new = prev_node
+                for j in range(len(ACCUM_KEYS)):
+                    with graph.inserting_after(prev_node):
+                        prev_node = graph.call_function(operator.getitem, (acc_new, j))
+                    accum_outputs.append(prev_node)
         with graph.inserting_after(prev_node):
             upd = graph.call_function(D.update_state, (ok, list(region.stream_inputs), outs, a_in, a_res, consec))
         prev_node = upd
@@ -331,7 +427,7 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
         td = graph.call_function(torch.stack, (trace_delta,))
         tt = graph.call_function(torch.stack, (trace_thr,))
         tk = graph.call_function(torch.stack, (trace_ok,))
-    out_node.args = (tuple(orig_outs) + tuple(new_state_outputs) + (td, tt, tk),)
+    out_node.args = (tuple(orig_outs) + tuple(new_state_outputs) + (td, tt, tk) + tuple(accum_outputs),)
     try:
         graph.lint()
     except Exception:

@@ -145,3 +145,86 @@ def approx_residual_linear(h, residual, anchor_in, weight, bias) -> torch.Tensor
     """``residual_linear``: H_l ~ H + R_anchor + W (H - H_anchor) + b (first-order correction)."""
     dh = h - anchor_in
     return (h + residual + torch.nn.functional.linear(dh, weight.to(h.dtype), bias.to(h.dtype))).contiguous()
+
+
+# learned maps: low rank, time buckets, online statistics (issue #4) ------------------------------
+
+def pick_bucket(w: torch.Tensor, t: torch.Tensor, buckets: int, timestep_max: float) -> torch.Tensor:
+    """The map of this step's time bucket: w [K, ...] -> w[k], k = clamp(floor(K t / timestep_max),
+    0, K - 1), with tensor ops (no host sync, no graph break); ``buckets`` 1 returns ``w``."""
+    if buckets == 1:
+        return w
+    k = torch.clamp(torch.floor(t.float() * (buckets / timestep_max)), 0, buckets - 1).to(torch.int64)
+    return torch.index_select(w, 0, k.reshape(1)).squeeze(0)
+
+
+def approx_map(h, residual, anchor_in, maps: Sequence[torch.Tensor], t, ready, *, kind: str, rank: int | None,
+               buckets: int, timestep_max: float) -> torch.Tensor:
+    """A learned approximation of the block output, for every map form.
+
+    ``maps``: (weight [D, D], bias [D]) or, low rank, (u [D, r], v [D, r], bias [D]), each with a
+    leading [K] when ``buckets`` K > 1 (picked from the timestep t [] by ``pick_bucket``).
+    - kind "linear": full W H + b (FastCache eq. 6); low rank H + (H V) U^T + b (W = I + U V^T),
+      O(N D r) instead of O(N D^2).
+    - kind "residual_linear": H + R_anchor + C (H - H_anchor) + b, C = W or U V^T.
+    ``ready`` (None, or [] / [K] float 0/1 with online calibration): where the map is not ready
+    yet, residual reuse H + R_anchor is used instead.
+    """
+    ms = [pick_bucket(m, t, buckets, timestep_max).to(h.dtype) for m in maps]
+    x = h if kind == "linear" else h - anchor_in
+    if rank is None:
+        corr = torch.nn.functional.linear(x, ms[0], ms[1])
+        y = corr if kind == "linear" else h + residual + corr
+    else:
+        corr = (x @ ms[1]) @ ms[0].transpose(0, 1) + ms[2]
+        y = h + corr if kind == "linear" else h + residual + corr
+    if ready is not None:
+        r = pick_bucket(ready, t, buckets, timestep_max)
+        y = torch.where(r > 0, y, h + residual)
+    return y.contiguous()
+
+
+def ridge_increments(h, y, anchor_in, anchor_res, *, kind: str):
+    """The ridge sufficient-statistic increments of one full computation of one stream (online
+    calibration): x, target pairs are (H, Y) for ``linear`` and (H - H_anchor, (Y - H) - R_anchor)
+    for ``residual_linear`` (see ``runtime.calibration``). float32 matmuls, O(B N D^2).
+
+    Returns:
+        (n [], sum x [D], sum y [D], X^T X [D, D], X^T Y [D, D], sum ||y||^2 []), float32.
+    """
+    x, tgt = h.float(), y.float()
+    if kind == "residual_linear":
+        x = x - anchor_in.float()
+        tgt = (tgt - h.float()) - anchor_res.float()
+    x = x.reshape(-1, x.shape[-1])
+    tgt = tgt.reshape(-1, tgt.shape[-1])
+    n = torch.full((), float(x.shape[0]), dtype=torch.float32, device=x.device)
+    return (n, x.sum(0), tgt.sum(0), (x.T @ x).contiguous(), (x.T @ tgt).contiguous(), (tgt * tgt).sum())
+
+
+def zero_increments(h):
+    """What the approximation branch returns instead of ``ridge_increments`` (nothing learned)."""
+    d = h.shape[-1]
+    z = lambda *s: torch.zeros(*s, dtype=torch.float32, device=h.device)
+    return (z(()), z(d), z(d), z(d, d), z(d, d), z(()))
+
+
+def accumulate(acc: Sequence[torch.Tensor], inc: Sequence[torch.Tensor], store: torch.Tensor, t: torch.Tensor,
+               buckets: int, timestep_max: float):
+    """acc_i [K, ...] (float64) + inc_i in this step's bucket, where ``store`` ([] bool: the block
+    was computed fully, its values are finite, and for residual_linear an anchor of this
+    trajectory exists); otherwise acc unchanged. O(K D^2) per stream."""
+    k = torch.clamp(torch.floor(t.float() * (buckets / timestep_max)), 0, buckets - 1).to(torch.int64)
+    onehot = (torch.arange(buckets, device=store.device) == k) & store  # [K] bool
+    out = []
+    for a, i in zip(acc, inc):  # where, not a product with a 0/1 mask: a NaN increment must not leak
+        m = onehot.reshape((buckets,) + (1,) * i.dim())
+        out.append(torch.where(m, a + i.to(torch.float64).unsqueeze(0), a).contiguous())
+    return out
+
+
+def learn_mask(approx: torch.Tensor, streams, outputs, step: torch.Tensor, kind: str) -> torch.Tensor:
+    """[] bool: this step's pairs enter the online statistics (a finite full computation; for
+    residual_linear also an anchor of this trajectory, step >= 1)."""
+    m = torch.logical_not(approx) & all_finite(list(streams) + list(outputs))
+    return m & (step >= 1) if kind == "residual_linear" else m

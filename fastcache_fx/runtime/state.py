@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..passes.block_cache import BlockCacheResult, ControlSpec, StateSpec
+from ..passes.block_cache import AccumSpec, BlockCacheResult, ControlSpec, StateSpec
 from .context import current_context
 from .registry import ModelEntry
 
@@ -53,6 +53,7 @@ class GraphRuntime:
         self.calls = 0
         # -1 everywhere: every block decides live (ControlSpec "force")
         self.live = {c.name: torch.full(c.shape, int(c.fill), dtype=c.dtype, device=device) for c in layout.controls}
+        self.online = None  # runtime.online.OnlineCalibration with calibration="online" (AccumSpec inputs)
         entry.graphs.append(self)
 
     # state -------------------------------------------------------------------------------
@@ -86,6 +87,8 @@ class GraphRuntime:
                 si += 1
             elif isinstance(spec, ControlSpec):
                 extra.append(controls[spec.name])
+            elif isinstance(spec, AccumSpec):
+                extra.append(self.online.accum[spec.name])
             else:
                 extra.append(self.weights[spec.name])
         full = list(args) + extra
@@ -98,6 +101,9 @@ class GraphRuntime:
             delta, thr, ok = delta.clone(), thr.clone(), ok.clone()
         self.states[ctx] = new_state
         self.trace.append(StepRecord(ctx, new_state[0], delta, thr, ok))
+        if self.online is not None:  # new accumulators come last; may refit and swap self.weights
+            na = len(self.layout.accums)
+            self.online.after_step(list(outs[len(outs) - na:]), self.weights, clone=self.clone_outputs)
         self.calls += 1
         user = outs[:nu]
         return tuple(user) if self.layout.output_is_tuple else user[0]
