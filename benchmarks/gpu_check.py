@@ -161,7 +161,6 @@ def check_model(name: str, args, skip: set) -> list[dict]:
             loaded = fastcache_fx.load_exported(d)
             build = time.perf_counter() - t0
             run_trajectory(loaded, steps_kw, reset=loaded.reset)  # warm-up
-            loaded.stats()  # noqa: B018
             n0 = len(loaded.trace)
             outs, ms = run_trajectory(loaded, steps_kw, reset=loaded.reset)
             dec = [t["approx"] for t in loaded.stats()["trace"][n0:]]

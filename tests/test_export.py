@@ -228,3 +228,38 @@ def test_tensorrt_backend_and_export_match_inductor(tmp_path):
     fastcache_fx.export(model, kw, tmp_path, format="tensorrt", config=CONFIG)
     loaded = fastcache_fx.load_exported(tmp_path)
     assert (loaded(**kw).sample - want).abs().max().item() < 1e-2
+
+
+def test_force_control_overrides_decisions_in_the_export(aoti_dir):
+    loaded = fastcache_fx.load_exported(aoti_dir)
+    kw = _example()
+    loaded.controls["force"] = torch.zeros(6, dtype=torch.int8)  # force full computation
+    for t in (999, 980, 960, 940):
+        loaded(**{**kw, "timestep": torch.full((4,), t)})
+    assert [r["approx"] for r in loaded.stats()["trace"]] == [[False] * 6] * 4
+    loaded.controls["force"] = torch.tensor([1, -1, 1, -1, 1, -1], dtype=torch.int8)
+    loaded(**{**kw, "timestep": torch.full((4,), 920)})
+
+    def live(r, k):  # after warmup, fewer than 3 approximations in a row: the chi-square test alone
+        return r["delta"][k] <= r["threshold"][k]
+
+    r = loaded.stats()["trace"][-1]
+    assert r["approx"][0::2] == [True] * 3 and r["approx"][1::2] == [live(r, k) for k in (1, 3, 5)]
+    loaded.controls["force"] = torch.tensor([-1, 0, -1, 0, -1, 0], dtype=torch.int8)
+    loaded(**{**kw, "timestep": torch.full((4,), 900)})
+    r = loaded.stats()["trace"][-1]
+    assert r["approx"][1::2] == [False] * 3 and r["approx"][0::2] == [live(r, k) for k in (0, 2, 4)]
+    assert r["approx"][0]  # block 0 sees exactly its anchor (delta 0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_gpu_check_exits_with_a_message_without_cuda(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([]) == 2
+    assert "no CUDA device" in capsys.readouterr().err

@@ -50,26 +50,31 @@ def _supported(fn, **kwargs) -> dict:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return kwargs
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return kwargs
-    return {k: v for k, v in kwargs.items() if k in params}
+    return {k: v for k, v in kwargs.items() if k in params}  # named ones only, even with **kwargs
 
 
 def trt_engine(gm: fx.GraphModule, example_inputs: list, name: str):
     """Engine compiler for ``lowering.split``: one piece -> a Torch-TensorRT GraphModule.
 
     ``torch.export`` of the piece, then ``torch_tensorrt.dynamo.compile`` with static shapes
-    (the example inputs), the inputs' precision, and ``min_block_size=1`` so that small glue
-    pieces are converted too (ops without a converter still fall back to PyTorch).
+    (the example inputs), the inputs' dtypes (explicit typing; ``enabled_precisions`` on older
+    releases), and ``min_block_size=1`` so that small glue pieces are converted too (ops without
+    a converter still fall back to PyTorch).
 
     Raises:
         RuntimeError: no CUDA or no torch_tensorrt.
     """
     trt = require_tensorrt()
     ep = torch.export.export(gm, tuple(example_inputs), strict=False)
-    floats = {x.dtype for x in example_inputs if isinstance(x, torch.Tensor) and x.is_floating_point()}
     kwargs = _supported(trt.dynamo.compile, arg_inputs=list(example_inputs), min_block_size=1,
-                        truncate_double=True, enabled_precisions=floats or {torch.float32})
+                        truncate_double=True, truncate_long_and_double=True)
+    try:
+        explicit = "use_explicit_typing" in inspect.signature(trt.dynamo.compile).parameters
+    except (TypeError, ValueError):
+        explicit = False
+    if not explicit:  # releases before explicit typing: allow the inputs' float precisions
+        floats = {x.dtype for x in example_inputs if isinstance(x, torch.Tensor) and x.is_floating_point()}
+        kwargs.update(_supported(trt.dynamo.compile, enabled_precisions=floats | {torch.float32}))
     return trt.dynamo.compile(ep, **kwargs)
 
 
