@@ -40,7 +40,7 @@ class FastCacheBackend:
         self.config = FastCacheConfig.from_options(config, **options)
         self.mode = mode
 
-    def __call__(self, gm: fx.GraphModule, example_inputs: list, **kwargs):
+    def __call__(self, gm: fx.GraphModule, example_inputs: list, *, select=None, **kwargs):
         config = self.config
         if kwargs.get("options"):
             config = FastCacheConfig.from_options(config, **kwargs["options"])
@@ -61,6 +61,15 @@ class FastCacheBackend:
             from .lowering.tensorrt import require_tensorrt
 
             require_tensorrt()
+        if config.enable_spatial_approx and select is None:  # token-selection variants (passes/token_select.py)
+            from .runtime.token_select import build_token_select
+
+            dev = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+            factory = lambda g, ex, sel: FastCacheBackend(config, mode=mode)(g, ex, select=sel)  # noqa: E731
+            runtime = build_token_select(factory, gm, example_inputs, config, search, dev,
+                                         clone_outputs=mode == "reduce-overhead")
+            if runtime is not None:
+                return runtime
         user_placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         merge = None
         if config.enable_token_merge:
@@ -73,6 +82,10 @@ class FastCacheBackend:
         gm, layout = apply_block_cache(gm, config, search.regions, approx=approx)
         if merge is not None:
             gm, layout = attach_token_merge_state(gm, layout, merge)
+        if select is not None:  # a changed token set forces full block computations
+            from .passes.token_select import attach_token_select
+
+            gm = attach_token_select(gm)
         device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
         online = None
         if layout.online:  # calibration="online": zero maps (residual reuse) until the first refit

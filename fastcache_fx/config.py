@@ -9,6 +9,7 @@ from typing import Any, Mapping
 APPROX_KINDS = ("residual", "linear", "residual_linear")
 REFERENCES = ("anchor", "previous")
 LOWERINGS = ("inductor", "tensorrt")
+STATIC_APPROX_KINDS = ("cached", "cached_linear", "linear")
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,15 @@ class FastCacheConfig:
             under which the block may be approximated (DESIGN.md "The block decision").
         significance_level: alpha of the chi-square test; the bound is
             tau^2 * chi2.ppf(1 - alpha, ND) / ND (FastCache sec. 3.2, with tau made explicit).
-        motion_threshold: relative saliency under which a token counts as static (token selection).
+        motion_threshold: relative saliency under which a token counts as static (token selection):
+            S_i = ||X_t,i - X_ref,i||^2 / mean_j ||X_ref,j||^2, unitless (``passes/token_select.py``).
+        enable_spatial_approx: motion-aware token selection (``passes/token_select.py``): only
+            the motion tokens run through the block stack, the static ones are approximated.
+        token_buckets: the static token counts a variant may compute, as fractions of the image
+            tokens N (each in (0, 1]; 1.0 is always added): one compiled variant per bucket at most.
+        static_approx: approximation of the static tokens' stack output: "cached" (the previous
+            output), "cached_linear" (previous output + W_s (X_t - X_ref)) or "linear"
+            (W_s X_t + b_s); the last two need a stack map in the calibration (else "cached").
         adaptive_beta: (b0, b1, b2, b3) of tau(t) = b0 + b1 delta + b2 t + b3 t^2 with t the
             timestep divided by ``timestep_max``; None keeps tau constant.
         enable_block_approx: False keeps the rewritten graph but never approximates.
@@ -76,6 +85,8 @@ class FastCacheConfig:
     lowering: str = "inductor"
     trace_steps: int = 10000
     enable_spatial_approx: bool = False
+    token_buckets: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    static_approx: str = "cached"
     enable_token_merge: bool = False
     token_merge_k: int = 5
     token_merge_lambda: float = 1.0
@@ -125,6 +136,13 @@ class FastCacheConfig:
                     or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in b)):
                 raise bad("adaptive_beta", "expected 4 finite numbers (b0, b1, b2, b3)")
             object.__setattr__(self, "adaptive_beta", tuple(float(x) for x in b))
+        tb = self.token_buckets
+        if (not isinstance(tb, (tuple, list)) or not tb
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 1 for x in tb)):
+            raise bad("token_buckets", "expected a non-empty sequence of fractions in (0, 1]")
+        object.__setattr__(self, "token_buckets", tuple(sorted({float(x) for x in tb})))
+        if self.static_approx not in STATIC_APPROX_KINDS:
+            raise bad("static_approx", f"expected one of {STATIC_APPROX_KINDS}")
         if self.approx not in APPROX_KINDS:
             raise bad("approx", f"expected one of {APPROX_KINDS}")
         if self.reference not in REFERENCES:

@@ -17,9 +17,13 @@ def collect(entry: ModelEntry | None) -> dict:
         ``token_merge``: for the last graph with the token-merge pyramid, ``{"stages": block
         names per stage, "tokens_per_stage": tokens per sample, "grid": (h, w), "window": (wh, ww)}``,
         else None.
+        ``spatial_approx_ratio``: approximated / all image token-steps of token selection (0.0
+        without it); ``token_select``: ``{"buckets", "variants_compiled", "spatial_approx_ratio",
+        "steps": [{"context", "step", "k" computed tokens, "n", "m" motion tokens}]}`` summed
+        over the model's token-selection graphs, else None.
     """
     empty = {"block_approx_ratio": 0.0, "per_block": {}, "steps": 0, "blocks": [], "graphs": 0, "trace": [],
-             "token_merge": None}
+             "token_merge": None, "spatial_approx_ratio": 0.0, "token_select": None}
     if entry is None or not entry.graphs:
         return empty
     trace, counts, totals, blocks = [], {}, {}, []
@@ -44,6 +48,7 @@ def collect(entry: ModelEntry | None) -> dict:
         "blocks": blocks,
         "graphs": len(entry.graphs),
         "token_merge": _token_merge(entry),
+        **_token_select(entry),
         "trace": trace,
     }
 
@@ -53,3 +58,15 @@ def _token_merge(entry: ModelEntry) -> dict | None:
     if tm is None:
         return None
     return {"stages": tm.stages, "tokens_per_stage": list(tm.tokens_per_stage), "grid": tm.grid, "window": tm.window}
+
+
+def _token_select(entry: ModelEntry) -> dict:
+    sums = [g.summary() for g in entry.graphs if hasattr(g, "select_trace")]
+    if not sums:
+        return {"spatial_approx_ratio": 0.0, "token_select": None}
+    steps = [r for s in sums for r in s["steps"]]
+    total = sum(r["n"] for r in steps)
+    ratio = sum(r["n"] - r["k"] for r in steps) / total if total else 0.0
+    return {"spatial_approx_ratio": ratio,
+            "token_select": {"buckets": sums[-1]["buckets"], "variants_compiled": sum(s["variants_compiled"] for s in sums),
+                             "spatial_approx_ratio": ratio, "steps": steps}}

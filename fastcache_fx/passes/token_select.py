@@ -1,0 +1,419 @@
+"""Motion-aware token selection (FastCache sec. 3.1, "spatial" half) as a pure graph pass with static shapes.
+
+Only the motion tokens run through the block stack; the static tokens get an approximation of
+their stack output. ``apply_token_select(gm, config, k)`` builds the variant that computes k
+image tokens (k from ``token_buckets``); the runtime (``runtime/token_select.py``) picks the
+variant of the next step, so every variant has static shapes and is compiled once at most.
+
+Saliency. With X_t [B, N, D] the image stream entering the first block and X_ref its reference
+state (``reference="anchor"``: each token's input when it was last computed; ``"previous"``: the
+previous step's input, the paper's rule), per sample b and token i
+
+    S_b[i] = ||X_t[b, i] - X_ref[b, i]||^2 / mean_j ||X_ref[b, j]||^2
+
+a unitless relative change (the paper thresholds the absolute ||X_t - X_{t-1}||^2, whose scale
+depends on the model and the timestep). The token saliency is s[i] = max_b S_b[i]: one token set
+for the whole batch, because token-indexed context inputs (Flux's rotary embedding
+[N_txt + N_img, d]) have no batch dimension. The motion tokens are the top-k of s (sorted by
+index); m = #{i : s[i] > motion_threshold} is returned for the runtime to choose the next
+step's bucket. Text tokens of joint models (SD3, Flux) are never selected: they always run.
+
+Motion tokens attend only among themselves (and the text tokens), as in the paper: the static
+tokens are absent from the block stack's attention. Their output is the approximation
+``static_approx``: "cached" = Y_ref (their stack output at the last step they were computed; a
+100 % step refreshes every token). The motion tokens' outputs are scattered back in place.
+
+Context inputs indexed by token (a non-batch, non-last dimension of size N_img, or N_txt + N_img
+for joint models, text first as in Flux) are gathered with the same indices; they are found by
+shape, not by model name. The pass checks that the blocks are token-count generic by fake-tensor
+propagation of the gathered shapes: a node that bakes N fails it, and the graph is left alone.
+
+Graph layout added (the block-cache pass then sees these as user inputs/outputs):
+    inputs  = original inputs + x_ref [B, N, D], y_ref [B, N, D], step [] int64, prev_t [] f32
+              (+ idx_prev [k] int64 when k < N)
+    outputs = original outputs (as a tuple) + x_ref', y_ref', step', t', m [] int64
+              (+ idx [k] int64 when k < N)
+For k < N a node tagged ``meta["fc_token_select"] == "changed"`` says the token set differs
+from the previous step of this variant; ``attach_token_select`` (after the block cache) makes it
+force full block computations, so a block-cache anchor is never reused for other tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from ..config import FastCacheConfig
+from ..runtime import decision as D
+from .block_cache import StateSpec
+from .blocks import BlockRegion, clone_graph_module, find_blocks, is_param, node_value, remap_region, tensor_meta
+
+_TIMESTEP = re.compile(r"timestep", re.IGNORECASE)
+_EPS = 1e-12
+
+
+# ----------------------------------------------------------------------------------------------
+# tensor functions (called from the graph)
+# ----------------------------------------------------------------------------------------------
+
+def token_saliency(x: torch.Tensor, x_ref: torch.Tensor) -> torch.Tensor:
+    """s[i] = max_b ||x[b, i] - x_ref[b, i]||^2 / mean_j ||x_ref[b, j]||^2: [N] float32 (float64
+    for float64 x). x, x_ref: [B, N, D]. Unitless; +inf-free (the mean is floored)."""
+    xf = x if x.dtype == torch.float64 else x.float()
+    rf = x_ref if x_ref.dtype == torch.float64 else x_ref.float()
+    num = (xf - rf).pow(2).sum(-1)
+    den = rf.pow(2).sum(-1).mean(-1, keepdim=True)
+    return (num / (den + _EPS)).amax(0)
+
+
+def select_tokens(x: torch.Tensor, x_ref: torch.Tensor, step: torch.Tensor, *, k: int, threshold: float):
+    """The motion tokens of one step.
+
+    Args:
+        x, x_ref: [B, N, D] image stream and its reference. step: [] int64 step in the
+            trajectory (0: no reference yet, every token counts as moving).
+        k: tokens to select (1 <= k <= N). threshold: motion_threshold (unitless, >= 0).
+
+    Returns:
+        (idx [k] int64 the top-k tokens by saliency in increasing index order, m [] int64 the
+        number of tokens with saliency > threshold; N at step 0).
+    """
+    n = x.shape[1]
+    s = token_saliency(x, x_ref)
+    m = (s > threshold).sum()
+    m = torch.where(step == 0, torch.full_like(m, n), m)
+    if k >= n:
+        idx = torch.arange(n, device=x.device)
+    else:
+        idx = s.topk(k).indices.sort().values
+    return idx, m
+
+
+def count_motion(x: torch.Tensor, x_ref: torch.Tensor, step: torch.Tensor, *, threshold: float) -> torch.Tensor:
+    """m of ``select_tokens`` without a selection (the 100 % variant): [] int64."""
+    return select_tokens(x, x_ref, step, k=x.shape[1], threshold=threshold)[1]
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor, dim: int = 1, offset: int = 0) -> torch.Tensor:
+    """x with only the tokens ``idx`` along ``dim`` (contiguous). ``offset`` > 0: the first
+    ``offset`` entries of ``dim`` (the text tokens of a joint sequence) are all kept, and idx
+    counts from there."""
+    if offset:
+        idx = torch.cat([torch.arange(offset, device=idx.device, dtype=idx.dtype), idx + offset])
+    return x.index_select(dim, idx).contiguous()
+
+
+def scatter_tokens(base: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """base [B, N, D] with tokens idx replaced by y [B, k, D] (out of place, contiguous): the
+    inverse of ``gather_tokens`` on the selected positions."""
+    return base.index_copy(1, idx, y.to(base.dtype)).contiguous()
+
+
+def changed_set(idx: torch.Tensor, idx_prev: torch.Tensor) -> torch.Tensor:
+    """[] bool: the token set differs from the previous step's (idx_prev = -1: none yet)."""
+    return (idx != idx_prev).any()
+
+
+def force_full_if(changed: torch.Tensor, force: torch.Tensor) -> torch.Tensor:
+    """The block cache's force control [L] int8, with 0 (compute fully) everywhere when
+    ``changed``: a block-cache anchor of other tokens must not be reused."""
+    return torch.where(changed, torch.zeros_like(force), force)
+
+
+def update_reference(x: torch.Tensor, x_ref: torch.Tensor, idx: torch.Tensor, anchor: bool) -> torch.Tensor:
+    """The new X_ref: ``anchor``: x at the computed tokens idx, x_ref elsewhere; else x."""
+    if not anchor or idx.shape[0] == x.shape[1]:
+        return x.contiguous()
+    return x_ref.index_copy(1, idx, x.index_select(1, idx)).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# the pass
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class TokenSelectResult:
+    """What ``apply_token_select`` did.
+
+    ``applied`` False (graph unchanged) with ``reason`` when the graph does not fit. ``tokens``
+    N (image tokens), ``k`` the tokens this variant computes, ``text_tokens`` the always-kept
+    text tokens of a joint model, ``contexts`` the names of the token-indexed context inputs
+    gathered. ``state`` are the extra inputs in order (x_ref, y_ref, step, prev_t[, idx_prev]);
+    the graph returns user outputs, then their new values, with m [] int64 before idx.
+    """
+
+    applied: bool
+    reason: str = ""
+    tokens: int = 0
+    k: int = 0
+    text_tokens: int = 0
+    contexts: list[str] = field(default_factory=list)
+    stream_shape: tuple = ()
+    dtype: torch.dtype = torch.float32
+    state: list[StateSpec] = field(default_factory=list)
+    num_user_inputs: int = 0
+    num_user_outputs: int = 0
+    output_is_tuple: bool = True
+
+
+def bucket_sizes(n: int, buckets) -> list[int]:
+    """Token counts of the variants: ceil(f N) for f in ``buckets`` (clamped to [1, N]), plus N."""
+    return sorted({min(n, max(1, math.ceil(f * n - 1e-9))) for f in buckets} | {n})
+
+
+def _set_val(node: fx.Node, val) -> fx.Node:
+    node.meta["val"] = val
+    node.meta["example_value"] = val
+    return node
+
+
+def _image_stream(regions: list[BlockRegion]) -> tuple[int, int] | str:
+    """(index of the image stream among the first block's stream inputs, index among the last
+    block's stream outputs), or a reason why there is no unambiguous one."""
+    last = regions[-1]
+    outs = [o for o in last.stream_outputs if tensor_meta(o) is not None]
+    if len(outs) != 1:
+        return f"the last block has {len(last.stream_outputs)} stream outputs (expected one image stream)"
+    shape = tensor_meta(outs[0])
+    cands = [i for i, x in enumerate(regions[0].stream_inputs) if tensor_meta(x) == shape]
+    if len(cands) != 1:
+        return "the image stream of the first block is ambiguous (text and image streams have the same shape)"
+    return cands[0], last.stream_outputs.index(outs[0])
+
+
+def image_tokens(regions: list[BlockRegion]) -> int | str:
+    """N, the image tokens of the block stack, or why there is no unambiguous image stream."""
+    if not regions:
+        return "no transformer blocks"
+    pick = _image_stream(regions)
+    if isinstance(pick, str):
+        return pick
+    meta = tensor_meta(regions[0].stream_inputs[pick[0]])
+    if len(meta[0]) != 3:
+        return f"image stream {meta[0]} is not [B, N, D]"
+    return int(meta[0][1])
+
+
+def _token_dim(shape: tuple, sizes: tuple[int, ...]) -> tuple[int, int] | None:
+    """(dim, size) of the first token dimension: not the last dim, not dim 0 of a >= 3-D tensor
+    (its batch), of a size in ``sizes``."""
+    first = 1 if len(shape) >= 3 else 0
+    for d in range(first, len(shape) - 1):
+        if shape[d] in sizes:
+            return d, shape[d]
+    return None
+
+
+def apply_token_select(gm: fx.GraphModule, config: FastCacheConfig, k: int,
+                       regions: list[BlockRegion] | None = None) -> tuple[fx.GraphModule, TokenSelectResult]:
+    """Insert motion-aware token selection computing ``k`` image tokens into a copy of ``gm``.
+
+    k == N gives the 100 % variant: no gather, only the saliency count m and the state. For
+    k < N the block stack runs on the top-k tokens by saliency (``select_tokens``) and its output
+    is scattered into the static tokens' approximation (``scatter_tokens``). Node
+    ``meta["val"]`` of the whole graph is refreshed by fake-tensor propagation, so the block
+    cache sizes its state from the gathered shapes.
+
+    Returns:
+        (gm', TokenSelectResult); with ``applied`` False gm' is ``gm`` itself and ``reason`` says
+        why (no blocks, no unambiguous image stream, a block that is not token-count generic...).
+    """
+    regions = find_blocks(gm).regions if regions is None else regions
+    if not regions:
+        return gm, TokenSelectResult(False, "no transformer blocks")
+    pick = _image_stream(regions)
+    if isinstance(pick, str):
+        return gm, TokenSelectResult(False, pick)
+    si, so = pick
+    (shape, dtype) = tensor_meta(regions[0].stream_inputs[si])
+    if len(shape) != 3:
+        return gm, TokenSelectResult(False, f"image stream {shape} is not [B, N, D]")
+    bsz, n, d = shape
+    k = int(k)
+    if not 1 <= k <= n:
+        raise ValueError(f"k: expected 1 <= k <= {n}, got {k}")
+    others = [tensor_meta(x)[0] for i, x in enumerate(regions[0].stream_inputs) if i != si]
+    n_txt = sum(s[1] for s in others if len(s) == 3)
+    result = TokenSelectResult(True, "", n, k, n_txt, stream_shape=tuple(shape), dtype=dtype)
+
+    orig_gm = gm
+    gm, val_map = clone_graph_module(gm)
+    regions = [remap_region(r, val_map) for r in regions]
+    graph = gm.graph
+    members = set(n_ for r in regions for n_ in r.nodes)
+    placeholders = [p for p in graph.nodes if p.op == "placeholder"]
+    out_node = next(x for x in graph.nodes if x.op == "output")
+    orig_out = out_node.args[0]
+    result.output_is_tuple = isinstance(orig_out, (tuple, list))
+    orig_outs = list(orig_out) if result.output_is_tuple else [orig_out]
+    result.num_user_inputs, result.num_user_outputs = len(placeholders), len(orig_outs)
+
+    last_ph = placeholders[-1]
+
+    def state_input(name: str, shp: tuple, dt: torch.dtype, fill: float) -> fx.Node:
+        nonlocal last_ph
+        with graph.inserting_after(last_ph):
+            p = graph.placeholder("fc_ts_" + name)
+        _set_val(p, torch.empty(shp, dtype=dt, device="meta"))
+        p._dynamo_source = None  # AOTAutograd wants it on every placeholder of a Dynamo graph
+        last_ph = p
+        result.state.append(StateSpec("token_select." + name, tuple(shp), dt, fill))
+        return p
+
+    x_ref_in = state_input("x_ref", shape, dtype, 0.0)
+    y_ref_in = state_input("y_ref", shape, dtype, 0.0)
+    step_in = state_input("step", (), torch.int64, -1)
+    prev_t_in = state_input("prev_t", (), torch.float32, float("-inf"))
+    idx_prev_in = state_input("idx_prev", (k,), torch.int64, -1) if k < n else None
+
+    x = regions[0].stream_inputs[si]
+    y = regions[-1].stream_outputs[so]
+    ts = next((p for p in placeholders if not is_param(p) and _TIMESTEP.search(p.name) and tensor_meta(p)), None)
+    first = regions[0].nodes[0]
+    with graph.inserting_before(first):
+        traj = graph.call_function(D.trajectory_step, (ts, prev_t_in, step_in))
+        step_node = graph.call_function(operator.getitem, (traj, 0))
+        t_node = graph.call_function(operator.getitem, (traj, 1))
+        if k < n:
+            sel = graph.call_function(select_tokens, (x, x_ref_in, step_node), {"k": k, "threshold": config.motion_threshold})
+            idx = graph.call_function(operator.getitem, (sel, 0))
+            m = graph.call_function(operator.getitem, (sel, 1))
+            changed = graph.call_function(changed_set, (idx, idx_prev_in))
+            changed.meta["fc_token_select"] = "changed"
+            xg = graph.call_function(gather_tokens, (x, idx))
+        else:
+            m = graph.call_function(count_motion, (x, x_ref_in, step_node), {"threshold": config.motion_threshold})
+    new_state = []
+    if k < n:
+        x.replace_all_uses_with(xg, delete_user_cb=lambda u: u in members)
+        # token-indexed context inputs: gathered with the same indices, before their first use
+        order = {nd: i for i, nd in enumerate(graph.nodes)}
+        contexts = list(dict.fromkeys(c for r in regions for c in r.context_inputs))
+        sizes = (n, n + n_txt) if n_txt else (n,)
+        for c in contexts:
+            meta = tensor_meta(c)
+            td = _token_dim(meta[0], sizes) if meta else None
+            if td is None:
+                continue
+            dim, size = td
+            users = sorted((u for u in c.users if u in members), key=order.__getitem__)
+            if not users:
+                continue
+            with graph.inserting_before(users[0]):
+                cg = graph.call_function(gather_tokens, (c, idx), {"dim": dim, "offset": size - n})
+            c.replace_all_uses_with(cg, delete_user_cb=lambda u: u in members)
+            result.contexts.append(c.name)
+        for nd in list(graph.nodes):
+            if nd in members:
+                _rebake(nd, {n: k, n + n_txt: k + n_txt} if n_txt else {n: k})
+        glue_users = [u for u in y.users if u not in members]
+        with graph.inserting_after(y):
+            yfull = graph.call_function(scatter_tokens, (y_ref_in, idx, y))
+        for u in glue_users:
+            u.replace_input_with(y, yfull)
+        with graph.inserting_before(out_node):
+            x_new = graph.call_function(update_reference, (x, x_ref_in, idx, config.reference == "anchor"))
+        new_state = [x_new, yfull, step_node, t_node, m, idx]
+    else:
+        with graph.inserting_before(out_node):
+            x_new = graph.call_function(torch.Tensor.contiguous, (x,))
+            y_new = graph.call_function(torch.Tensor.contiguous, (y,))
+        new_state = [x_new, y_new, step_node, t_node, m]
+    out_node.args = (tuple(orig_outs) + tuple(new_state),)
+    try:
+        graph.lint()
+        gm.recompile()
+        _refresh_vals(gm)
+    except Exception as e:  # a node bakes the token count N (or glue mixes [B, N, D] values in)
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        return orig_gm, TokenSelectResult(False, f"blocks are not token-count generic: {type(e).__name__}: {first_line}")
+    if k < n:
+        got = tensor_meta(y)
+        if got is None or got[0][1] != k:
+            return orig_gm, TokenSelectResult(False, f"{regions[-1].name} output keeps {got and got[0][1]} tokens "
+                                                     f"after selecting {k}")
+    return gm, result
+
+
+_SHAPE_OPS = {"reshape", "view", "expand"}
+
+
+def _rebake(node: fx.Node, sizes: dict[int, int]) -> None:
+    """Dynamo specialises ``x.reshape(*x.shape[:-1], -1, 2)`` (Flux's rotary embedding) and
+    ``split_with_sizes`` of the joint sequence to the traced token count: rewrite those
+    constants to the selected count. A shape argument is rewritten at the first position p >= 1
+    where both the argument and the input's dim p equal a token count (so a model dim that
+    happens to equal N is left alone); fake-tensor propagation checks the result."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return
+    src = tensor_meta(node.args[0])
+    if src is None:
+        return
+    s_in = src[0]
+    if name in _SHAPE_OPS:
+        packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+        shp = list(node.args[1]) if packed else list(node.args[1:])
+        for p in range(1, min(len(shp), len(s_in))):
+            if isinstance(shp[p], int) and shp[p] == s_in[p] and shp[p] in sizes:
+                shp[p] = sizes[shp[p]]
+                node.args = (node.args[0], shp) if packed else (node.args[0], *shp)
+                return
+    elif name == "split_with_sizes" and len(node.args) >= 2:
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        parts = list(node.args[1])
+        total = s_in[dim] if -len(s_in) <= dim < len(s_in) else None
+        if total in sizes and sum(parts) == total:
+            # the image part: the entry whose replacement gives the new total
+            new_total = sizes[total]
+            for i, v in enumerate(parts):
+                if v - (total - new_total) >= 1 and v in sizes and sizes[v] == v - (total - new_total):
+                    parts[i] = sizes[v]
+                    node.args = (node.args[0], parts, *node.args[2:])
+                    return
+
+
+def _refresh_vals(gm: fx.GraphModule) -> None:
+    """Recompute ``meta["val"]`` (and ``example_value``) of every node with fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    phs = [p for p in gm.graph.nodes if p.op == "placeholder"]
+    vals = [node_value(p) for p in phs]
+    device = next((v.device for v in vals if isinstance(v, torch.Tensor) and v.device.type != "meta"),
+                  torch.device("cpu"))
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = []
+    for v in vals:
+        if isinstance(v, torch.Tensor):
+            dev = device if v.device.type == "meta" else v.device
+            with mode:
+                v = torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=dev)
+        fake.append(v)
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake)
+    for node in gm.graph.nodes:
+        if "val" in node.meta:
+            node.meta["example_value"] = node.meta["val"]
+
+
+def attach_token_select(gm: fx.GraphModule) -> fx.GraphModule:
+    """After the block-cache pass: a changed token set forces full block computations (the
+    ``force`` control placeholder ``fc_force`` is overridden by ``force_full_if``). Edits ``gm``
+    in place; a graph without the ``changed`` node (the 100 % variant) is returned unchanged."""
+    graph = gm.graph
+    changed = next((nd for nd in graph.nodes if nd.meta.get("fc_token_select") == "changed"), None)
+    force = next((nd for nd in graph.nodes if nd.op == "placeholder" and nd.name == "fc_force"), None)
+    if changed is None or force is None:
+        return gm
+    with graph.inserting_after(changed):
+        eff = graph.call_function(force_full_if, (changed, force))
+    _set_val(eff, node_value(force))
+    force.replace_all_uses_with(eff, delete_user_cb=lambda u: u is not eff)
+    graph.lint()
+    gm.recompile()
+    return gm

@@ -1,0 +1,213 @@
+"""TokenSelectRuntime: runs one model graph as token-selection variants (one per bucket).
+
+The pass (``passes/token_select.py``) builds the variant computing k image tokens; this runtime
+owns the state they share (X_ref, Y_ref, the trajectory counter: one set per CFG context, kept
+across variant switches) and picks the variant of the next step from the motion count m the
+graph returns: the smallest bucket >= m. Reading (step, m) is the one host sync per step.
+Variants are compiled lazily, the first time their bucket is picked (at most one compile per
+bucket). The first ``max(1, warmup_steps)`` steps of a trajectory run the 100 % variant; when a
+new trajectory starts while a smaller variant was picked (the graph detects it from the
+timestep), the step is run again with the 100 % variant.
+
+Each variant is a ``GraphRuntime`` with its own block-cache state, registered in a private
+``ModelEntry``: switching variants drops the block-cache state of the variant switched to
+(its anchors may belong to another token set), so an anchor is never stale.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ..passes.token_select import apply_token_select, bucket_sizes, image_tokens
+from .context import current_context
+from .registry import ModelEntry
+
+log = logging.getLogger("fastcache_fx")
+
+
+class _VariantEntry(ModelEntry):
+    """The variants' entry: its own ``note_call`` (variant switches), the model's ``replay``."""
+
+    def __init__(self, parent: ModelEntry) -> None:
+        self.parent = parent
+        super().__init__()
+
+    @property
+    def replay(self):
+        return self.parent.replay
+
+    @replay.setter
+    def replay(self, value) -> None:  # ModelEntry.__init__ sets it; the parent's is used
+        pass
+
+
+@dataclass
+class SelectRecord:
+    """One step: context, step in the trajectory, tokens computed k of N, motion count m."""
+
+    context: str
+    step: int
+    k: int
+    n: int
+    m: int
+
+
+class TokenSelectRuntime:
+    """The callable the backend hands to Dynamo when ``enable_spatial_approx`` is on.
+
+    Args:
+        backend_factory: ``f(gm, example_inputs, select)`` -> GraphRuntime (the backend's block
+            cache + lowering for one variant graph).
+        gm: the Dynamo graph (never modified). config: the FastCacheConfig. regions: its blocks.
+        n: image tokens N. clone_outputs: copy state a CUDA-graph replay would overwrite.
+    """
+
+    def __init__(self, backend_factory, gm, config, regions, n: int, clone_outputs: bool = False) -> None:
+        self.factory = backend_factory
+        self.gm = gm
+        self.config = config
+        self.regions = regions
+        self.n = n
+        self.buckets = bucket_sizes(n, config.token_buckets)
+        self.min_step = max(1, config.warmup_steps)
+        self.clone_outputs = clone_outputs
+        self.variants: dict[int, object] = {}
+        self.results: dict[int, object] = {}
+        self.entry: ModelEntry | None = None
+        self.sub: _VariantEntry | None = None
+        self.trace: collections.deque = collections.deque(maxlen=config.trace_steps)
+        self.select_trace: collections.deque[SelectRecord] = collections.deque(maxlen=config.trace_steps)
+        self.states: dict[str, dict] = {}
+        self.layout = None
+        self.token_merge = None
+        self.online = None
+
+    # variants ----------------------------------------------------------------------------
+    @property
+    def compiled_variants(self) -> int:
+        """How many variants were compiled (at most one per bucket)."""
+        return len(self.variants)
+
+    def variant(self, k: int, args, state: list[torch.Tensor]):
+        """The GraphRuntime computing k tokens, compiled on first use."""
+        rt = self.variants.get(k)
+        if rt is not None:
+            return rt
+        gm_k, res = apply_token_select(self.gm, self.config, k, self.regions)
+        if not res.applied:  # checked at build time for the smallest bucket; should not happen
+            raise RuntimeError(f"fastcache: token selection with k={k} failed: {res.reason}")
+        rt = self.factory(gm_k, list(args) + list(state), res)
+        if self.entry is None:  # the first variant: join the model's entry as one graph
+            self.entry = rt.entry
+            self.sub = _VariantEntry(self.entry)
+            self.entry.graphs.append(self)
+            self.layout = rt.layout
+        if rt in rt.entry.graphs:
+            rt.entry.graphs.remove(rt)
+        rt.entry = self.sub
+        self.sub.graphs.append(rt)
+        rt.trace = self.trace  # one chronological block-decision trace for stats()
+        self.variants[k] = rt
+        self.results[k] = res
+        log.info("fastcache: token selection variant k=%d of N=%d compiled (%d so far)", k, self.n, len(self.variants))
+        return rt
+
+    # state -------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every context's state: the next step runs every token."""
+        self.states.clear()
+        if self.sub is not None:
+            self.sub.reset()
+            self.sub.last_graph = None
+
+    def _state_for(self, ctx: str, specs) -> dict:
+        st = self.states.get(ctx)
+        if st is None:
+            dev = self._device
+            st = self.states[ctx] = {
+                "shared": [torch.full(s.shape, s.fill, dtype=s.dtype, device=dev) for s in specs[:4]],
+                "idx": {}, "next_k": self.n}
+        return st
+
+    def _bucket(self, m: int) -> int:
+        return next((b for b in self.buckets if b >= m), self.n)
+
+    # call --------------------------------------------------------------------------------
+    def __call__(self, *args):
+        if self.entry is not None and self.entry.note_call(self):
+            self.reset()
+        ctx = current_context()
+        st = self._state_for(ctx, self.results[self.n].state)
+        k = st["next_k"]
+        outs, new, step, m = self._run(k, args, st)
+        if k < self.n and step < self.min_step:  # a new trajectory began: every token runs
+            k = self.n
+            outs, new, step, m = self._run(k, args, st)
+        st["shared"] = new[:4]
+        if k < self.n:
+            st["idx"][k] = new[5]
+        st["next_k"] = self.n if step + 1 < self.min_step else self._bucket(m)
+        self.select_trace.append(SelectRecord(ctx, step, k, self.n, m))
+        res = self.results[k]
+        return tuple(outs) if res.output_is_tuple else outs[0]
+
+    def _run(self, k: int, args, st):
+        extra = list(st["shared"])
+        if k < self.n:
+            idx_prev = st["idx"].get(k)
+            if idx_prev is None:
+                idx_prev = torch.full((k,), -1, dtype=torch.int64, device=self._device)
+            extra.append(idx_prev)
+        rt = self.variant(k, args, extra)
+        res = self.results[k]
+        out = rt(*args, *extra)
+        out = list(out) if isinstance(out, (tuple, list)) else [out]
+        nu = res.num_user_outputs
+        user, new = out[:nu], out[nu:]
+        if self.clone_outputs:
+            new = [t.clone() for t in new]
+        step, m = torch.stack([new[2], new[4]]).tolist()  # the one host sync of the step
+        return user, new, int(step), int(m)
+
+    # stats -------------------------------------------------------------------------------
+    def summary(self) -> dict:
+        """``{"buckets", "variants_compiled", "spatial_approx_ratio", "steps": [{context, step,
+        k, n, m}]}``: ratio = approximated token-steps / token-steps."""
+        recs = list(self.select_trace)
+        total = sum(r.n for r in recs)
+        approx = sum(r.n - r.k for r in recs)
+        return {"buckets": list(self.buckets), "variants_compiled": self.compiled_variants,
+                "spatial_approx_ratio": approx / total if total else 0.0,
+                "steps": [{"context": r.context, "step": r.step, "k": r.k, "n": r.n, "m": r.m} for r in recs]}
+
+
+def build_token_select(backend_factory, gm, example_inputs, config, search, device, clone_outputs=False):
+    """A TokenSelectRuntime for ``gm`` with its 100 % variant compiled, or None (with one
+    warning) when the graph does not fit token selection (compile it without then)."""
+    if config.enable_token_merge:
+        warnings.warn("fastcache: enable_spatial_approx with enable_token_merge is not supported; "
+                      "compiled without token selection", stacklevel=3)
+        return None
+    if config.static_approx != "cached":
+        warnings.warn(f"fastcache: static_approx={config.static_approx!r} needs a stack map in the calibration, "
+                      "which calibrations do not hold yet; falling back to static_approx='cached'", stacklevel=3)
+    regions = search.regions
+    n = image_tokens(regions)
+    if isinstance(n, str):
+        warnings.warn(f"fastcache: token selection left alone: {n}; compiled without it", stacklevel=3)
+        return None
+    _, probe = apply_token_select(gm, config, bucket_sizes(n, config.token_buckets)[0], regions)
+    if not probe.applied:  # a block bakes N: the smallest variant does not propagate
+        warnings.warn(f"fastcache: token selection left alone: {probe.reason}; compiled without it", stacklevel=3)
+        return None
+    rt = TokenSelectRuntime(backend_factory, gm, config, regions, n, clone_outputs)
+    rt._device = device
+    _, full = apply_token_select(gm, config, n, regions)
+    state = [torch.full(s.shape, s.fill, dtype=s.dtype, device=device) for s in full.state]
+    rt.variant(n, example_inputs, state)
+    return rt
