@@ -263,3 +263,41 @@ def test_gpu_check_exits_with_a_message_without_cuda(capsys):
     spec.loader.exec_module(mod)
     assert mod.main([]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_calibrated_linear_maps_travel_in_safetensors(model, tmp_path):
+    from safetensors.torch import load_file
+
+    from fastcache_fx.lowering.export import capture, extra_values, rewrite
+
+    kw = _example()
+    calib = tmp_path / "calib.safetensors"
+    fastcache_fx.calibrate(model, lambda m: [m(**{**kw, "timestep": torch.full((4,), t)}) for t in (900, 600, 300)],
+                           out=calib)
+    config = CONFIG.replace(approx="linear", calibration=str(calib))
+    out = tmp_path / "linear"
+    fastcache_fx.export(model, kw, out, format="tensorrt", config=config, engine_format=EngineFormat())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["approx"] == "linear" and "weights.safetensors" in manifest["files"]
+    cap = capture(model, kw)
+    gm, layout, weights, _ = rewrite(cap, config)
+    saved = load_file(str(out / "weights.safetensors"))
+    assert set(saved) == set(weights) and all(torch.equal(saved[k], weights[k]) for k in weights)
+
+    # two steps, the second with every block forced onto its linear map: export == rewritten graph
+    loaded = fastcache_fx.load_exported(out)
+    loaded(**kw)
+    loaded.controls["force"] = torch.ones(6, dtype=torch.int8)
+    got = loaded(**{**kw, "timestep": torch.full((4,), 900)}).sample
+    assert loaded.stats()["trace"][-1]["approx"] == [True] * 6
+    nu, no = len(cap.example_inputs), layout.num_user_outputs
+    inputs = list(cap.example_inputs) + extra_values(layout, weights, "cpu")
+    first = gm(*inputs)
+    for pos, new in zip([nu + i for i, s in enumerate(layout.extra_inputs) if s in layout.state],
+                        first[no:no + len(layout.state)]):
+        inputs[pos] = new
+    inputs[nu + [s.name for s in layout.extra_inputs].index("force")] = torch.ones(6, dtype=torch.int8)
+    inputs[cap.roles.index(("input", "timestep"))] = torch.full((4,), 900)
+    want = gm(*inputs)[0]
+    assert (got - want).abs().max().item() <= 1e-5
+    assert (got - model(**{**kw, "timestep": torch.full((4,), 900)}).sample).abs().max().item() > 1e-3  # maps used

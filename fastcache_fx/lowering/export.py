@@ -314,10 +314,16 @@ class EngineFormat:
     requires: tuple[str, ...] = ()
 
     def compile(self, gm: fx.GraphModule, example_inputs: list, name: str):
-        return torch.export.export(gm, tuple(example_inputs), strict=False).module()
+        ep = torch.export.export(gm, tuple(example_inputs), strict=False)
+        engine = ep.module()
+        engine._fastcache_program = ep  # saved as is (no second export)
+        return engine
 
     def save(self, engine, gm: fx.GraphModule, example_inputs: list, path: Path) -> None:
-        torch.export.save(torch.export.export(gm, tuple(example_inputs), strict=False), str(path))
+        ep = getattr(engine, "_fastcache_program", None)
+        if ep is None:
+            ep = torch.export.export(gm, tuple(example_inputs), strict=False)
+        torch.export.save(ep, str(path))
 
 
 def _export_split(captured, gm, layout, weights, device, out_dir: Path, engine_format: EngineFormat) -> tuple[list[str], dict]:
