@@ -125,6 +125,68 @@ def test_flux_variant_matches_eager_on_the_same_token_subset():
     torch.testing.assert_close(seen["rot"][1], sin)
 
 
+def test_sd3_variant_matches_its_blocks_on_the_same_token_subset():
+    # SD3 joins [image, text] and splits by slicing at N: the slices are rewritten to k
+    model, kw = zoo.build("sd3", "tiny")
+    gm, inputs = _dynamo_graph(model, kw)
+    g8, res = apply_token_select(gm, FastCacheConfig(), 8)
+    assert res.applied, res.reason
+    assert res.text_tokens == 6 and res.contexts == []
+    state = [torch.full(s.shape, s.fill, dtype=s.dtype) for s in res.state]
+    state[2], state[3] = torch.tensor(0), torch.tensor(1000.0)
+    outs = g8(*inputs, *state)
+    idx, y_ref = outs[-1], outs[2]
+    h = model.pos_embed(kw["hidden_states"])[:, idx]
+    temb = model.time_text_embed(kw["timestep"], kw["pooled_projections"])
+    enc = model.context_embedder(kw["encoder_hidden_states"])
+    for blk in model.transformer_blocks:
+        enc, h = blk(hidden_states=h, encoder_hidden_states=enc, temb=temb)
+    torch.testing.assert_close(y_ref[:, idx], h, rtol=1e-5, atol=1e-5)
+
+
+def test_changed_token_set_forces_full_blocks():
+    # a block-cache anchor holds the tokens of the step it was computed at: reused for another
+    # token set it would be stale, so a changed set overrides "force approximation" with "full"
+    from fastcache_fx.passes.block_cache import ControlSpec, apply_block_cache
+    from fastcache_fx.passes.token_select import attach_token_select
+
+    model, kw = zoo.build("dit", "tiny")
+    gm, inputs = _dynamo_graph(model, kw)
+    cfg = FastCacheConfig(motion_threshold=0.0, warmup_steps=0)
+    gm4, res = apply_token_select(gm, cfg, 4)
+    gm4, layout = apply_block_cache(gm4, cfg, find_blocks(gm4).regions)
+    gm4 = attach_token_select(gm4)
+    torch.manual_seed(3)
+    mine = [torch.randn(s.shape) if s.name.endswith("_ref") else torch.full(s.shape, s.fill, dtype=s.dtype)
+            for s in res.state]
+    mine[2], mine[3] = torch.tensor(0), torch.tensor(1000.0)  # this call is step 1
+
+    def run(force: int, idx_prev):
+        torch.manual_seed(4)  # the same finite anchors in every run, so a forced approximation is taken
+        extra = []
+        for spec in layout.extra_inputs:
+            if isinstance(spec, ControlSpec):
+                extra.append(torch.full(spec.shape, force, dtype=spec.dtype))
+            elif spec.name == "step":
+                extra.append(torch.tensor(0))
+            elif spec.name == "prev_t":
+                extra.append(torch.tensor(1000.0))
+            elif spec.dtype.is_floating_point:
+                extra.append(torch.randn(spec.shape, dtype=spec.dtype))
+            else:
+                extra.append(torch.zeros(spec.shape, dtype=spec.dtype))
+        outs = gm4(*inputs, *mine[:4], idx_prev, *extra)
+        nu = layout.num_user_outputs
+        return outs[0], outs[nu - 1], outs[nu + len(layout.state) + 2]  # output, idx, approx [L]
+
+    full, idx, ok = run(0, torch.full((4,), -1))
+    assert not ok.any()
+    forced_changed, _, ok = run(1, torch.full((4,), -1))
+    assert not ok.any() and torch.equal(forced_changed, full)
+    forced_same, _, ok = run(1, idx)
+    assert ok.all() and not torch.allclose(forced_same, full)
+
+
 def test_pass_leaves_a_graph_without_blocks_alone():
     gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 4))
     out, res = apply_token_select(gm, FastCacheConfig(), 2, regions=find_blocks(gm).regions)
@@ -224,3 +286,4 @@ def test_new_trajectory_runs_every_token(selected_run):
     last = st2["token_select"]["steps"][-1]
     assert last["step"] == 0 and last["k"] == 16
     assert st2["token_select"]["variants_compiled"] == st1["token_select"]["variants_compiled"]
+    assert st2["steps"] == st1["steps"] + 1  # the discarded small-variant call leaves no block trace

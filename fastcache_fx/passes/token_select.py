@@ -346,7 +346,7 @@ _SHAPE_OPS = {"reshape", "view", "expand"}
 def _rebake(node: fx.Node, sizes: dict[int, int]) -> None:
     """Dynamo specialises ``x.reshape(*x.shape[:-1], -1, 2)`` (Flux's rotary embedding) and
     ``split_with_sizes`` of the joint sequence to the traced token count: rewrite those
-    constants to the selected count. A shape argument is rewritten at the first position p >= 1
+    constants to the selected count (and SD3's slices of its joint sequence at N). A shape argument is rewritten at the first position p >= 1
     where both the argument and the input's dim p equal a token count (so a model dim that
     happens to equal N is left alone); fake-tensor propagation checks the result."""
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
@@ -363,6 +363,18 @@ def _rebake(node: fx.Node, sizes: dict[int, int]) -> None:
             if isinstance(shp[p], int) and shp[p] == s_in[p] and shp[p] in sizes:
                 shp[p] = sizes[shp[p]]
                 node.args = (node.args[0], shp) if packed else (node.args[0], *shp)
+                return
+    elif node.target is operator.getitem and isinstance(node.args[1], tuple) and len(sizes) == 2:
+        # SD3 splits its joint [image, text] sequence by slicing at N: x[:, :N], x[:, N:]
+        (n, k), (joint, _) = sorted(sizes.items())
+        idx = list(node.args[1])
+        for p, sl in enumerate(idx):
+            if p >= len(s_in) or not isinstance(sl, slice) or s_in[p] != joint or sl.step not in (None, 1):
+                continue
+            new = slice(k if sl.start == n else sl.start, k if sl.stop == n else sl.stop, sl.step)
+            if new != sl:
+                idx[p] = new
+                node.args = (node.args[0], tuple(idx))
                 return
     elif name == "split_with_sizes" and len(node.args) >= 2:
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)

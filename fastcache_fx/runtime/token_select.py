@@ -146,6 +146,8 @@ class TokenSelectRuntime:
         k = st["next_k"]
         outs, new, step, m = self._run(k, args, st)
         if k < self.n and step < self.min_step:  # a new trajectory began: every token runs
+            if self.trace:
+                self.trace.pop()  # the discarded call's block decisions
             k = self.n
             outs, new, step, m = self._run(k, args, st)
         st["shared"] = new[:4]
