@@ -307,7 +307,7 @@ def run_suite2(a, suite1_rows: list[dict]) -> dict:
             call(base, 999)
             res["inductor_compile_s"] = time.perf_counter() - t0
         base_times = trajectory(base, f"{fam} inductor")
-        base_step = float(np.mean(base_times))
+        base_step = float(np.median(base_times))
         res["inductor_step_s"] = base_step
         torch._dynamo.reset()
         model_fc, _ = zoo.build(fam, "xl", batch=2, num_layers=a.s2_layers)
@@ -325,9 +325,9 @@ def run_suite2(a, suite1_rows: list[dict]) -> dict:
             cols = (np.arange(L) * len(rows[0])) // L
             ratio = float(np.asarray(rows)[:, cols].mean())
             res["rows"].append({"trace_from": tr["label"], "suite1_approx_ratio": tr["approx_ratio"],
-                                "replayed_approx_ratio": ratio, "step_s": float(np.mean(times)),
-                                "latency_ratio": float(np.mean(times)) / base_step,
-                                "speedup": base_step / float(np.mean(times))})
+                                "replayed_approx_ratio": ratio, "step_s": float(np.median(times)),
+                                "latency_ratio": float(np.median(times)) / base_step,
+                                "speedup": base_step / float(np.median(times))})
             if not a.no_progress:
                 r = res["rows"][-1]
                 tqdm.write(f"  {name}: trace {tr['label']}: approx {ratio:.2f}, latency ratio {r['latency_ratio']:.3f}")
@@ -360,7 +360,12 @@ def machine() -> dict:
             versions[mod] = __import__(mod).__version__
         except Exception:
             versions[mod] = None
+    try:
+        load = round(os.getloadavg()[0], 1)  # other jobs on the machine make single timings noisy
+    except OSError:
+        load = None
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_gib": mem,
+            "load_avg_1m_at_start": load,
             "os": platform.platform(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             **versions}
 
@@ -485,8 +490,9 @@ def markdown(record: dict, png_rel: str | None) -> str:
          f"Measured {meta['date']} at commit {meta['commit']} on {mc['cpu']} ({mc['cores']} cores, "
          f"{mc['torch_threads']} torch threads, {mc['memory_gib']} GiB, GPU: {mc['gpu'] or 'none'}), "
          f"torch {mc['torch']}, diffusers {mc['diffusers']}, cache-dit {mc['cache_dit']}. "
-         "Speed is always a ratio against the Inductor baseline measured in the same run; the machine "
-         "was shared with other jobs, so single timings carry noise of several per cent.", ""]
+         f"Load average at the start of the run: {mc.get('load_avg_1m_at_start')} (on {mc['cores']} cores: "
+         "the machine was shared with other jobs, so single timings are noisy; compare ratios within the run). "
+         "Speed is always a ratio against the Inductor baseline measured in the same run.", ""]
     s1 = record.get("suite1")
     if s1:
         L += ["### Suite 1: quality and speed on the bundled reference DiT", "",
@@ -518,7 +524,7 @@ def markdown(record: dict, png_rel: str | None) -> str:
               f"Batch 2 (one CFG pair), fp32, {s2['steps']} steps per trajectory (timesteps 999..0), "
               f"num_layers={s2['num_layers'] or 'full (28)'}. Each fastcache trajectory replays a suite-1 trace "
               "(`fastcache_fx.replay_decisions`; rows taken at evenly spaced steps of the 50-step trace, "
-              "blocks mapped proportionally onto this model's blocks). Step = mean wall time of a call of "
+              "blocks mapped proportionally onto this model's blocks). Step = median wall time of a call of "
               "the compiled transformer.", "", suite2_table(s2), ""]
     L += ["### Reproduce", "", "```bash", ". .venv/bin/activate && pip install -e '.[bench]'"]
     for c in meta.get("commands", [meta["command"]]):
@@ -568,6 +574,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _write(a, record: dict) -> None:
+    """compare.json, compare.png and the compare section of RESULTS.md from ``record``."""
+    a.out_json.parent.mkdir(parents=True, exist_ok=True)
+    a.out_json.write_text(json.dumps(record, indent=1) + "\n")
+    png_rel = None
+    if record.get("suite1"):
+        plot(record["suite1"], a.out_png)
+        try:
+            png_rel = os.path.relpath(a.out_png, a.results_md.parent)
+        except ValueError:
+            png_rel = str(a.out_png)
+    write_section(a.results_md, markdown(record, png_rel))
+
+
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     suites = set(_parse_list(a.suites, int))
@@ -585,26 +605,16 @@ def main(argv=None) -> int:
     if 2 in suites:
         if not record.get("suite1"):
             raise ValueError("--suites 2 needs suite 1 results (run suite 1 first, or --suites 1,2)")
+        if 1 in suites:
+            _write(a, record)  # suite 1 is kept even if suite 2 is interrupted
         record["suite2"] = run_suite2(a, record["suite1"]["rows"])
-    elif previous.get("suite2") and 1 not in suites:
-        record["suite2"] = previous["suite2"]
-    a.out_json.parent.mkdir(parents=True, exist_ok=True)
-    a.out_json.write_text(json.dumps(record, indent=1) + "\n")
-    png_rel = None
-    if record.get("suite1"):
-        plot(record["suite1"], a.out_png)
-        try:
-            png_rel = os.path.relpath(a.out_png, a.results_md.parent)
-        except ValueError:
-            png_rel = str(a.out_png)
-    text = markdown(record, png_rel)
-    write_section(a.results_md, text)
+    _write(a, record)
     if record.get("suite1"):
         print(suite1_table(record["suite1"]))
         print("\n".join(verdict(record["suite1"])))
     if record.get("suite2"):
         print(suite2_table(record["suite2"]))
-    print(f"wrote {a.out_json}, {a.out_png if png_rel else ''} and the compare section of {a.results_md}")
+    print(f"wrote {a.out_json}, {a.out_png} and the compare section of {a.results_md}")
     return 0
 
 
