@@ -57,7 +57,7 @@ class FastCacheConfig:
         lowering: "inductor" or "tensorrt".
         trace_steps: how many steps of per-block decisions ``stats()`` keeps (ring buffer).
         enable_token_merge: insert the token-merge pyramid (``passes/token_merge.py``, FastCache
-            sec. 3.3) before the block cache.
+            v3 token merging) before the block cache.
         token_merge_k: K, neighbours of the k-NN spatial density (>= 1).
         token_merge_lambda: lambda >= 0, weight of the temporal saliency in the importance
             S = rho_sp (1 + lambda rho_tm).

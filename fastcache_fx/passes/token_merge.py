@@ -1,7 +1,7 @@
 """Token-merge pyramid: k-NN density merging of tokens between stages, unmerged at the end.
 
-FastCache (arXiv 2505.20353) sec. 3.3, "spatial-temporal token merging", as a pure graph pass
-with static shapes. The blocks are split into ``num_stages`` contiguous stages; before every
+FastCache (arXiv 2505.20353 v3, its multi-stage spatial-temporal token merging; the issue-#6
+formulas) as a pure graph pass with static shapes. The blocks are split into ``num_stages`` contiguous stages; before every
 stage but the first, the stream tokens are merged (``merge_tokens``), and after the last block
 they are unmerged and the stage changes are added back (``unmerge_add``). Everything is tensor
 ops inside the compiled graph: no Python loop over tokens, windows or clusters.
@@ -14,6 +14,17 @@ the stage-s stream has G * C_s tokens, fixed at compile time. Distances are only
 inside a window, so one merge costs O(N * W * D) instead of O(N^2 D). The merged stream lists
 tokens window by window (attention does not care about the order: DiT and PixArt add their
 position embedding before the first block); ``unmerge_add`` restores the grid order.
+
+Aggregation. With Y_s the output of stage s at its own resolution (the paper's Z[s]) and X_s
+the merged input of stage s: H_{S-1} = Y_{S-1}, H_{s-1} = Y_{s-1} + Unpool_{s-1}(H_s - X_s), and
+H_0 replaces the last block's output. The paper adds the unpooled coarse *output* (H_agg + Z[s]);
+we unpool the coarse stage's *change*, so the residual stream is not counted twice and a stage
+that changes nothing returns exactly its input.
+
+Temporal saliency. rho_tm compares the tokens at a merge point with the previous step's (state
+owned by the runtime); on the first step of a trajectory rho_tm = 0 for every token (importance
+= density alone). At the second and later merge points token i is the i-th cluster of the
+previous merge: the same token across steps only while the assignments stay the same.
 
 Graph layout added by ``apply_token_merge`` (the block-cache pass then sees merged shapes):
     inputs  = original inputs + state (``TokenMergeResult.state``: step, prev_t, and the
@@ -72,7 +83,7 @@ def from_windows(x: torch.Tensor, grid: tuple[int, int, int, int] | None) -> tor
 def local_ctm(x: torch.Tensor, motion: torch.Tensor, *, clusters: int, k: int, lam: float):
     """Local clustering-based token merge (LocalCTM) inside windows.
 
-    FastCache sec. 3.3: importance S_i = rho_sp,i * (1 + lambda * rho_tm,i) with spatial density
+    FastCache (arXiv 2505.20353 v3) token merging: importance S_i = rho_sp,i * (1 + lambda * rho_tm,i) with spatial density
     rho_sp,i = exp(-(1/K) sum_{j in kNN(i)} d_ij) and d_ij = ||h_i - h_j||^2 / mean_{i != j}
     ||h_i - h_j||^2 (squared distances divided by their mean over the window's pairs: scale
     free, ~1 on average, so exp neither underflows nor saturates; the mean k-NN distance is
@@ -238,7 +249,7 @@ def _set_val(node: fx.Node, val) -> fx.Node:
 
 def apply_token_merge(gm: fx.GraphModule, config: FastCacheConfig,
                       regions: list[BlockRegion] | None = None) -> tuple[fx.GraphModule, TokenMergeResult]:
-    """Insert the token-merge pyramid into a copy of ``gm`` (FastCache sec. 3.3).
+    """Insert the token-merge pyramid into a copy of ``gm`` (FastCache v3 token merging).
 
     Stages: min(``num_stages``, L) contiguous groups of the L blocks. Before the first block of
     stage s >= 1 its stream input Y_{s-1} is merged (``merge_tokens``) to X_s; after the last
