@@ -140,8 +140,11 @@ def capture(model: torch.nn.Module, example_inputs) -> CapturedGraph:
 
     # no torch._dynamo.reset() here: it would drop the caller's other compiled models
     with torch.no_grad():
-        result = torch.compile(model, backend=capturing_backend, fullgraph=True, dynamic=False)(**kwargs)
-        if "gm" not in box:  # Dynamo's recompile limit reached by earlier traces of this model
+        try:
+            result = torch.compile(model, backend=capturing_backend, fullgraph=True, dynamic=False)(**kwargs)
+        except getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", ()):
+            box.clear()
+        if "gm" not in box:  # Dynamo's recompile limit reached by earlier traces of this model's class
             torch._dynamo.reset()
             result = torch.compile(model, backend=capturing_backend, fullgraph=True, dynamic=False)(**kwargs)
     gm, ex, outs = box["gm"], box["ex"], box["outs"]
