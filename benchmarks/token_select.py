@@ -1,0 +1,164 @@
+"""Motion-aware token selection benchmark: speed per bucket and quality vs motion_threshold.
+
+Speed (``--xl-layers L``): a DiT-XL/2-sized model (256 image tokens, width 1152, L blocks,
+random weights, batch 2). Every bucket variant (25/50/75/100 % of the tokens) is forced in turn
+(the runtime's next-bucket choice is overridden) and timed per step alternately with plain
+Inductor in the same run (median of rounds); the block cache is compiled in but never approximates, so the
+difference is the token selection alone.
+
+Quality: the bundled reference DiT (64 tokens, 6 blocks, batched CFG, DDIM) samples the same
+digits (same noise) with plain Inductor and with ``enable_spatial_approx=True`` at several
+``motion_threshold`` values (block cache off, so only tokens are approximated): PSNR against
+the Inductor images, digits-FID, class accuracy, the spatial approximation ratio and the
+number of compiled variants.
+
+    python benchmarks/token_select.py --images 20 --steps 50 --xl-layers 2 --out benchmarks/token_select.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import fastcache_fx
+from fastcache_fx import reference as R
+from fastcache_fx import zoo
+from fastcache_fx.runtime import registry
+
+THRESHOLDS = (0.0, 0.002, 0.01, 0.05)
+
+
+def xl_rows(layers: int, calls: int, repeats: int) -> dict:
+    """Seconds per step of each bucket variant and of plain Inductor (same inputs). The two are
+    timed alternately (``repeats`` rounds of ``calls`` steps each, median kept), so a change of
+    machine load between them does not bias the ratio."""
+    import statistics
+
+    clock = iter(range(999, -1, -1))  # decreasing timesteps: one trajectory, no restart
+
+    def once(fn, before=None):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            if before is not None:
+                before()
+            fn(**dict(kw, timestep=torch.full((2,), next(clock))))
+        return (time.perf_counter() - t0) / calls
+
+    model, kw = zoo.build("dit", "xl", num_layers=layers)
+    rows = {}
+    with torch.no_grad():
+        torch._dynamo.reset()
+        base = torch.compile(model, backend="inductor", dynamic=False)
+        base(**kw)
+        model2, _ = zoo.build("dit", "xl", num_layers=layers)
+        c = torch.compile(model2, backend=fastcache_fx.FastCacheBackend(enable_spatial_approx=True,
+                                                                          enable_block_approx=False), dynamic=False)
+        for _ in range(3):  # warm-up steps (every token)
+            c(**dict(kw, timestep=torch.full((2,), next(clock))))
+        rt = registry.lookup(model2).graphs[-1]
+        base_all = []
+        for k in rt.buckets:
+            force = lambda: rt.states["default"].__setitem__("next_k", k)  # noqa: E731
+            force()
+            c(**dict(kw, timestep=torch.full((2,), next(clock))))  # compiles the variant
+            b, v = [], []
+            for _ in range(repeats):
+                b.append(once(base))
+                v.append(once(c, force))
+            base_all += b
+            bs, vs = statistics.median(b), statistics.median(v)
+            rows[f"token select k={k}"] = {"tokens": k, "seconds_per_step": vs, "inductor_seconds_per_step": bs,
+                                           "speed_ratio": bs / vs}
+            print(f"  xl k={k}: {bs / vs:.3f}x ({vs:.3f} s vs {bs:.3f} s)", flush=True)
+        assert fastcache_fx.stats(model2)["token_select"]["variants_compiled"] == len(rt.buckets)
+        rows = {"inductor": {"tokens": 256, "seconds_per_step": statistics.median(base_all),
+                             "inductor_seconds_per_step": statistics.median(base_all), "speed_ratio": 1.0}, **rows}
+    return rows
+
+
+def reference_rows(images: int, steps: int, thresholds) -> dict:
+    labels = torch.arange(10).repeat_interleave(max(1, images // 10))[:images]
+    seeds = [1000 + i for i in range(len(labels))]
+    clf = R.load_classifier()
+    torch._dynamo.reset()
+    base = torch.compile(R.load(), backend="inductor", dynamic=False)
+    R.sample(base, labels, num_inference_steps=2, seed=seeds)
+    t0 = time.perf_counter()
+    base_imgs = R.sample(base, labels, num_inference_steps=steps, seed=seeds)
+    base_s = time.perf_counter() - t0
+    rows = {"inductor": {"seconds_per_image": base_s / len(labels), "psnr_db": float("inf"),
+                         "digits_fid": R.digits_fid(clf, base_imgs),
+                         "class_accuracy": R.class_accuracy(clf, base_imgs, labels),
+                         "spatial_approx_ratio": 0.0, "variants_compiled": 0}}
+    for thr in thresholds:
+        model = R.load()
+        c = torch.compile(model, backend=fastcache_fx.FastCacheBackend(enable_spatial_approx=True, enable_block_approx=False,
+                                                                       motion_threshold=thr), dynamic=False)
+        R.sample(c, labels, num_inference_steps=steps, seed=seeds)  # compiles the variants it needs
+        fastcache_fx.reset(model)
+        n0 = len(fastcache_fx.stats(model)["token_select"]["steps"])
+        t0 = time.perf_counter()
+        imgs = R.sample(c, labels, num_inference_steps=steps, seed=seeds)
+        secs = time.perf_counter() - t0
+        st = fastcache_fx.stats(model)["token_select"]
+        timed = st["steps"][n0:]
+        ratio = sum(r["n"] - r["k"] for r in timed) / max(1, sum(r["n"] for r in timed))
+        name = f"motion_threshold={thr:g}"
+        rows[name] = {"seconds_per_image": secs / len(labels),
+                      "psnr_db": float(R.psnr(imgs, base_imgs).clamp_max(100).mean()),
+                      "digits_fid": R.digits_fid(clf, imgs), "class_accuracy": R.class_accuracy(clf, imgs, labels),
+                      "spatial_approx_ratio": ratio, "variants_compiled": st["variants_compiled"],
+                      "tokens_per_step": [r["k"] for r in timed]}
+        print(f"  {name}: PSNR {rows[name]['psnr_db']:.2f} dB, ratio {ratio:.3f}", flush=True)
+    return rows
+
+
+def _table(rows: dict, cols: list[str]) -> str:
+    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, r in rows.items():
+        cells = [(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c])) for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=20)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS))
+    p.add_argument("--xl-layers", type=int, default=2, help="blocks of the DiT-XL/2-sized speed rows (0: skip)")
+    p.add_argument("--xl-calls", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/token_select.json"))
+    a = p.parse_args(argv)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+              "machine": f"{platform.machine()} {platform.processor() or ''} cpus={torch.get_num_threads()}".strip(),
+              "torch": torch.__version__,
+              "command": "python benchmarks/token_select.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    if a.xl_layers:
+        print(f"DiT-XL/2 width, {a.xl_layers} blocks, batch 2", flush=True)
+        record["xl"] = {"layers": a.xl_layers, "rows": xl_rows(a.xl_layers, a.xl_calls, a.repeats)}
+        print(_table(record["xl"]["rows"], ["tokens", "seconds_per_step", "inductor_seconds_per_step", "speed_ratio"]),
+              flush=True)
+    if not a.skip_quality:
+        print(f"reference DiT: {a.images} images, {a.steps} steps", flush=True)
+        record["reference"] = reference_rows(a.images, a.steps, a.thresholds)
+        print(_table(record["reference"], ["seconds_per_image", "psnr_db", "digits_fid", "class_accuracy",
+                                           "spatial_approx_ratio", "variants_compiled"]))
+    a.out.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
