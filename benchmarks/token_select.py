@@ -84,6 +84,38 @@ def xl_rows(layers: int, calls: int, repeats: int) -> dict:
     return rows
 
 
+def xl_flops(layers: int) -> dict:
+    """FLOPs per step of each bucket's graph (the pass output run eagerly, FlopCounterMode): the
+    compute a variant saves, independent of machine load."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastcache_fx.passes.token_select import apply_token_select, bucket_sizes, image_tokens
+    from fastcache_fx.passes.blocks import find_blocks
+
+    model, kw = zoo.build("dit", "xl", num_layers=layers)
+    cap = {}
+
+    def capture(gm, example_inputs, **_):
+        cap["gm"], cap["inputs"] = gm, list(example_inputs)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=capture, dynamic=False)(**kw)
+        regions = find_blocks(cap["gm"]).regions
+        n = image_tokens(regions)
+        config = fastcache_fx.FastCacheConfig(enable_spatial_approx=True)
+        out = {}
+        for k in bucket_sizes(n, config.token_buckets):
+            gm, res = apply_token_select(cap["gm"], config, k, regions)
+            state = [torch.full(s.shape, s.fill, dtype=s.dtype) for s in res.state]
+            state[2], state[3] = torch.tensor(0), torch.tensor(1000.0)  # a step after the first
+            with FlopCounterMode(display=False) as fc:
+                gm(*cap["inputs"], *state)
+            out[k] = fc.get_total_flops()
+    return {k: {"gflops": v / 1e9, "flops_ratio": out[n] / v} for k, v in out.items()}
+
+
 def reference_rows(images: int, steps: int, thresholds) -> dict:
     labels = torch.arange(10).repeat_interleave(max(1, images // 10))[:images]
     seeds = [1000 + i for i in range(len(labels))]
@@ -148,7 +180,12 @@ def main(argv=None) -> int:
     if a.xl_layers:
         print(f"DiT-XL/2 width, {a.xl_layers} blocks, batch 2", flush=True)
         record["xl"] = {"layers": a.xl_layers, "rows": xl_rows(a.xl_layers, a.xl_calls, a.repeats)}
-        print(_table(record["xl"]["rows"], ["tokens", "seconds_per_step", "inductor_seconds_per_step", "speed_ratio"]),
+        flops = xl_flops(a.xl_layers)
+        for k, f in flops.items():
+            record["xl"]["rows"][f"token select k={k}"].update(f)
+        record["xl"]["rows"]["inductor"].update(gflops=flops[max(flops)]["gflops"], flops_ratio=1.0)
+        print(_table(record["xl"]["rows"], ["tokens", "seconds_per_step", "inductor_seconds_per_step", "speed_ratio",
+                                            "gflops", "flops_ratio"]),
               flush=True)
     if not a.skip_quality:
         print(f"reference DiT: {a.images} images, {a.steps} steps", flush=True)
