@@ -307,7 +307,7 @@ def run_suite2(a, suite1_rows: list[dict]) -> dict:
             call(base, 999)
             res["inductor_compile_s"] = time.perf_counter() - t0
         base_times = trajectory(base, f"{fam} inductor")
-        base_step = float(np.median(base_times))
+        base_step = float(np.mean(base_times))
         res["inductor_step_s"] = base_step
         torch._dynamo.reset()
         model_fc, _ = zoo.build(fam, "xl", batch=2, num_layers=a.s2_layers)
@@ -321,13 +321,13 @@ def run_suite2(a, suite1_rows: list[dict]) -> dict:
             fastcache_fx.reset(model_fc)
             with fastcache_fx.replay_decisions(model_fc, rows, then="full"):
                 times = trajectory(fc, f"{fam} replay {tr['label']}")
-            L = res["num_layers"]
-            cols = (np.arange(L) * len(rows[0])) // L
-            ratio = float(np.asarray(rows)[:, cols].mean())
+            # what was really approximated (a forced row without an anchor computes fully)
+            done = [st["approx"] for st in fastcache_fx.stats(model_fc)["trace"][-len(rows):]]
+            ratio = float(np.mean(done)) if done else 0.0
+            step = float(np.mean(times))  # trajectory mean: approximated and full steps alternate
             res["rows"].append({"trace_from": tr["label"], "suite1_approx_ratio": tr["approx_ratio"],
-                                "replayed_approx_ratio": ratio, "step_s": float(np.median(times)),
-                                "latency_ratio": float(np.median(times)) / base_step,
-                                "speedup": base_step / float(np.median(times))})
+                                "replayed_approx_ratio": ratio, "step_s": step,
+                                "latency_ratio": step / base_step, "speedup": base_step / step})
             if not a.no_progress:
                 r = res["rows"][-1]
                 tqdm.write(f"  {name}: trace {tr['label']}: approx {ratio:.2f}, latency ratio {r['latency_ratio']:.3f}")
@@ -464,7 +464,7 @@ def plot(s1: dict, path: Path) -> None:
     for m, rs in groups.items():
         rs = sorted(rs, key=lambda r: r["psnr_db"])
         name = {"fastcache": "fastcache", "eager": "eager"}.get(m) or P.LABELS[m]
-        style = dict(lw=2.5, marker="o", color="C3", zorder=5) if m == "fastcache" else dict(lw=1, marker="s")
+        style = dict(lw=2.5, marker="o", color="black", zorder=5) if m == "fastcache" else dict(lw=1, marker="s")
         ax.plot([r["psnr_db"] for r in rs], [r["speedup"] for r in rs], label=name + ("" if rs[0]["compiled"] else " (eager)"), **style)
     ax.axhline(1.0, color="gray", lw=0.8, ls=":")
     ax.axhline(2.0, color="gray", lw=0.8, ls="--")
@@ -495,7 +495,10 @@ def markdown(record: dict, png_rel: str | None) -> str:
          "Speed is always a ratio against the Inductor baseline measured in the same run.", ""]
     s1 = record.get("suite1")
     if s1:
+        when = s1.get("measured")
         L += ["### Suite 1: quality and speed on the bundled reference DiT", "",
+              (f"(Suite 1 measured {when['date']} at commit {when['commit']}, load average "
+               f"{when['load_avg_1m_at_start']} at its start.) " if when else "") +
               f"`DiTTransformer2DModel` (6 blocks, 64 tokens), {s1['samples']} samples over 10 classes, "
               f"{s1['steps']} DDIM steps, CFG {s1['guidance_scale']} (batched: one transformer call per step with "
               f"batch {2 * s1['samples']}). Seconds per image = fastest of {s1.get('repeats', 1)} timed trajectory(ies) / "
@@ -524,8 +527,10 @@ def markdown(record: dict, png_rel: str | None) -> str:
               f"Batch 2 (one CFG pair), fp32, {s2['steps']} steps per trajectory (timesteps 999..0), "
               f"num_layers={s2['num_layers'] or 'full (28)'}. Each fastcache trajectory replays a suite-1 trace "
               "(`fastcache_fx.replay_decisions`; rows taken at evenly spaced steps of the 50-step trace, "
-              "blocks mapped proportionally onto this model's blocks). Step = median wall time of a call of "
+              "blocks mapped proportionally onto this model's blocks). Step = mean wall time of a call of "
               "the compiled transformer.", "", suite2_table(s2), ""]
+    if meta.get("notes"):
+        L += ["### Notes", ""] + [f"- {n}" for n in meta["notes"]] + [""]
     L += ["### Reproduce", "", "```bash", ". .venv/bin/activate && pip install -e '.[bench]'"]
     for c in meta.get("commands", [meta["command"]]):
         L.append(c)
@@ -553,13 +558,15 @@ def write_section(md_path: Path, text: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--suites", default="1,2", help="which suites to run: 1, 2 or 1,2 (suite 2 alone reads suite 1 from --out-json)")
+    p.add_argument("--suites", default="1", help="which suites to run: 1, 2 or 1,2 (suite 2 alone reads suite 1 from --out-json)")
     p.add_argument("--samples", type=int, default=100, help="suite 1 images (labels cycle over the 10 classes)")
     p.add_argument("--steps", type=int, default=50, help="suite 1 DDIM steps")
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from {METHODS}")
     for m, (knob, default) in SWEEPS.items():
         p.add_argument(f"--sweep-{m.replace('_', '-')}", dest=f"sweep_{m}", default=default, help=f"{m}: values of {knob}")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's choice); 1 keeps timings stable on a busy machine")
     p.add_argument("--repeats", type=int, default=1, help="timed trajectories per row (the fastest counts)")
     p.add_argument("--peer-mode", choices=("compiled", "eager"), default="compiled",
                    help="compile peers with Inductor (eager fallback if compile fails) or run them eager")
@@ -570,6 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-json", type=Path, default=HERE / "compare.json")
     p.add_argument("--out-png", type=Path, default=HERE / "compare.png")
     p.add_argument("--results-md", type=Path, default=HERE / "RESULTS.md", help="file whose compare section is rewritten")
+    p.add_argument("--note", action="append", default=[],
+                   help="a sentence for the Notes list of the results section (repeatable; kept in the JSON)")
+    p.add_argument("--render", action="store_true",
+                   help="run nothing: redraw the plot and the RESULTS.md section from --out-json")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -590,17 +601,32 @@ def _write(a, record: dict) -> None:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    if a.threads is not None:
+        if a.threads < 1:
+            raise ValueError("--threads: must be >= 1")
+        torch.set_num_threads(a.threads)
     suites = set(_parse_list(a.suites, int))
     if not suites or suites - {1, 2}:
         raise ValueError(f"--suites: expected 1, 2 or 1,2, got {a.suites!r}")
     command = "python benchmarks/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
     previous = json.loads(a.out_json.read_text()) if a.out_json.exists() else {}
+    if a.render:
+        if not previous:
+            raise ValueError(f"--render: no results in {a.out_json}")
+        previous.setdefault("meta", {}).setdefault("notes", []).extend(a.note)
+        _write(a, previous)
+        print(f"redrew {a.out_png} and the compare section of {a.results_md} from {a.out_json}")
+        return 0
     record = {"meta": {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                       "commit": _commit(), "machine": machine(), "command": command, "commands": [command]}}
+                       "commit": _commit(), "machine": machine(), "command": command, "commands": [command],
+                       "notes": list(a.note)}}
     if 1 in suites:
         record["suite1"] = run_suite1(a)
     elif previous.get("suite1"):
         record["suite1"] = previous["suite1"]
+        pm = previous.get("meta", {})
+        record["suite1"].setdefault("measured", {"date": pm.get("date"), "commit": pm.get("commit"),
+                                                 "load_avg_1m_at_start": pm.get("machine", {}).get("load_avg_1m_at_start")})
         record["meta"]["commands"] = previous.get("meta", {}).get("commands", [])[:1] + [command]
     if 2 in suites:
         if not record.get("suite1"):
