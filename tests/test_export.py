@@ -201,6 +201,9 @@ def test_export_rejects_bad_arguments(model, tmp_path):
         fastcache_fx.export(model, _example(), tmp_path, config={"warmup_steps": -1})
     with pytest.raises(ValueError, match="no transformer blocks"):
         fastcache_fx.export(torch.nn.Linear(4, 4), {"input": torch.randn(2, 3, 4)}, tmp_path)
+    for field in ("enable_spatial_approx", "enable_token_merge"):  # passes the export cannot carry yet
+        with pytest.raises(ValueError, match=f"FastCacheConfig.{field}"):
+            fastcache_fx.export(model, _example(), tmp_path, config={field: True})
 
 
 @pytest.mark.skipif(HAS_TRT, reason="checks the error raised without CUDA/torch_tensorrt")

@@ -190,6 +190,9 @@ def rewrite(captured: CapturedGraph, config: FastCacheConfig):
 
     if getattr(config, "enable_token_merge", False):
         raise ValueError("FastCacheConfig.enable_token_merge: export does not support the token-merge pass yet")
+    if getattr(config, "enable_spatial_approx", False):
+        raise ValueError("FastCacheConfig.enable_spatial_approx: export does not support token selection yet "
+                         "(its variants are chosen per step by the Python runtime)")
     if config.calibration == "online":
         raise ValueError("FastCacheConfig.calibration: export needs fixed maps (a calibration file), not 'online'")
     search = find_blocks(captured.gm)
