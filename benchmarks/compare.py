@@ -45,7 +45,7 @@ PSNR_CAP = 100.0  # dB reported for identical images (MSE 0)
 
 #: The knob each method is swept over, and its default values (a flag per method overrides them).
 SWEEPS = {
-    "fastcache": ("cache_ratio_threshold", "0.05,0.1,0.2,0.3"),
+    "fastcache": ("cache_ratio_threshold", "0.02,0.05,0.1,0.2"),
     "fbcache": ("threshold", "0.05,0.1,0.2"),
     "taylorseer": ("cache_interval", "3,5"),
     "magcache": ("threshold", "0.06,0.12"),

@@ -9,10 +9,14 @@ Peers (diffusers 0.42.1 hooks, cache-dit 1.5.x):
 
 - ``fbcache``: diffusers ``FirstBlockCacheConfig(threshold)`` (ParaAttention's First Block Cache).
 - ``taylorseer``: diffusers ``TaylorSeerCacheConfig`` (arXiv 2503.06923), the docstring example
-  (``cache_interval=5, max_order=1, disable_cache_before_step=3``, fp32 factors).
+  (``cache_interval=5, max_order=1, disable_cache_before_step=3``, fp32 factors) with
+  ``cache_identifiers`` naming each block's ``attn1`` and ``ff`` (the default patterns match no
+  module of DiT/PixArt).
 - ``magcache``: diffusers ``MagCacheConfig`` with ``mag_ratios`` from one calibration run
   (``calibrate=True`` prints the ratios; the docs say to copy them into the config).
-- ``fastercache``: diffusers ``FasterCacheConfig`` (arXiv 2410.19355), ``tensor_format="BCHW"``.
+- ``fastercache``: diffusers ``FasterCacheConfig`` (arXiv 2410.19355), the docstring example with
+  ``tensor_format="BCHW"``; it assumes CFG batches ordered [uncond, cond], so the wrapper reorders
+  the sampler's [cond, uncond] batch around the call.
 - ``pab``: diffusers ``PyramidAttentionBroadcastConfig`` (arXiv 2408.12588), the docstring example.
 - ``dbcache`` / ``dbcache_taylorseer``: cache-dit ``enable_cache(transformer, DBCacheConfig(...))``
   without / with ``TaylorSeerCalibratorConfig``.
