@@ -20,8 +20,18 @@ step's bucket. Text tokens of joint models (SD3, Flux) are never selected: they 
 
 Motion tokens attend only among themselves (and the text tokens), as in the paper: the static
 tokens are absent from the block stack's attention. Their output is the approximation
-``static_approx``: "cached" = Y_ref (their stack output at the last step they were computed; a
-100 % step refreshes every token). The motion tokens' outputs are scattered back in place.
+``static_approx`` (``approx_static``), with S the static tokens (the complement of the motion
+tokens, N - k of them):
+    "cached":        Y[S] = Y_ref[S] (their stack output at the last step they were computed; a
+                     100 % step refreshes every token);
+    "linear":        Y[S] = X[S] W^T + b (FastCache sec. 3.1, W_static X + b_static);
+    "cached_linear": Y[S] = Y_ref[S] + (X[S] - X_ref[S]) W^T + b (the issue's
+                     Y_{t-1} + W_s (X_t - X_{t-1}), with X_ref the reference above),
+W [D, D], b [D] the block-stack map of the calibration (``runtime.calibration.calibrate_stack``,
+fitted with the identity-plus-residual prior). Y_ref keeps the *computed* stack outputs of
+static tokens under ``reference="anchor"`` (matching X_ref, so Y_ref + W (X - X_ref) never
+chains approximations), the approximated ones under ``"previous"``. The motion tokens' outputs
+are scattered back in place.
 
 Context inputs indexed by token (a non-batch, non-last dimension of size N_img, or N_txt + N_img
 for joint models, text first as in Flux) are gathered with the same indices; they are found by
@@ -30,7 +40,8 @@ propagation of the gathered shapes: a node that bakes N fails it, and the graph 
 
 Graph layout added (the block-cache pass then sees these as user inputs/outputs):
     inputs  = original inputs + x_ref [B, N, D], y_ref [B, N, D], step [] int64, prev_t [] f32
-              (+ idx_prev [k] int64 when k < N)
+              (+ idx_prev [k] int64 when k < N) (+ stack weight [D, D], bias [D] f32 when k < N
+              and static_approx is "linear" / "cached_linear": ``TokenSelectResult.weights``)
     outputs = original outputs (as a tuple) + x_ref', y_ref', step', t', m [] int64
               (+ idx [k] int64 when k < N)
 For k < N a node tagged ``meta["fc_token_select"] == "changed"`` says the token set differs
@@ -50,7 +61,7 @@ from torch import fx
 
 from ..config import FastCacheConfig
 from ..runtime import decision as D
-from .block_cache import StateSpec
+from .block_cache import StateSpec, WeightSpec
 from .blocks import BlockRegion, clone_graph_module, find_blocks, is_param, node_value, remap_region, tensor_meta
 
 _TIMESTEP = re.compile(r"timestep", re.IGNORECASE)
@@ -114,6 +125,30 @@ def scatter_tokens(base: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> to
     return base.index_copy(1, idx, y.to(base.dtype)).contiguous()
 
 
+def complement_tokens(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """The N - k token indices not in idx [k] (distinct), increasing: [N - k] int64 (a static
+    shape: a stable sort of the membership mask, not a boolean mask)."""
+    member = torch.zeros(n, dtype=torch.int8, device=idx.device).index_fill(0, idx, 1)
+    return torch.sort(member, stable=True).indices[: n - idx.shape[0]]
+
+
+def approx_static(x: torch.Tensor, x_ref: torch.Tensor, y_ref: torch.Tensor, idx: torch.Tensor,
+                  weight: torch.Tensor, bias: torch.Tensor, *, mode: str) -> torch.Tensor:
+    """y_ref [B, N, D] with the static tokens (not in idx [k]) replaced by their approximation:
+    ``mode`` "linear": X W^T + b; "cached_linear": Y_ref + (X - X_ref) W^T + b (FastCache sec.
+    3.1; the module doc). x, x_ref: [B, N, D]; weight [D, D], bias [D] float32 (computed in
+    float32, returned in y_ref's dtype). The motion tokens keep y_ref (``scatter_tokens``
+    overwrites them)."""
+    sidx = complement_tokens(idx, x.shape[1])
+    xs = x.index_select(1, sidx).float()
+    if mode == "linear":
+        ys = torch.nn.functional.linear(xs, weight.float(), bias.float())
+    else:
+        dx = xs - x_ref.index_select(1, sidx).float()
+        ys = y_ref.index_select(1, sidx).float() + torch.nn.functional.linear(dx, weight.float(), bias.float())
+    return y_ref.index_copy(1, sidx, ys.to(y_ref.dtype)).contiguous()
+
+
 def changed_set(idx: torch.Tensor, idx_prev: torch.Tensor) -> torch.Tensor:
     """[] bool: the token set differs from the previous step's (idx_prev = -1: none yet)."""
     return (idx != idx_prev).any()
@@ -145,6 +180,8 @@ class TokenSelectResult:
     text tokens of a joint model, ``contexts`` the names of the token-indexed context inputs
     gathered. ``state`` are the extra inputs in order (x_ref, y_ref, step, prev_t[, idx_prev]);
     the graph returns user outputs, then their new values, with m [] int64 before idx.
+    ``weights`` are the stack-map inputs after them ([D, D] weight, [D] bias; empty unless
+    k < N and ``static_approx`` is "linear" / "cached_linear"), never returned.
     """
 
     applied: bool
@@ -159,6 +196,8 @@ class TokenSelectResult:
     num_user_inputs: int = 0
     num_user_outputs: int = 0
     output_is_tuple: bool = True
+    static_approx: str = "cached"
+    weights: list[WeightSpec] = field(default_factory=list)
 
 
 def bucket_sizes(n: int, buckets) -> list[int]:
@@ -210,7 +249,8 @@ def _token_dim(shape: tuple, sizes: tuple[int, ...]) -> tuple[int, int] | None:
 
 
 def apply_token_select(gm: fx.GraphModule, config: FastCacheConfig, k: int,
-                       regions: list[BlockRegion] | None = None) -> tuple[fx.GraphModule, TokenSelectResult]:
+                       regions: list[BlockRegion] | None = None,
+                       static_approx: str = "cached") -> tuple[fx.GraphModule, TokenSelectResult]:
     """Insert motion-aware token selection computing ``k`` image tokens into a copy of ``gm``.
 
     k == N gives the 100 % variant: no gather, only the saliency count m and the state. For
@@ -218,6 +258,10 @@ def apply_token_select(gm: fx.GraphModule, config: FastCacheConfig, k: int,
     is scattered into the static tokens' approximation (``scatter_tokens``). Node
     ``meta["val"]`` of the whole graph is refreshed by fake-tensor propagation, so the block
     cache sizes its state from the gathered shapes.
+
+    ``static_approx`` is the approximation of the static tokens actually built ("cached",
+    "linear", "cached_linear"; not ``config.static_approx``, which the runtime downgrades to
+    "cached" without a stack map): the last two add the stack-map inputs ``result.weights``.
 
     Returns:
         (gm', TokenSelectResult); with ``applied`` False gm' is ``gm`` itself and ``reason`` says
@@ -237,9 +281,12 @@ def apply_token_select(gm: fx.GraphModule, config: FastCacheConfig, k: int,
     k = int(k)
     if not 1 <= k <= n:
         raise ValueError(f"k: expected 1 <= k <= {n}, got {k}")
+    if static_approx not in ("cached", "linear", "cached_linear"):
+        raise ValueError(f"static_approx: expected 'cached', 'linear' or 'cached_linear', got {static_approx!r}")
     others = [tensor_meta(x)[0] for i, x in enumerate(regions[0].stream_inputs) if i != si]
     n_txt = sum(s[1] for s in others if len(s) == 3)
-    result = TokenSelectResult(True, "", n, k, n_txt, stream_shape=tuple(shape), dtype=dtype)
+    result = TokenSelectResult(True, "", n, k, n_txt, stream_shape=tuple(shape), dtype=dtype,
+                               static_approx=static_approx if k < n else "cached")
 
     orig_gm = gm
     gm, val_map = clone_graph_module(gm)
@@ -270,6 +317,18 @@ def apply_token_select(gm: fx.GraphModule, config: FastCacheConfig, k: int,
     step_in = state_input("step", (), torch.int64, -1)
     prev_t_in = state_input("prev_t", (), torch.float32, float("-inf"))
     idx_prev_in = state_input("idx_prev", (k,), torch.int64, -1) if k < n else None
+    w_in = b_in = None
+    if result.static_approx != "cached":  # the stack map, after the state inputs
+        stack_in = []
+        for key, shp in (("weight", (d, d)), ("bias", (d,))):
+            with graph.inserting_after(last_ph):
+                p = graph.placeholder("fc_ts_stack_" + key)
+            _set_val(p, torch.empty(shp, dtype=torch.float32, device="meta"))
+            p._dynamo_source = None
+            last_ph = p
+            stack_in.append(p)
+            result.weights.append(WeightSpec("token_select.stack." + key, "stack", 0, key, shp, torch.float32))
+        w_in, b_in = stack_in
 
     x = regions[0].stream_inputs[si]
     y = regions[-1].stream_outputs[so]
@@ -312,13 +371,22 @@ def apply_token_select(gm: fx.GraphModule, config: FastCacheConfig, k: int,
             if nd in members:
                 _rebake(nd, {n: k, n + n_txt: k + n_txt} if n_txt else {n: k})
         glue_users = [u for u in y.users if u not in members]
-        with graph.inserting_after(y):
-            yfull = graph.call_function(scatter_tokens, (y_ref_in, idx, y))
+        anchor = config.reference == "anchor"
+        base = y_ref_in
+        if w_in is not None:
+            with graph.inserting_after(y):
+                base = graph.call_function(approx_static, (x, x_ref_in, y_ref_in, idx, w_in, b_in),
+                                           {"mode": result.static_approx})
+        with graph.inserting_after(base if w_in is not None else y):
+            yfull = y_new = graph.call_function(scatter_tokens, (base, idx, y))
+        if w_in is not None:  # Y_ref: computed outputs under "anchor" (matching X_ref), else Y
+            with graph.inserting_after(yfull):
+                y_new = graph.call_function(scatter_tokens, (y_ref_in, idx, y)) if anchor else yfull
         for u in glue_users:
             u.replace_input_with(y, yfull)
         with graph.inserting_before(out_node):
-            x_new = graph.call_function(update_reference, (x, x_ref_in, idx, config.reference == "anchor"))
-        new_state = [x_new, yfull, step_node, t_node, m, idx]
+            x_new = graph.call_function(update_reference, (x, x_ref_in, idx, anchor))
+        new_state = [x_new, y_new, step_node, t_node, m, idx]
     else:
         with graph.inserting_before(out_node):
             x_new = graph.call_function(torch.Tensor.contiguous, (x,))

@@ -19,7 +19,8 @@ def collect(entry: ModelEntry | None) -> dict:
         else None.
         ``spatial_approx_ratio``: approximated / all image token-steps of token selection (0.0
         without it); ``token_select``: ``{"buckets", "variants_compiled", "spatial_approx_ratio",
-        "steps": [{"context", "step", "k" computed tokens, "n", "m" motion tokens}]}`` summed
+        "static_approx" (the one built: "cached" when the stack map was missing), "steps":
+        [{"context", "step", "k" computed tokens, "n", "m" motion tokens}]}`` summed
         over the model's token-selection graphs, else None.
     """
     empty = {"block_approx_ratio": 0.0, "per_block": {}, "steps": 0, "blocks": [], "graphs": 0, "trace": [],
@@ -68,5 +69,6 @@ def _token_select(entry: ModelEntry) -> dict:
     total = sum(r["n"] for r in steps)
     ratio = sum(r["n"] - r["k"] for r in steps) / total if total else 0.0
     return {"spatial_approx_ratio": ratio,
-            "token_select": {"buckets": sums[-1]["buckets"], "variants_compiled": sum(s["variants_compiled"] for s in sums),
+            "token_select": {"buckets": sums[-1]["buckets"], "static_approx": sums[-1].get("static_approx", "cached"),
+                             "variants_compiled": sum(s["variants_compiled"] for s in sums),
                              "spatial_approx_ratio": ratio, "steps": steps}}

@@ -9,6 +9,12 @@ bucket). The first ``max(1, warmup_steps)`` steps of a trajectory run the 100 % 
 new trajectory starts while a smaller variant was picked (the graph detects it from the
 timestep), the step is run again with the 100 % variant.
 
+``static_approx`` "linear" / "cached_linear" need the block-stack map (W [D, D], b [D]) of the
+calibration file (``runtime.calibration.calibrate_stack``); it is loaded once here and passed to
+every variant with k < N as two constant inputs. Without a calibration, with
+``calibration="online"`` or with a file that holds no stack map, a warning is issued and the
+static tokens get "cached".
+
 Each variant is a ``GraphRuntime`` with its own block-cache state, registered in a private
 ``ModelEntry``: switching variants drops the block-cache state of the variant switched to
 (its anchors may belong to another token set), so an anchor is never stale.
@@ -65,9 +71,12 @@ class TokenSelectRuntime:
             cache + lowering for one variant graph).
         gm: the Dynamo graph (never modified). config: the FastCacheConfig. regions: its blocks.
         n: image tokens N. clone_outputs: copy state a CUDA-graph replay would overwrite.
+        static_approx: the approximation built ("cached", or "linear" / "cached_linear" with
+            ``stack`` = (W [D, D], b [D]) float32 on the device).
     """
 
-    def __init__(self, backend_factory, gm, config, regions, n: int, clone_outputs: bool = False) -> None:
+    def __init__(self, backend_factory, gm, config, regions, n: int, clone_outputs: bool = False,
+                 static_approx: str = "cached", stack: tuple | None = None) -> None:
         self.factory = backend_factory
         self.gm = gm
         self.config = config
@@ -86,6 +95,8 @@ class TokenSelectRuntime:
         self.layout = None
         self.token_merge = None
         self.online = None
+        self.static_approx = static_approx
+        self.stack = list(stack) if stack is not None else []
 
     # variants ----------------------------------------------------------------------------
     @property
@@ -98,10 +109,10 @@ class TokenSelectRuntime:
         rt = self.variants.get(k)
         if rt is not None:
             return rt
-        gm_k, res = apply_token_select(self.gm, self.config, k, self.regions)
+        gm_k, res = apply_token_select(self.gm, self.config, k, self.regions, static_approx=self.static_approx)
         if not res.applied:  # checked at build time for the smallest bucket; should not happen
             raise RuntimeError(f"fastcache: token selection with k={k} failed: {res.reason}")
-        rt = self.factory(gm_k, list(args) + list(state), res)
+        rt = self.factory(gm_k, list(args) + list(state) + self._weights(res), res)
         if self.entry is None:  # the first variant: join the model's entry as one graph
             self.entry = rt.entry
             self.sub = _VariantEntry(self.entry)
@@ -116,6 +127,10 @@ class TokenSelectRuntime:
         self.results[k] = res
         log.info("fastcache: token selection variant k=%d of N=%d compiled (%d so far)", k, self.n, len(self.variants))
         return rt
+
+    def _weights(self, res) -> list[torch.Tensor]:
+        """The stack-map inputs of a variant (``res.weights``: weight, bias), or []."""
+        return self.stack[:len(res.weights)] if res.weights else []
 
     # state -------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -167,7 +182,7 @@ class TokenSelectRuntime:
             extra.append(idx_prev)
         rt = self.variant(k, args, extra)
         res = self.results[k]
-        out = rt(*args, *extra)
+        out = rt(*args, *extra, *self._weights(res))
         out = list(out) if isinstance(out, (tuple, list)) else [out]
         nu = res.num_user_outputs
         user, new = out[:nu], out[nu:]
@@ -184,6 +199,7 @@ class TokenSelectRuntime:
         total = sum(r.n for r in recs)
         approx = sum(r.n - r.k for r in recs)
         return {"buckets": list(self.buckets), "variants_compiled": self.compiled_variants,
+                "static_approx": self.static_approx,
                 "spatial_approx_ratio": approx / total if total else 0.0,
                 "steps": [{"context": r.context, "step": r.step, "k": r.k, "n": r.n, "m": r.m} for r in recs]}
 
@@ -195,21 +211,52 @@ def build_token_select(backend_factory, gm, example_inputs, config, search, devi
         warnings.warn("fastcache: enable_spatial_approx with enable_token_merge is not supported; "
                       "compiled without token selection", stacklevel=3)
         return None
-    if config.static_approx != "cached":
-        warnings.warn(f"fastcache: static_approx={config.static_approx!r} needs a stack map in the calibration, "
-                      "which calibrations do not hold yet; falling back to static_approx='cached'", stacklevel=3)
     regions = search.regions
     n = image_tokens(regions)
     if isinstance(n, str):
         warnings.warn(f"fastcache: token selection left alone: {n}; compiled without it", stacklevel=3)
         return None
-    _, probe = apply_token_select(gm, config, bucket_sizes(n, config.token_buckets)[0], regions)
+    static_approx, stack = _stack_map(config, regions, device)
+    _, probe = apply_token_select(gm, config, bucket_sizes(n, config.token_buckets)[0], regions,
+                                  static_approx=static_approx)
     if not probe.applied:  # a block bakes N: the smallest variant does not propagate
         warnings.warn(f"fastcache: token selection left alone: {probe.reason}; compiled without it", stacklevel=3)
         return None
-    rt = TokenSelectRuntime(backend_factory, gm, config, regions, n, clone_outputs)
+    rt = TokenSelectRuntime(backend_factory, gm, config, regions, n, clone_outputs, static_approx, stack)
     rt._device = device
     _, full = apply_token_select(gm, config, n, regions)
     state = [torch.full(s.shape, s.fill, dtype=s.dtype, device=device) for s in full.state]
     rt.variant(n, example_inputs, state)
     return rt
+
+
+def _stack_map(config, regions, device) -> tuple[str, tuple | None]:
+    """(static_approx to build, (W, b) on ``device`` or None): ``config.static_approx`` with the
+    calibration's stack map, or "cached" with a warning when there is none.
+
+    Raises:
+        FileNotFoundError, ValueError: from ``load_stack_map`` (a stack map for the other
+            static_approx, another model or width).
+    """
+    want = config.static_approx
+    if want == "cached":
+        return "cached", None
+    why = None
+    if config.calibration is None:
+        why = "no calibration is given (calibration=path of a file from calibrate_stack)"
+    elif config.calibration == "online":
+        why = "calibration='online' fits block maps only"
+    else:
+        from ..passes.blocks import tensor_meta
+        from ..passes.token_select import _image_stream
+        from .calibration import load_stack_map
+
+        si, _ = _image_stream(regions)  # image_tokens() succeeded: unambiguous
+        width = tensor_meta(regions[0].stream_inputs[si])[0][-1]
+        pair = load_stack_map(config.calibration, want, int(width))
+        if pair is not None:
+            return want, tuple(t.to(device) for t in pair)
+        why = f"{config.calibration} holds no stack map (fastcache_fx.runtime.calibration.calibrate_stack)"
+    warnings.warn(f"fastcache: static_approx={want!r} needs the block-stack map of a calibration, but {why}; "
+                  "falling back to static_approx='cached'", stacklevel=4)
+    return "cached", None
