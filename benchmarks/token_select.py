@@ -116,7 +116,9 @@ def xl_flops(layers: int) -> dict:
     return {k: {"gflops": v / 1e9, "flops_ratio": out[n] / v} for k, v in out.items()}
 
 
-def reference_rows(images: int, steps: int, thresholds) -> dict:
+def reference_rows(images: int, steps: int, thresholds, static=(("cached", None),)) -> dict:
+    """Quality and speed on the reference DiT per motion_threshold and (static_approx, calibration
+    path of its stack map) in ``static``."""
     labels = torch.arange(10).repeat_interleave(max(1, images // 10))[:images]
     seeds = [1000 + i for i in range(len(labels))]
     clf = R.load_classifier()
@@ -130,10 +132,11 @@ def reference_rows(images: int, steps: int, thresholds) -> dict:
                          "digits_fid": R.digits_fid(clf, base_imgs),
                          "class_accuracy": R.class_accuracy(clf, base_imgs, labels),
                          "spatial_approx_ratio": 0.0, "variants_compiled": 0}}
-    for thr in thresholds:
+    for thr, (sa, cal) in [(t, s) for t in thresholds for s in static]:
         model = R.load()
         c = torch.compile(model, backend=fastcache_fx.FastCacheBackend(enable_spatial_approx=True, enable_block_approx=False,
-                                                                       motion_threshold=thr), dynamic=False)
+                                                                       motion_threshold=thr, static_approx=sa,
+                                                                       calibration=cal), dynamic=False)
         R.sample(c, labels, num_inference_steps=steps, seed=seeds)  # compiles the variants it needs
         fastcache_fx.reset(model)
         n0 = len(fastcache_fx.stats(model)["token_select"]["steps"])
@@ -143,7 +146,7 @@ def reference_rows(images: int, steps: int, thresholds) -> dict:
         st = fastcache_fx.stats(model)["token_select"]
         timed = st["steps"][n0:]
         ratio = sum(r["n"] - r["k"] for r in timed) / max(1, sum(r["n"] for r in timed))
-        name = f"motion_threshold={thr:g}"
+        name = f"motion_threshold={thr:g}" + (f" static_approx={sa}" if sa != "cached" else "")
         rows[name] = {"seconds_per_image": secs / len(labels),
                       "psnr_db": float(R.psnr(imgs, base_imgs).clamp_max(100).mean()),
                       "digits_fid": R.digits_fid(clf, imgs), "class_accuracy": R.class_accuracy(clf, imgs, labels),
@@ -170,6 +173,9 @@ def main(argv=None) -> int:
     p.add_argument("--xl-calls", type=int, default=5)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--static-approx", nargs="+", default=["cached"], metavar="KIND[=PATH]",
+                   help="static_approx values of the quality rows; linear / cached_linear need =PATH, a stack-map "
+                        "calibration (fastcache-fx calibrate --kind stack_linear / stack_cached_linear)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/token_select.json"))
     a = p.parse_args(argv)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -189,7 +195,8 @@ def main(argv=None) -> int:
               flush=True)
     if not a.skip_quality:
         print(f"reference DiT: {a.images} images, {a.steps} steps", flush=True)
-        record["reference"] = reference_rows(a.images, a.steps, a.thresholds)
+        static = [tuple(v.split("=", 1)) if "=" in v else (v, None) for v in a.static_approx]
+        record["reference"] = reference_rows(a.images, a.steps, a.thresholds, static)
         print(_table(record["reference"], ["seconds_per_image", "psnr_db", "digits_fid", "class_accuracy",
                                            "spatial_approx_ratio", "variants_compiled"]))
     a.out.write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -97,6 +97,11 @@ def test_stack_map_file_rules(dit, tmp_path):
         C.load_stack_map(tmp_path / "lin.safetensors", "linear", 32)
     with pytest.raises(ValueError, match="stack_cached_linear needs two model calls"):
         C.calibrate_stack(model, lambda m: m(**kw), kind="stack_cached_linear")
+    # fastcache_fx.calibrate (and the CLI) dispatch the stack kinds; no rank / time buckets
+    with pytest.raises(ValueError, match="no rank"):
+        fastcache_fx.calibrate(model, _run_fn(kw, (0,)), kind="stack_linear", rank=2)
+    cal = fastcache_fx.calibrate(model, _run_fn(kw, (0,)), kind="stack_cached_linear")
+    assert cal.metadata["stack"]["static_approx"] == "cached_linear" and set(cal.tensors) == {C.STACK_WEIGHT, C.STACK_BIAS}
     # block maps + the stack map in one file: both loaders find theirs
     blocks = C.calibrate(model, _run_fn(kw, (0,)), kind="linear")
     C.save(C.merge_stack(blocks, C.load(tmp_path / "lin.safetensors")), tmp_path / "both.safetensors")

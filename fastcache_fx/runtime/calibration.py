@@ -27,6 +27,13 @@ What is fitted (``kind``), matching ``runtime.decision``:
 - ``rank=r``: C = U V^T (reduced-rank regression, ``RidgeStats.solve``), applied as
   h + (h V) U^T + b in O(N D r).
 - ``time_buckets=K``: one map per bucket k = floor(K t / timestep_max) of the model's timestep.
+- ``stack_linear`` / ``stack_cached_linear`` (``calibrate_stack``): one map of the whole block
+  stack on the image stream, for token selection's ``static_approx="linear"`` (y = W x + b,
+  x entering the first block, y leaving the last) and ``"cached_linear"`` (dY = W dX + b over
+  consecutive model calls of one trajectory and context); both with the identity-plus-residual
+  prior. Stored as "stack.weight.0" [D, D] (the full W) and "stack.bias.0" [D] with a ``stack``
+  metadata entry, in a file of that ``kind`` or added to a file of block maps (``merge_stack``),
+  so one file can serve ``approx`` and ``static_approx``; ``load_stack_map`` reads it.
 
 Streams: a block's output streams are ordered canonically by token count N, largest first (the
 image stream is stream 0 when N_img > N_txt; on a tie ``hidden_states`` comes first). The graph
@@ -540,7 +547,8 @@ def calibrate(model, run_fn: Callable, out: str | Path | None = None, kind: str 
         run_fn: called once; runs a few sampling trajectories.
         out: where to save the safetensors file (optional).
         kind: "linear" (y = W x + b with W = I + C) or "residual_linear" (dR = C dX + b, see
-            the module doc).
+            the module doc); "stack_linear" / "stack_cached_linear" fit the block-stack map of
+            token selection instead (``calibrate_stack``; no rank, one time bucket).
         ridge: None chooses lambda per stream by GCV; a float is an absolute lambda.
         stats_device: where statistics accumulate (default: the activations' device). Each
             stream needs 8 (D^2 + D_in D_out) bytes per bucket: ~150 MB at D = 3072.
@@ -556,6 +564,11 @@ def calibrate(model, run_fn: Callable, out: str | Path | None = None, kind: str 
             lists, or ``run_fn`` produced no pair (no block was called; for residual_linear: no
             block called twice in a trajectory).
     """
+    if kind in STACK_KINDS:
+        if rank is not None or time_buckets != 1:
+            raise ValueError(f"kind={kind!r}: the block-stack map has no rank / time buckets "
+                             f"(got rank={rank!r}, time_buckets={time_buckets!r})")
+        return calibrate_stack(model, run_fn, out=out, kind=kind, ridge=ridge, stats_device=stats_device)
     cs = collect_stats(model, run_fn, kind=kind, time_buckets=time_buckets, timestep_max=timestep_max,
                        stats_device=stats_device)
     cal = fit_calibration(cs, rank=rank, ridge=ridge)

@@ -1,7 +1,7 @@
 """``fastcache-fx calibrate``: fit the linear block maps of the bundled reference DiT.
 
     fastcache-fx calibrate --model reference --samples 64 --steps 20 --out calib.safetensors
-                           [--kind linear] [--rank R] [--time-buckets K]
+                           [--kind linear|residual_linear|stack_linear|stack_cached_linear] [--rank R] [--time-buckets K]
 
 Samples ``--samples`` digits (classes 0..9 in turn, batched CFG, seeds ``--seed`` + i) with
 ``fastcache_fx.reference.sample`` on the uncompiled model while ``calibration.calibrate``
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .calibration import KINDS, calibrate
+from .calibration import KINDS, STACK_KINDS, calibrate
 
 MODELS = ("reference",)
 
@@ -26,7 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=64, help="sampling trajectories (default 64)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps per trajectory (default 20)")
     p.add_argument("--batch", type=int, default=16, help="trajectories per batch (default 16)")
-    p.add_argument("--kind", default="linear", choices=KINDS, help="approximation to fit (default linear)")
+    p.add_argument("--kind", default="linear", choices=KINDS + tuple(STACK_KINDS),
+                   help="approximation to fit (default linear); stack_linear / stack_cached_linear: the block-stack "
+                        "map of token selection (static_approx linear / cached_linear)")
     p.add_argument("--ridge", type=float, default=None, help="absolute ridge lambda (default: chosen by GCV)")
     p.add_argument("--rank", type=int, default=None, help="low-rank maps W = I + U V^T of this rank (default: full)")
     p.add_argument("--time-buckets", type=int, default=1, help="maps per block for K timestep ranges (default 1)")
@@ -80,6 +82,8 @@ def run(args) -> int:
         print(f"{block}: {sum(meta['samples'][block])} token pairs, relative fit error "
               f"{', '.join(f'{e:.4f}' for e in errs)}, lambda {ridges}")
     opts = {"approx": args.kind, "calibration": str(args.out)}
+    if args.kind in STACK_KINDS:
+        opts = {"enable_spatial_approx": True, "static_approx": STACK_KINDS[args.kind], "calibration": str(args.out)}
     if args.rank is not None:
         opts["rank"] = args.rank
     if args.time_buckets > 1:
