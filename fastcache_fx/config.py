@@ -32,7 +32,8 @@ class FastCacheConfig:
             tokens N (each in (0, 1]; 1.0 is always added): one compiled variant per bucket at most.
         static_approx: approximation of the static tokens' stack output: "cached" (the previous
             output), "cached_linear" (previous output + W_s (X_t - X_ref)) or "linear"
-            (W_s X_t + b_s); the last two need a stack map in the calibration (else "cached").
+            (W_s X_t + b_s); the last two need a stack map in the calibration, from
+            ``calibrate(kind="stack_linear" / "stack_cached_linear")`` (else "cached", with a warning).
         adaptive_beta: (b0, b1, b2, b3) of tau(t) = b0 + b1 delta + b2 t + b3 t^2 with t the
             timestep divided by ``timestep_max``; None keeps tau constant.
         enable_block_approx: False keeps the rewritten graph but never approximates.
