@@ -159,6 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="timed trajectories per method (best is kept)")
     p.add_argument("--xl-layers", type=int, default=0, help="blocks of the DiT-XL/2-sized speed row (0: skip)")
     p.add_argument("--xl-steps", type=int, default=5)
+    p.add_argument("--xl-only", action="store_true", help="only the XL row, added to the existing --out file")
     p.add_argument("--out", type=Path, default=Path("benchmarks/token_merge.json"))
     a = p.parse_args(argv)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -166,6 +167,15 @@ def main(argv=None) -> int:
               "machine": f"{platform.machine()} {platform.processor() or ''} cpus={torch.get_num_threads()}".strip(),
               "torch": torch.__version__, "command": "python benchmarks/token_merge.py " + " ".join(argv or __import__("sys").argv[1:]),
               "images": a.images, "steps": a.steps, "repeats": a.repeats}
+    if a.xl_only:
+        record = {**json.loads(a.out.read_text()), "xl_date": record["date"], "xl_commit": commit,
+                  "xl_command": record["command"]}
+        a.xl_layers = a.xl_layers or 2
+        print(f"DiT-XL/2 width, {a.xl_layers} blocks: {a.xl_steps} steps", flush=True)
+        record["xl"] = {"layers": a.xl_layers, "steps": a.xl_steps, "rows": xl_rows(a.xl_layers, a.xl_steps, a.repeats)}
+        print(_table(record["xl"]["rows"], ["seconds_per_step", "speed_ratio", "tokens_per_stage"]))
+        a.out.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        return 0
     print(f"reference DiT: {a.images} images, {a.steps} steps", flush=True)
     def save(rows, rounds):  # after every timing round, so a cut-off run leaves its numbers
         record["reference"], record["rounds_done"] = rows, rounds
