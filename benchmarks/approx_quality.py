@@ -252,7 +252,6 @@ def main(argv=None) -> int:
     b2 = 2 * len(labels)
     with torch.no_grad():
         emb = {"hidden_states": torch.randn(b2, 64, 128)}
-        blk = block_modules(model)["transformer_blocks.0"]
         # the block's context inputs as the model passes them (AdaLN-zero: timestep and class labels)
         emb.update(timestep=torch.full((b2,), 500), class_labels=torch.arange(b2) % 10)
     costs, block_flops, t_block = _costs(model, emb)

@@ -24,9 +24,8 @@ from torch import fx
 from ..config import FastCacheConfig
 from ..runtime import decision as D
 from ..runtime.calibration import weight_shapes
-from .blocks import BlockRegion, clone_graph_module, find_blocks, is_param, node_value, remap_region, tensor_meta
-
-_TIMESTEP = re.compile(r"timestep", re.IGNORECASE)
+from .blocks import (BlockRegion, clone_graph_module, find_blocks, find_timestep, graph_io, insert_placeholder, node_value,
+                     remap_region, tensor_meta)
 
 
 @dataclass
@@ -164,13 +163,6 @@ def _approx_branch(region: BlockRegion, operands: list[fx.Node], slots: dict, ap
     return fx.GraphModule(torch.nn.Module(), g)
 
 
-def _find_timestep(placeholders: list[fx.Node]) -> fx.Node | None:
-    for p in placeholders:
-        if not is_param(p) and _TIMESTEP.search(p.name) and tensor_meta(p) is not None:
-            return p
-    return None
-
-
 def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list[BlockRegion] | None = None,
                       *, approx: str | None = None) -> tuple[fx.GraphModule, BlockCacheResult]:
     """Rewrite a copy of ``gm`` so each block region becomes a guarded ``torch.cond``.
@@ -192,11 +184,7 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
     regions = [remap_region(r, val_map) for r in regions]
     approx = approx or config.approx
     graph = gm.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    out_node = next(n for n in graph.nodes if n.op == "output")
-    orig_out = out_node.args[0]
-    is_tuple = isinstance(orig_out, (tuple, list))
-    orig_outs = list(orig_out) if is_tuple else [orig_out]
+    placeholders, out_node, orig_outs, is_tuple = graph_io(graph)
     result = BlockCacheResult(
         blocks=[r.name for r in regions], stream_shapes=[r.stream_shapes for r in regions], thresholds=[],
         num_user_inputs=len(placeholders), num_user_outputs=len(orig_outs), output_is_tuple=is_tuple,
@@ -215,11 +203,7 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
 
     def add_input(name: str, val, spec) -> fx.Node:
         nonlocal last_ph
-        with graph.inserting_after(last_ph):
-            p = graph.placeholder(name)
-        _set_val(p, val)
-        p._dynamo_source = None  # AOTAutograd wants it on every placeholder of a Dynamo graph
-        last_ph = p
+        p = last_ph = insert_placeholder(graph, last_ph, name, val)
         new_inputs.append(p)
         if isinstance(spec, StateSpec):
             result.state.append(spec)
@@ -244,7 +228,7 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
     prev_t_in = state_input("prev_t", (), torch.float32, float("-inf"))
     force_in = add_input("fc_force", torch.empty((len(regions),), dtype=torch.int8, device="meta"),
                          ControlSpec("force", (len(regions),), torch.int8, -1))
-    ts = _find_timestep(placeholders)
+    ts = find_timestep(placeholders)
     result.timestep_input = ts.name if ts is not None else None
     with graph.inserting_after(last_ph):
         traj = graph.call_function(D.trajectory_step, (ts, prev_t_in, step_in))

@@ -27,6 +27,7 @@ from torch import fx
 # "...['transformer_blocks'].3" or "transformer_blocks.3" (plain module paths)
 _INDEXED = re.compile(r"^(?P<list>.*?)(?:'\])?\.(?P<idx>\d+)$")
 _PARAM_NAME = re.compile(r"_(parameters|buffers)_")
+_TIMESTEP = re.compile(r"timestep", re.IGNORECASE)
 
 
 def node_value(node: fx.Node):
@@ -219,6 +220,32 @@ def clone_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node
         if hasattr(old, "_dynamo_source"):
             nn_._dynamo_source = old._dynamo_source
     return new, val_map
+
+
+def graph_io(graph: fx.Graph) -> tuple[list[fx.Node], fx.Node, list, bool]:
+    """(placeholders, output node, the user outputs as a list, whether they were a tuple)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    out = out_node.args[0]
+    is_tuple = isinstance(out, (tuple, list))
+    return placeholders, out_node, list(out) if is_tuple else [out], is_tuple
+
+
+def insert_placeholder(graph: fx.Graph, after: fx.Node, name: str, val) -> fx.Node:
+    """A new placeholder right after ``after`` with ``meta["val"]`` = ``val`` (a meta tensor)."""
+    with graph.inserting_after(after):
+        p = graph.placeholder(name)
+    p.meta["val"] = p.meta["example_value"] = val
+    p._dynamo_source = None  # AOTAutograd reads it on every placeholder of a Dynamo graph
+    return p
+
+
+def find_timestep(placeholders: list[fx.Node]) -> fx.Node | None:
+    """The model's timestep input (a non-parameter tensor placeholder named like ``timestep``)."""
+    for p in placeholders:
+        if not is_param(p) and _TIMESTEP.search(p.name) and tensor_meta(p) is not None:
+            return p
+    return None
 
 
 def remap_region(region: BlockRegion, val_map: dict[fx.Node, fx.Node]) -> BlockRegion:

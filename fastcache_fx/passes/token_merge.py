@@ -47,9 +47,9 @@ from torch import fx
 from ..config import FastCacheConfig
 from ..runtime import decision as D
 from .block_cache import BlockCacheResult, StateSpec
-from .blocks import BlockRegion, clone_graph_module, find_blocks, is_param, node_value, remap_region, tensor_meta
+from .blocks import (BlockRegion, clone_graph_module, find_blocks, find_timestep, graph_io, insert_placeholder,
+                     node_value, remap_region, tensor_meta)
 
-_TIMESTEP = re.compile(r"timestep", re.IGNORECASE)
 # mean k-NN distance (normalised) is clamped here so that exp(-x) stays a normal float32
 _MAX_EXPONENT = 50.0
 
@@ -303,28 +303,21 @@ def apply_token_merge(gm: fx.GraphModule, config: FastCacheConfig,
     gm, val_map = clone_graph_module(gm)
     regions = [remap_region(r, val_map) for r in regions]
     graph = gm.graph
-    placeholders = [p for p in graph.nodes if p.op == "placeholder"]
-    out_node = next(x for x in graph.nodes if x.op == "output")
-    orig_out = out_node.args[0]
-    result.output_is_tuple = isinstance(orig_out, (tuple, list))
-    orig_outs = list(orig_out) if result.output_is_tuple else [orig_out]
+    placeholders, out_node, orig_outs, result.output_is_tuple = graph_io(graph)
     result.num_user_inputs, result.num_user_outputs = len(placeholders), len(orig_outs)
 
     last_ph = placeholders[-1]
 
     def state_input(name: str, shape: tuple, dt: torch.dtype, fill: float) -> fx.Node:
         nonlocal last_ph
-        with graph.inserting_after(last_ph):
-            p = graph.placeholder("fc_tm_" + re.sub(r"\W", "_", name))
-        _set_val(p, torch.empty(shape, dtype=dt, device="meta"))
-        p._dynamo_source = None  # AOTAutograd wants it on every placeholder of a Dynamo graph
-        last_ph = p
+        p = last_ph = insert_placeholder(graph, last_ph, "fc_tm_" + re.sub(r"\W", "_", name),
+                                         torch.empty(shape, dtype=dt, device="meta"))
         result.state.append(StateSpec("token_merge." + name, tuple(shape), dt, fill))
         return p
 
     step_in = state_input("step", (), torch.int64, -1)
     prev_t_in = state_input("prev_t", (), torch.float32, float("-inf"))
-    ts = next((p for p in placeholders if not is_param(p) and _TIMESTEP.search(p.name) and tensor_meta(p)), None)
+    ts = find_timestep(placeholders)
     prev_in = [state_input(f"previous.{s}", (bsz, result.tokens_per_stage[s - 1], d), dtype, 0.0)
                for s in range(1, n_stages)]
     with graph.inserting_after(last_ph):

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import math
 import operator
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -62,9 +61,9 @@ from torch import fx
 from ..config import FastCacheConfig
 from ..runtime import decision as D
 from .block_cache import StateSpec, WeightSpec
-from .blocks import BlockRegion, clone_graph_module, find_blocks, is_param, node_value, remap_region, tensor_meta
+from .blocks import (BlockRegion, clone_graph_module, find_blocks, find_timestep, graph_io, insert_placeholder,
+                     node_value, remap_region, tensor_meta)
 
-_TIMESTEP = re.compile(r"timestep", re.IGNORECASE)
 _EPS = 1e-12
 
 
@@ -293,22 +292,14 @@ def apply_token_select(gm: fx.GraphModule, config: FastCacheConfig, k: int,
     regions = [remap_region(r, val_map) for r in regions]
     graph = gm.graph
     members = set(n_ for r in regions for n_ in r.nodes)
-    placeholders = [p for p in graph.nodes if p.op == "placeholder"]
-    out_node = next(x for x in graph.nodes if x.op == "output")
-    orig_out = out_node.args[0]
-    result.output_is_tuple = isinstance(orig_out, (tuple, list))
-    orig_outs = list(orig_out) if result.output_is_tuple else [orig_out]
+    placeholders, out_node, orig_outs, result.output_is_tuple = graph_io(graph)
     result.num_user_inputs, result.num_user_outputs = len(placeholders), len(orig_outs)
 
     last_ph = placeholders[-1]
 
     def state_input(name: str, shp: tuple, dt: torch.dtype, fill: float) -> fx.Node:
         nonlocal last_ph
-        with graph.inserting_after(last_ph):
-            p = graph.placeholder("fc_ts_" + name)
-        _set_val(p, torch.empty(shp, dtype=dt, device="meta"))
-        p._dynamo_source = None  # AOTAutograd wants it on every placeholder of a Dynamo graph
-        last_ph = p
+        p = last_ph = insert_placeholder(graph, last_ph, "fc_ts_" + name, torch.empty(shp, dtype=dt, device="meta"))
         result.state.append(StateSpec("token_select." + name, tuple(shp), dt, fill))
         return p
 
@@ -321,18 +312,15 @@ def apply_token_select(gm: fx.GraphModule, config: FastCacheConfig, k: int,
     if result.static_approx != "cached":  # the stack map, after the state inputs
         stack_in = []
         for key, shp in (("weight", (d, d)), ("bias", (d,))):
-            with graph.inserting_after(last_ph):
-                p = graph.placeholder("fc_ts_stack_" + key)
-            _set_val(p, torch.empty(shp, dtype=torch.float32, device="meta"))
-            p._dynamo_source = None
-            last_ph = p
+            p = last_ph = insert_placeholder(graph, last_ph, "fc_ts_stack_" + key,
+                                             torch.empty(shp, dtype=torch.float32, device="meta"))
             stack_in.append(p)
             result.weights.append(WeightSpec("token_select.stack." + key, "stack", 0, key, shp, torch.float32))
         w_in, b_in = stack_in
 
     x = regions[0].stream_inputs[si]
     y = regions[-1].stream_outputs[so]
-    ts = next((p for p in placeholders if not is_param(p) and _TIMESTEP.search(p.name) and tensor_meta(p)), None)
+    ts = find_timestep(placeholders)
     first = regions[0].nodes[0]
     with graph.inserting_before(first):
         traj = graph.call_function(D.trajectory_step, (ts, prev_t_in, step_in))

@@ -759,7 +759,7 @@ def collect_stack_stats(model, run_fn: Callable, kind: str = "stack_linear",
         raise ValueError(f"calibration: {type(target).__name__} has no transformer_blocks / single_transformer_blocks")
     names = list(blocks)
     first, last_name = names[0], names[-1]
-    bind_first, bind_last, bind_model = _binder(blocks[first]), _binder(blocks[last_name]), _binder(target)
+    bind_first, bind_model = _binder(blocks[first]), _binder(target)
     holder: dict = {"stats": None, "shape": None}
     pending: dict[str, torch.Tensor] = {}  # context -> image input of the first block this call
     prev: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # context -> (x, y) of the previous call
