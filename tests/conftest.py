@@ -9,3 +9,16 @@ def _seed():
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def dynamo_graph(model, kwargs):
+    """(Dynamo's graph of ``model(**kwargs)``, its example inputs), captured without compiling."""
+    cap = {}
+
+    def backend(gm, example_inputs, **_):
+        cap["gm"], cap["inputs"] = gm, list(example_inputs)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend, dynamic=False)(**kwargs)
+    return cap["gm"], cap["inputs"]

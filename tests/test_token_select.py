@@ -12,6 +12,7 @@ from fastcache_fx.passes.blocks import find_blocks
 from fastcache_fx.passes.token_select import (
     apply_token_select, bucket_sizes, gather_tokens, scatter_tokens, select_tokens, token_saliency)
 from fastcache_fx.runtime import registry
+from conftest import dynamo_graph
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,21 +81,9 @@ def test_bucket_sizes_and_config():
 # the pass on a Flux graph (run eagerly, no Inductor)
 # ----------------------------------------------------------------------------------------------
 
-def _dynamo_graph(model, kwargs):
-    cap = {}
-
-    def backend(gm, example_inputs, **_):
-        cap["gm"], cap["inputs"] = gm, list(example_inputs)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(model, backend=backend, dynamic=False)(**kwargs)
-    return cap["gm"], cap["inputs"]
-
-
 def test_flux_variant_matches_eager_on_the_same_token_subset():
     model, kw = zoo.build("flux", "tiny")
-    gm, inputs = _dynamo_graph(model, kw)
+    gm, inputs = dynamo_graph(model, kw)
     cfg = FastCacheConfig(motion_threshold=0.0)
     gm8, res = apply_token_select(gm, cfg, 8)
     assert res.applied, res.reason
@@ -128,7 +117,7 @@ def test_flux_variant_matches_eager_on_the_same_token_subset():
 def test_sd3_variant_matches_its_blocks_on_the_same_token_subset():
     # SD3 joins [image, text] and splits by slicing at N: the slices are rewritten to k
     model, kw = zoo.build("sd3", "tiny")
-    gm, inputs = _dynamo_graph(model, kw)
+    gm, inputs = dynamo_graph(model, kw)
     g8, res = apply_token_select(gm, FastCacheConfig(), 8)
     assert res.applied, res.reason
     assert res.text_tokens == 6 and res.contexts == []
@@ -151,7 +140,7 @@ def test_changed_token_set_forces_full_blocks():
     from fastcache_fx.passes.token_select import attach_token_select
 
     model, kw = zoo.build("dit", "tiny")
-    gm, inputs = _dynamo_graph(model, kw)
+    gm, inputs = dynamo_graph(model, kw)
     cfg = FastCacheConfig(motion_threshold=0.0, warmup_steps=0)
     gm4, res = apply_token_select(gm, cfg, 4)
     gm4, layout = apply_block_cache(gm4, cfg, find_blocks(gm4).regions)
@@ -247,7 +236,7 @@ def selected_run():
     sel = fastcache_fx.enable_fastcache(model, warmup_steps=2, enable_spatial_approx=True, motion_threshold=0.01,
                                         enable_block_approx=False)
     moves = [[], [0, 1, 2], [4, 5, 6], [8], [1, 3, 7, 9, 11, 13], [2]]
-    outs = _trajectory(sel, kw, moves)
+    _trajectory(sel, kw, moves)
     rt = registry.lookup(model).graphs[-1]
     st1 = fastcache_fx.stats(sel)
     snap = rt.states["default"]

@@ -14,6 +14,7 @@ from fastcache_fx.passes.token_select import apply_token_select, complement_toke
 from fastcache_fx.runtime import calibration as C
 from fastcache_fx.runtime import registry
 from fastcache_fx.runtime.token_select import _stack_map
+from conftest import dynamo_graph
 
 TIMESTEPS = [900, 700, 500, 300]
 
@@ -110,22 +111,10 @@ def test_stack_map_file_rules(dit, tmp_path):
     assert C.load_stack_map(tmp_path / "blocks.safetensors", "linear", 16) is None
 
 
-def _dynamo_graph(model, kwargs):
-    cap = {}
-
-    def backend(gm, example_inputs, **_):
-        cap["gm"], cap["inputs"] = gm, list(example_inputs)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(model, backend=backend, dynamic=False)(**kwargs)
-    return cap["gm"], cap["inputs"]
-
-
 @pytest.fixture(scope="module")
 def dit_graph(dit):
     model, kw = dit
-    return _dynamo_graph(model, kw)
+    return dynamo_graph(model, kw)
 
 
 def test_missing_stack_map_warns_and_falls_back_to_cached(dit, dit_graph, tmp_path):

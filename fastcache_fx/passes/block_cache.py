@@ -163,6 +163,19 @@ def _approx_branch(region: BlockRegion, operands: list[fx.Node], slots: dict, ap
     return fx.GraphModule(torch.nn.Module(), g)
 
 
+def insert_trajectory_step(graph: fx.Graph, before: fx.Node, timestep: fx.Node | None, prev_t: fx.Node,
+                           step: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """Insert ``runtime.decision.trajectory_step`` before ``before``: (step [] int64, t [] float32)
+    nodes, with ``meta["val"]`` set. Every pass that keeps per-trajectory state counts steps so."""
+    with graph.inserting_before(before):
+        traj = graph.call_function(D.trajectory_step, (timestep, prev_t, step))
+        step_node = _set_val(graph.call_function(operator.getitem, (traj, 0)),
+                             torch.empty((), dtype=torch.int64, device="meta"))
+        t_node = _set_val(graph.call_function(operator.getitem, (traj, 1)),
+                          torch.empty((), dtype=torch.float32, device="meta"))
+    return step_node, t_node
+
+
 def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list[BlockRegion] | None = None,
                       *, approx: str | None = None) -> tuple[fx.GraphModule, BlockCacheResult]:
     """Rewrite a copy of ``gm`` so each block region becomes a guarded ``torch.cond``.
@@ -230,14 +243,7 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
                          ControlSpec("force", (len(regions),), torch.int8, -1))
     ts = find_timestep(placeholders)
     result.timestep_input = ts.name if ts is not None else None
-    with graph.inserting_after(last_ph):
-        traj = graph.call_function(D.trajectory_step, (ts, prev_t_in, step_in))
-    with graph.inserting_after(traj):
-        step_node = graph.call_function(operator.getitem, (traj, 0))
-    with graph.inserting_after(step_node):
-        t_node = graph.call_function(operator.getitem, (traj, 1))
-    _set_val(step_node, torch.empty((), dtype=torch.int64, device="meta"))
-    _set_val(t_node, torch.empty((), dtype=torch.float32, device="meta"))
+    step_node, t_node = insert_trajectory_step(graph, last_ph.next, ts, prev_t_in, step_in)
     accum_outputs: list[fx.Node] = []
     new_state_outputs = [step_node, t_node]
     trace_delta, trace_thr, trace_ok = [], [], []

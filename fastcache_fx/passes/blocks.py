@@ -240,6 +240,48 @@ def insert_placeholder(graph: fx.Graph, after: fx.Node, name: str, val) -> fx.No
     return p
 
 
+def refresh_node_values(gm: fx.GraphModule) -> None:
+    """Recompute ``meta["val"]`` (and Dynamo's ``example_value``) of every node of ``gm`` with fake
+    tensors propagated from its placeholders' values; placeholders holding meta tensors (state
+    added by a pass) are placed on the device of the other inputs. Run after a pass changes
+    token counts, so later passes size their state from the new shapes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    vals = [node_value(p) for p in gm.graph.nodes if p.op == "placeholder"]
+    device = next((v.device for v in vals if isinstance(v, torch.Tensor) and v.device.type != "meta"),
+                  torch.device("cpu"))
+    # a fresh mode: Dynamo's values may belong to a mode that is not the ambient one
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = []
+    for v in vals:
+        if isinstance(v, torch.Tensor):
+            dev = device if v.device.type == "meta" else v.device
+            with mode:
+                v = torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=dev)
+        fake.append(v)
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake)
+    for node in gm.graph.nodes:
+        if "val" in node.meta:
+            node.meta["example_value"] = node.meta["val"]
+
+
+def recompile_with_values(gm: fx.GraphModule) -> str | None:
+    """Lint and recompile ``gm`` after a token-count change, then ``refresh_node_values``.
+
+    Returns:
+        None, or "<error type>: <first line>" when shape propagation fails (a node bakes the old
+        token count, or glue mixes tensors of the old and new counts).
+    """
+    try:
+        gm.graph.lint()
+        gm.recompile()
+        refresh_node_values(gm)
+    except Exception as e:  # any propagation error means: leave the graph alone
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
 def find_timestep(placeholders: list[fx.Node]) -> fx.Node | None:
     """The model's timestep input (a non-parameter tensor placeholder named like ``timestep``)."""
     for p in placeholders:

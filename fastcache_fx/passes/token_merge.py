@@ -45,10 +45,9 @@ import torch
 from torch import fx
 
 from ..config import FastCacheConfig
-from ..runtime import decision as D
-from .block_cache import BlockCacheResult, StateSpec
+from .block_cache import BlockCacheResult, StateSpec, insert_trajectory_step
 from .blocks import (BlockRegion, clone_graph_module, find_blocks, find_timestep, graph_io, insert_placeholder,
-                     node_value, remap_region, tensor_meta)
+                     node_value, recompile_with_values, remap_region, tensor_meta)
 
 # mean k-NN distance (normalised) is clamped here so that exp(-x) stays a normal float32
 _MAX_EXPONENT = 50.0
@@ -320,12 +319,7 @@ def apply_token_merge(gm: fx.GraphModule, config: FastCacheConfig,
     ts = find_timestep(placeholders)
     prev_in = [state_input(f"previous.{s}", (bsz, result.tokens_per_stage[s - 1], d), dtype, 0.0)
                for s in range(1, n_stages)]
-    with graph.inserting_after(last_ph):
-        traj = graph.call_function(D.trajectory_step, (ts, prev_t_in, step_in))
-    with graph.inserting_after(traj):
-        step_node = graph.call_function(operator.getitem, (traj, 0))
-    with graph.inserting_after(step_node):
-        t_node = graph.call_function(operator.getitem, (traj, 1))
+    step_node, t_node = insert_trajectory_step(graph, last_ph.next, ts, prev_t_in, step_in)
     new_state = [step_node, t_node]
 
     zs, xs, assigns, layouts = [], [], [], []
@@ -357,13 +351,9 @@ def apply_token_merge(gm: fx.GraphModule, config: FastCacheConfig,
     for u in users:
         u.replace_input_with(y_last, hcur)
     out_node.args = (tuple(orig_outs) + tuple(new_state),)
-    try:
-        graph.lint()
-        gm.recompile()
-        _refresh_vals(gm)
-    except Exception as e:  # a node bakes the token count N (or glue mixes [B, N, D] values in)
-        return orig_gm, TokenMergeResult(False, f"blocks are not token-count generic: {type(e).__name__}: "
-                                                f"{str(e).splitlines()[0] if str(e) else ''}")
+    why = recompile_with_values(gm)
+    if why is not None:
+        return orig_gm, TokenMergeResult(False, f"blocks are not token-count generic: {why}")
     for s, st in enumerate(split):
         for i in st:
             got = tensor_meta(regions[i].stream_outputs[0])[0]
@@ -371,34 +361,6 @@ def apply_token_merge(gm: fx.GraphModule, config: FastCacheConfig,
                 return orig_gm, TokenMergeResult(False, f"{regions[i].name} output keeps {got[1]} tokens after merging "
                                                         f"(expected {result.tokens_per_stage[s]})")
     return gm, result
-
-
-def _refresh_vals(gm: fx.GraphModule) -> None:
-    """Recompute ``meta["val"]`` (and Dynamo's ``example_value``) of every node with fake
-    tensors, from the placeholders' values (new placeholders hold meta tensors)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-    phs = [p for p in gm.graph.nodes if p.op == "placeholder"]
-    vals = [node_value(p) for p in phs]
-    device = _device_of(vals)
-    # a fresh mode: Dynamo's values may belong to a mode that is not the ambient one
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake = []
-    for v in vals:
-        if isinstance(v, torch.Tensor):
-            dev = device if v.device.type == "meta" else v.device
-            with mode:
-                v = torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=dev)
-        fake.append(v)
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake)
-    for node in gm.graph.nodes:
-        if "val" in node.meta:
-            node.meta["example_value"] = node.meta["val"]
-
-
-def _device_of(vals) -> torch.device:
-    return next((v.device for v in vals if isinstance(v, torch.Tensor) and v.device.type != "meta"), torch.device("cpu"))
 
 
 def attach_token_merge_state(gm: fx.GraphModule, layout: BlockCacheResult,

@@ -59,10 +59,9 @@ import torch
 from torch import fx
 
 from ..config import FastCacheConfig
-from ..runtime import decision as D
-from .block_cache import StateSpec, WeightSpec
+from .block_cache import StateSpec, WeightSpec, insert_trajectory_step
 from .blocks import (BlockRegion, clone_graph_module, find_blocks, find_timestep, graph_io, insert_placeholder,
-                     node_value, remap_region, tensor_meta)
+                     node_value, recompile_with_values, remap_region, tensor_meta)
 
 _EPS = 1e-12
 
@@ -322,10 +321,8 @@ def apply_token_select(gm: fx.GraphModule, config: FastCacheConfig, k: int,
     y = regions[-1].stream_outputs[so]
     ts = find_timestep(placeholders)
     first = regions[0].nodes[0]
+    step_node, t_node = insert_trajectory_step(graph, first, ts, prev_t_in, step_in)
     with graph.inserting_before(first):
-        traj = graph.call_function(D.trajectory_step, (ts, prev_t_in, step_in))
-        step_node = graph.call_function(operator.getitem, (traj, 0))
-        t_node = graph.call_function(operator.getitem, (traj, 1))
         if k < n:
             sel = graph.call_function(select_tokens, (x, x_ref_in, step_node), {"k": k, "threshold": config.motion_threshold})
             idx = graph.call_function(operator.getitem, (sel, 0))
@@ -381,13 +378,9 @@ def apply_token_select(gm: fx.GraphModule, config: FastCacheConfig, k: int,
             y_new = graph.call_function(torch.Tensor.contiguous, (y,))
         new_state = [x_new, y_new, step_node, t_node, m]
     out_node.args = (tuple(orig_outs) + tuple(new_state),)
-    try:
-        graph.lint()
-        gm.recompile()
-        _refresh_vals(gm)
-    except Exception as e:  # a node bakes the token count N (or glue mixes [B, N, D] values in)
-        first_line = str(e).splitlines()[0] if str(e) else ""
-        return orig_gm, TokenSelectResult(False, f"blocks are not token-count generic: {type(e).__name__}: {first_line}")
+    why = recompile_with_values(gm)
+    if why is not None:
+        return orig_gm, TokenSelectResult(False, f"blocks are not token-count generic: {why}")
     if k < n:
         got = tensor_meta(y)
         if got is None or got[0][1] != k:
@@ -444,29 +437,6 @@ def _rebake(node: fx.Node, sizes: dict[int, int]) -> None:
                     parts[i] = sizes[v]
                     node.args = (node.args[0], parts, *node.args[2:])
                     return
-
-
-def _refresh_vals(gm: fx.GraphModule) -> None:
-    """Recompute ``meta["val"]`` (and ``example_value``) of every node with fake tensors."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-    phs = [p for p in gm.graph.nodes if p.op == "placeholder"]
-    vals = [node_value(p) for p in phs]
-    device = next((v.device for v in vals if isinstance(v, torch.Tensor) and v.device.type != "meta"),
-                  torch.device("cpu"))
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake = []
-    for v in vals:
-        if isinstance(v, torch.Tensor):
-            dev = device if v.device.type == "meta" else v.device
-            with mode:
-                v = torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=dev)
-        fake.append(v)
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake)
-    for node in gm.graph.nodes:
-        if "val" in node.meta:
-            node.meta["example_value"] = node.meta["val"]
 
 
 def attach_token_select(gm: fx.GraphModule) -> fx.GraphModule:

@@ -393,6 +393,33 @@ class CalibrationStats:
     info: dict
 
 
+def _hook_targets(model) -> tuple:
+    """(what ``run_fn`` receives, the transformer to hook, its blocks) for a transformer, a
+    ``torch.compile``d one (its original module is run and hooked) or a pipeline.
+
+    Raises:
+        ValueError: the transformer has no block lists.
+    """
+    target = model.transformer if not isinstance(model, torch.nn.Module) and hasattr(model, "transformer") else model
+    target = getattr(target, "_orig_mod", target)
+    if target is not model and isinstance(model, torch.nn.Module):
+        model = target  # a compiled module: run the original
+    blocks = block_modules(target)
+    if not blocks:
+        raise ValueError(f"calibration: {type(target).__name__} has no transformer_blocks / single_transformer_blocks")
+    return model, target, blocks
+
+
+def _run_hooked(model, run_fn: Callable, handles: list) -> None:
+    """``run_fn(model)`` without autograd; the hooks are removed afterwards, whatever happens."""
+    try:
+        with torch.no_grad():
+            run_fn(model)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def collect_stats(model, run_fn: Callable, kind: str = "linear", time_buckets: int = 1,
                   timestep_max: float = 1000.0, stats_device: torch.device | str | None = None) -> CalibrationStats:
     """Run ``run_fn(model)`` with forward hooks on every block and accumulate ``RidgeStats``
@@ -408,13 +435,7 @@ def collect_stats(model, run_fn: Callable, kind: str = "linear", time_buckets: i
         raise ValueError(f"time_buckets: expected an integer >= 1, got {time_buckets!r}")
     if not timestep_max > 0:
         raise ValueError(f"timestep_max: expected > 0, got {timestep_max!r}")
-    target = model.transformer if not isinstance(model, torch.nn.Module) and hasattr(model, "transformer") else model
-    target = getattr(target, "_orig_mod", target)
-    if target is not model and isinstance(model, torch.nn.Module):
-        model = target  # a compiled module: run the original
-    blocks = block_modules(target)
-    if not blocks:
-        raise ValueError(f"calibration: {type(target).__name__} has no transformer_blocks / single_transformer_blocks")
+    model, target, blocks = _hook_targets(model)
     stats: dict[tuple[str, int, int], RidgeStats] = {}
     shapes: dict[tuple[str, int], tuple[int, int]] = {}
     last: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (context, block, s) -> (x, y)
@@ -453,12 +474,7 @@ def collect_stats(model, run_fn: Callable, kind: str = "linear", time_buckets: i
     bind_model = _binder(target)
     handles = [b.register_forward_hook(hook(n, _binder(b)), with_kwargs=True) for n, b in blocks.items()]
     handles.append(target.register_forward_pre_hook(model_pre_hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            run_fn(model)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, run_fn, handles)
     if not stats:
         raise ValueError("calibration: run_fn produced no (input, output) pair"
                          + (" (residual_linear needs a block called at least twice in one trajectory)"
@@ -750,13 +766,7 @@ def collect_stack_stats(model, run_fn: Callable, kind: str = "stack_linear",
     """
     if kind not in STACK_KINDS:
         raise ValueError(f"kind: expected one of {tuple(STACK_KINDS)}, got {kind!r}")
-    target = model.transformer if not isinstance(model, torch.nn.Module) and hasattr(model, "transformer") else model
-    target = getattr(target, "_orig_mod", target)
-    if target is not model and isinstance(model, torch.nn.Module):
-        model = target
-    blocks = block_modules(target)
-    if not blocks:
-        raise ValueError(f"calibration: {type(target).__name__} has no transformer_blocks / single_transformer_blocks")
+    model, target, blocks = _hook_targets(model)
     names = list(blocks)
     first, last_name = names[0], names[-1]
     bind_first, bind_model = _binder(blocks[first]), _binder(target)
@@ -802,12 +812,7 @@ def collect_stack_stats(model, run_fn: Callable, kind: str = "stack_linear",
     handles = [target.register_forward_pre_hook(model_pre_hook, with_kwargs=True),
                blocks[first].register_forward_pre_hook(first_pre_hook, with_kwargs=True),
                blocks[last_name].register_forward_hook(last_hook, with_kwargs=True)]
-    try:
-        with torch.no_grad():
-            run_fn(model)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, run_fn, handles)
     st = holder["stats"]
     if st is None or st.n == 0:
         raise ValueError("calibration: run_fn produced no (input, output) pair of the block stack"
