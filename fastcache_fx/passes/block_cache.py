@@ -125,7 +125,11 @@ def _extract_full_branch(region: BlockRegion, operands: list[fx.Node], slots: di
         env[n] = g.node_copy(n, lambda a: env[a])
     outs = []
     for o in region.stream_outputs:
-        outs.append(_set_val(g.call_method("contiguous", (env[o],)), node_value(o)))
+        # a copy, not .contiguous(): a slice that is already contiguous (Flux's single block at
+        # batch 1 returns two slices of one buffer) would be returned as a view, and cond refuses
+        # branch outputs that alias each other or an input
+        outs.append(_set_val(g.call_function(torch.clone, (env[o],), {"memory_format": torch.contiguous_format}),
+                             node_value(o)))
     if learn is not None:
         for s in range(len(region.stream_outputs)):
             inc = g.call_function(D.ridge_increments, (ph[slots["stream"][s]], outs[s], ph[slots["in"][s]],
