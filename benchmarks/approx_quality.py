@@ -1,6 +1,13 @@
 """Quality of the block approximations at the same approximated (block, step) pairs (issue #4).
 
     python benchmarks/approx_quality.py [--seeds 4] [--steps 50] [--calib-samples 40]
+    python benchmarks/approx_quality.py --model mmdit --out-json benchmarks/approx_quality_mmdit.json \
+        --out-png docs/approx_quality_mmdit.png
+
+``--model mmdit`` runs the same on the bundled flow-matching MMDiT (SD3 joint blocks, 28 Euler steps
+of the real ``StableDiffusion3Pipeline``): both streams of a joint block are approximated together
+(one decision per block, as the graph does), each with its own map; errors are over both streams,
+class accuracy / digits-FID use the 2x2-pooled 8x8 images.
 
 1. Calibrate on the reference DiT (uncompiled, seeds disjoint from the evaluation seeds): the
    ridge statistics of ``linear`` and ``residual_linear`` are collected once each with 4 time
@@ -37,8 +44,9 @@ import torch
 
 import fastcache_fx
 from fastcache_fx import reference as R
+from fastcache_fx.reference.jobs import MODELS, job
 from fastcache_fx.runtime import decision as D
-from fastcache_fx.runtime.calibration import RidgeStats, block_modules, collect_stats, fit_calibration
+from fastcache_fx.runtime.calibration import RidgeStats, _binder, block_modules, collect_stats, fit_calibration
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKETS = 4
@@ -64,15 +72,34 @@ def _git_commit() -> str:
 
 
 def _maps(stats, rank, buckets, prior):
-    """({block: [tensors for approx_map]}, calibration metadata or None) for one variant."""
+    """({block: [[tensors for approx_map] per canonical stream]}, calibration metadata or None)."""
+    streams = {}
+    for (block, s) in stats.shapes:
+        streams[block] = max(streams.get(block, 0), s + 1)
     if prior == "zero":  # the plain ridge, shrunk toward W = 0 (all buckets pooled)
         pooled = {}
         for (block, s, k), st in stats.stats.items():
-            pooled[block] = (pooled.get(block) or RidgeStats(st.d_in, st.d_out)).merge(st)
-        return {block: list(st.fit()) for block, st in pooled.items()}, None
+            pooled[(block, s)] = (pooled.get((block, s)) or RidgeStats(st.d_in, st.d_out)).merge(st)
+        return {b: [list(pooled[(b, s)].fit()) for s in range(n)] for b, n in streams.items()}, None
     cal = fit_calibration(stats, rank=rank, time_buckets=buckets)
     keys = ("u", "v", "bias") if rank is not None else ("weight", "bias")
-    return {b: [cal.tensors[f"{b}.{k}.0"] for k in keys] for b in stats.blocks}, cal.metadata
+    return {b: [[cal.tensors[f"{b}.{k}.{s}"] for k in keys] for s in range(streams[b])] for b in stats.blocks}, \
+        cal.metadata
+
+
+def _streams(named: dict, output) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(output position, input H, output Y) of each stream of one block call, in the canonical
+    order of ``runtime.calibration.stream_pairs`` (most tokens first): DiT blocks have one stream,
+    SD3 joint blocks return (encoder_hidden_states, hidden_states), the last one (None, hidden_states)."""
+    outs = list(output) if isinstance(output, (tuple, list)) else [output]
+    found = []
+    for p, o in enumerate(outs):
+        if not isinstance(o, torch.Tensor) or o.dim() != 3:
+            continue
+        name = "hidden_states" if p == len(outs) - 1 else "encoder_hidden_states"
+        found.append((p, name, named[name], o))
+    found.sort(key=lambda t: (-t[3].shape[1], t[1] != "hidden_states"))
+    return [(p, x, y) for p, _, x, y in found]
 
 
 class Replay:
@@ -86,6 +113,7 @@ class Replay:
         self.err = torch.full(trace.shape, float("nan"))  # ||Yhat - Y|| / ||Y||
         self.err_res = torch.full(trace.shape, float("nan"))  # ||Yhat - Y|| / ||Y - H||
         self.handles = []
+        self.binders = {name: _binder(blk) for name, blk in self.blocks}
 
     def __enter__(self):
         def pre(mod, args, kwargs):
@@ -102,22 +130,29 @@ class Replay:
             h.remove()
 
     def _hook(self, l, name):
-        def fn(mod, args, kwargs, y):
-            h = args[0] if args else kwargs["hidden_states"]
+        def fn(mod, args, kwargs, output):
+            streams = _streams(self.binders[name](args, kwargs), output)
             i = self.step
             if i < self.trace.shape[0] and bool(self.trace[i, l]) and name in self.anchor_in:
-                if self.kind == "residual":
-                    yhat = D.approx_residual(h, self.anchor_res[name])
-                else:
-                    yhat = D.approx_map(h, self.anchor_res[name], self.anchor_in[name], self.maps[name],
-                                        torch.tensor(self.t), None, kind=self.kind, rank=self.rank,
-                                        buckets=self.buckets, timestep_max=1000.0)
-                e = float((yhat - y).norm())
-                self.err[i, l] = e / float(y.norm())
-                self.err_res[i, l] = e / float((y - h).norm())
-                return yhat
-            self.anchor_in[name], self.anchor_res[name] = h.detach().clone(), (y - h).detach().clone()
-            return y
+                outs = list(output) if isinstance(output, (tuple, list)) else [output]
+                e2 = y2 = r2 = 0.0
+                for s, (p, h, y) in enumerate(streams):  # one decision, every stream approximated
+                    if self.kind == "residual":
+                        yhat = D.approx_residual(h, self.anchor_res[name][s])
+                    else:
+                        yhat = D.approx_map(h, self.anchor_res[name][s], self.anchor_in[name][s], self.maps[name][s],
+                                            torch.tensor(self.t), None, kind=self.kind, rank=self.rank,
+                                            buckets=self.buckets, timestep_max=1000.0)
+                    e2 += float((yhat - y).norm()) ** 2
+                    y2 += float(y.norm()) ** 2
+                    r2 += float((y - h).norm()) ** 2
+                    outs[p] = yhat
+                self.err[i, l] = (e2 / y2) ** 0.5
+                self.err_res[i, l] = (e2 / r2) ** 0.5
+                return tuple(outs) if isinstance(output, (tuple, list)) else outs[0]
+            self.anchor_in[name] = [h.detach().clone() for _, h, _ in streams]
+            self.anchor_res[name] = [(y - h).detach().clone() for _, h, y in streams]
+            return output
         return fn
 
 
@@ -127,7 +162,7 @@ def _costs(model, kw_block):
 
     name, blk = next(iter(block_modules(model).items()))
     h = kw_block["hidden_states"]
-    n_el = h.numel()
+    n_el = h.numel()  # the image stream: an MMDiT's 4 class tokens add 6 % to the approximation cost
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         blk(**kw_block)
     block_flops = fc.get_total_flops() + 10 * n_el  # matmuls/attention + a rough 10 elementwise ops per element
@@ -194,9 +229,10 @@ def _plot(errors: dict, blocks: list, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="dit", choices=MODELS, help="bundled model (default dit)")
     p.add_argument("--seeds", type=int, default=4, help="evaluation samples per class (default 4)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50 DDIM dit, 28 flow mmdit)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--calib-samples", type=int, default=40, help="calibration trajectories (default 40)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a loaded machine)")
     p.add_argument("--out-json", type=Path, default=ROOT / "benchmarks" / "approx_quality.json")
@@ -205,22 +241,26 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    model, clf = R.load().eval(), R.load_classifier()
+    j = job(a.model)
+    a.steps = a.steps or j.steps
+    a.guidance = j.guidance if a.guidance is None else a.guidance
+    model, clf = j.load().eval(), R.load_classifier()
     labels = torch.arange(10).repeat_interleave(a.seeds)
     seeds = [1000 + i for i in range(len(labels))]
-    sample = lambda m: R.sample(m, labels, num_inference_steps=a.steps, guidance_scale=a.guidance, seed=seeds)
+    sample = lambda m: j.sample(m, labels, steps=a.steps, guidance=a.guidance, seeds=seeds)
+    small = j.to_classifier
 
     t0 = time.perf_counter()
     calib_labels = torch.arange(a.calib_samples) % 10
-    run_calib = lambda m: R.sample(m, calib_labels, num_inference_steps=a.steps, guidance_scale=a.guidance, seed=0)
+    run_calib = lambda m: j.sample(m, calib_labels, steps=a.steps, guidance=a.guidance, seeds=0)
     stats = {k: collect_stats(model, run_calib, kind=k, time_buckets=BUCKETS) for k in ("linear", "residual_linear")}
     t_calib = time.perf_counter() - t0
     print(f"calibration: {a.calib_samples} trajectories x {a.steps} steps, {t_calib:.1f} s")
 
     # one decision trace from the real backend, default options
     torch._dynamo.reset()
-    fc_model = R.load().eval()
-    compiled = torch.compile(fc_model, backend="fastcache", dynamic=False)
+    fc_model = j.load().eval()
+    compiled = j.fastcache(fc_model)  # default options
     fc_imgs = sample(compiled)
     trace = torch.tensor([s["approx"] for s in fastcache_fx.stats(fc_model)["trace"]][-a.steps:])
     print(f"trace: {trace.shape[0]} steps x {trace.shape[1]} blocks, approx ratio {float(trace.float().mean()):.3f}")
@@ -242,7 +282,7 @@ def main(argv=None) -> int:
             "rel_error_output": float(rp.err[m].nanmean()), "rel_error_residual": float(rp.err_res[m].nanmean()),
             "rel_error_residual_per_block": [float(rp.err_res[:, l][m[:, l]].nanmean()) for l in range(len(blocks))],
             "psnr_db": float(R.psnr(imgs, base).clamp_max(100).mean()), "ssim": float(R.ssim(imgs, base).mean()),
-            "class_accuracy": R.class_accuracy(clf, imgs, labels), "digits_fid": R.digits_fid(clf, imgs),
+            "class_accuracy": R.class_accuracy(clf, small(imgs), labels), "digits_fid": R.digits_fid(clf, small(imgs)),
         }
         print(f"{vname}: err/||Y|| {rows[vname]['rel_error_output']:.4f}, err/||Y-H|| "
               f"{rows[vname]['rel_error_residual']:.4f}, PSNR {rows[vname]['psnr_db']:.2f}")
@@ -251,18 +291,21 @@ def main(argv=None) -> int:
 
     b2 = 2 * len(labels)
     with torch.no_grad():
-        emb = {"hidden_states": torch.randn(b2, 64, 128)}
-        # the block's context inputs as the model passes them (AdaLN-zero: timestep and class labels)
-        emb.update(timestep=torch.full((b2,), 500), class_labels=torch.arange(b2) % 10)
+        width = model.config.num_attention_heads * model.config.attention_head_dim
+        emb = {"hidden_states": torch.randn(b2, 64, width)}
+        if a.model == "mmdit":  # a joint block: the class-token stream and the conditioning vector temb
+            emb.update(encoder_hidden_states=torch.randn(b2, 4, width), temb=torch.randn(b2, width))
+        else:  # the block's context inputs as the model passes them (AdaLN-zero: timestep and class labels)
+            emb.update(timestep=torch.full((b2,), 500), class_labels=torch.arange(b2) % 10)
     costs, block_flops, t_block = _costs(model, emb)
     for k, c in costs.items():
         rows[k].update(c)
-    baseline = {"class_accuracy": R.class_accuracy(clf, base, labels), "digits_fid": R.digits_fid(clf, base)}
+    baseline = {"class_accuracy": R.class_accuracy(clf, small(base), labels), "digits_fid": R.digits_fid(clf, small(base))}
     record = {
         "date": time.strftime("%Y-%m-%d", time.gmtime()), "commit": _git_commit(), "torch": torch.__version__,
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
         "command": "python benchmarks/approx_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "images": len(labels), "steps": a.steps, "guidance": a.guidance, "calib_samples": a.calib_samples,
+        "model": a.model, "images": len(labels), "steps": a.steps, "guidance": a.guidance, "calib_samples": a.calib_samples,
         "approx_ratio": float(trace.float().mean()), "trace": trace.int().tolist(),
         "compiled_residual_psnr_db": replay_vs_compiled, "baseline": baseline,
         "block_flops": block_flops, "block_seconds": t_block, "results": rows,

@@ -14,6 +14,17 @@ Inductor and by fastcache; fastcache replays the decision traces recorded in sui
 
 Writes ``compare.json``, ``compare.png`` (speedup vs PSNR) and the ``compare`` section of
 ``RESULTS.md`` (between its markers). Run ``python benchmarks/compare.py --help``.
+
+``--model mmdit`` runs suite 1 on the bundled flow-matching MMDiT instead (``SD3Transformer2DModel``,
+28 Euler steps of the real ``StableDiffusion3Pipeline``, batched CFG [uncond, cond]; fastcache via
+``enable_fastcache(pipe)``; class accuracy / digits-FID on 2x2-pooled 8x8 images) and writes
+``compare_mmdit.json``, ``compare_mmdit.png`` and the ``compare_mmdit`` section. The peers are
+applied to the SD3 model as to the DiT (in diffusers 0.42.1 ``SD3Transformer2DModel`` lacks
+CacheMixin too: the public ``apply_*`` functions); their per-call hooks wrap the transformer the
+pipeline calls, without the DiT's CFG-half swap (the SD3 pipeline already batches [uncond, cond]).
+A peer that fails on SD3 is a row with its error (diffusers' FirstBlockCache subtracts the
+``None`` encoder output of SD3's last, ``context_pre_only`` block). Suite 2 replays DiT traces and
+is DiT-only.
 """
 
 from __future__ import annotations
@@ -36,6 +47,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers as P  # noqa: E402
+
+from fastcache_fx.reference.jobs import MODELS, job  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BASELINES = ("eager", "inductor")
@@ -104,6 +117,7 @@ class Suite1:
         from fastcache_fx import reference as R
 
         self.a, self.R = a, R
+        self.job = job(a.model)
         self.labels = torch.arange(a.samples) % 10
         self.seeds = [1000 + i for i in range(a.samples)]
         self.clf = R.load_classifier()
@@ -112,9 +126,15 @@ class Suite1:
 
     def sample(self, fn, steps=None, progress=None):
         a = self.a
-        return self.R.sample(fn, self.labels, num_inference_steps=steps or a.steps, guidance_scale=a.guidance,
-                             scheduler="ddim", seed=self.seeds,
-                             progress=(not a.no_progress) if progress is None else progress)
+        return self.job.sample(fn, self.labels, steps=steps or a.steps, guidance=a.guidance, seeds=self.seeds,
+                               progress=(not a.no_progress) if progress is None else progress)
+
+    def peer_callee(self, applied, callee):
+        """What the sampler calls for a peer: the DiT wrapper of ``peers.py``, or for the MMDiT a
+        module the SD3 pipeline can hold (``_PeerTransformer``)."""
+        if self.job.pipeline:
+            return _PeerTransformer(applied, callee, applied.module)
+        return applied.wrap_forward(callee)
 
     def _time(self, fn, reset) -> tuple[torch.Tensor, float, float]:
         """(images, warm-up seconds incl. compile, timed-trajectory seconds).
@@ -141,20 +161,20 @@ class Suite1:
         m = row["method"]
         out = dict(row, label=_label(row), compiled=False, note="", status="ok")
         torch._dynamo.reset()
-        model = R.load()
+        model = self.job.load()
         trace = None
         try:
             if m == "eager":
                 imgs, warm, secs = self._time(model, lambda: None)
             elif m == "inductor":
-                fn = torch.compile(model, backend="inductor", dynamic=False)
+                fn = self.job.inductor(model)
                 out["compiled"] = True
                 imgs, warm, secs = self._time(fn, lambda: None)
             elif m == "fastcache":
-                be = fastcache_fx.FastCacheBackend(cache_ratio_threshold=row["value"])
-                fn = torch.compile(model, backend=be, dynamic=False)
+                fn = self.job.fastcache(model, {"cache_ratio_threshold": row["value"]})
                 out["compiled"] = True
-                out["note"] = "backend='fastcache', other options default"
+                out["note"] = "backend='fastcache', other options default" + \
+                    (" (enable_fastcache(pipe))" if self.job.pipeline else "")
                 imgs, warm, secs = self._time(fn, lambda: fastcache_fx.reset(model))
                 st = fastcache_fx.stats(model)
                 timed = st["trace"][-a.steps:]
@@ -172,8 +192,9 @@ class Suite1:
         out.update(warmup_s=warm, seconds_per_image=secs / n, trajectory_s=secs)
         if m == "inductor":
             self.reference, self.inductor_s = imgs, secs
-        out["class_accuracy"] = R.class_accuracy(self.clf, imgs, self.labels)
-        out["digits_fid"] = R.digits_fid(self.clf, imgs)
+        small = self.job.to_classifier(imgs)  # 8x8 (2x2 average pooling of the MMDiT's 16x16)
+        out["class_accuracy"] = R.class_accuracy(self.clf, small, self.labels)
+        out["digits_fid"] = R.digits_fid(self.clf, small)
         if self.reference is not None:
             out["psnr_db"] = psnr_db(imgs, self.reference)
             out["ssim"] = ssim_mean(imgs, self.reference)
@@ -186,13 +207,13 @@ class Suite1:
         a = self.a
         m = row["method"]
         params = {_PEER_KEYS[row["param"]]: row["value"]} if row["param"] else {}
-        calib = (lambda h: self.sample(h.wrap_forward(h.module), progress=False)) if m == "magcache" else None
+        calib = (lambda h: self.sample(self.peer_callee(h, h.module), progress=False)) if m == "magcache" else None
         applied = P.apply_peer(m, model, steps=a.steps, params=params, calibrate_fn=calib)
         out["note"] = applied.note
         if applied.info:
             out["peer_info"] = applied.info
         if a.peer_mode == "compiled" and m in P.COMPILABLE:
-            fn = applied.wrap_forward(torch.compile(model, backend="inductor", dynamic=False))
+            fn = self.peer_callee(applied, torch.compile(model, backend="inductor", dynamic=False))
             try:
                 imgs, warm, secs = self._time(fn, applied.reset)
                 out["compiled"] = True
@@ -200,15 +221,42 @@ class Suite1:
                 torch._dynamo.reset()
                 applied.reset()
                 out["note"] += f"; torch.compile failed ({type(e).__name__}), run eager"
-                imgs, warm, secs = self._time(applied.wrap_forward(model), applied.reset)
+                imgs, warm, secs = self._time(self.peer_callee(applied, model), applied.reset)
         else:
             if a.peer_mode == "compiled":
                 out["note"] += "; eager: " + P.COMPILABLE_WHY[m]
-            imgs, warm, secs = self._time(applied.wrap_forward(model), applied.reset)
+            imgs, warm, secs = self._time(self.peer_callee(applied, model), applied.reset)
         s = P.summary(applied, m)
         if s.get("cached_steps") is not None:
             out["approx_ratio"] = len(s["cached_steps"]) / a.steps  # whole steps served from the cache
         return imgs, warm, secs
+
+
+class _PeerTransformer(torch.nn.Module):
+    """A peer-hooked SD3 transformer as ``StableDiffusion3Pipeline`` holds it: ``forward(**kw)``
+    runs the peer's per-call hooks (``pre_call(timestep)``, its cache context) around ``callee``
+    (the module or its compiled version); ``config``, ``device`` and ``dtype`` are the model's.
+    The SD3 pipeline batches CFG as [uncond, cond], the order FasterCache assumes: no swap."""
+
+    def __init__(self, applied, callee, module) -> None:
+        super().__init__()
+        object.__setattr__(self, "_applied", applied)  # not submodules: nothing to register twice
+        object.__setattr__(self, "_callee", callee)
+        object.__setattr__(self, "_module", module)
+        self.config = module.config
+
+    @property
+    def device(self):
+        return self._module.device
+
+    @property
+    def dtype(self):
+        return self._module.dtype
+
+    def forward(self, **kw):
+        self._applied.pre_call(kw["timestep"])
+        with self._applied.context():
+            return self._callee(**kw)
 
 
 def _label(row) -> str:
@@ -239,7 +287,8 @@ def run_suite1(a) -> dict:
         rows.append(r)
         if not a.no_progress:
             tqdm.write(_row_line(r))
-    return {"samples": a.samples, "steps": a.steps, "guidance_scale": a.guidance, "scheduler": "ddim",
+    return {"model": a.model, "samples": a.samples, "steps": a.steps, "guidance_scale": a.guidance,
+            "scheduler": runner.job.schedulers[0],
             "classes": 10, "peer_mode": a.peer_mode, "repeats": a.repeats, "rows": rows}
 
 
@@ -471,7 +520,7 @@ def plot(s1: dict, path: Path) -> None:
     ax.axvline(30.0, color="gray", lw=0.8, ls="--")
     ax.set_xlabel("PSNR vs Inductor image of the same seed (dB, capped at 100)")
     ax.set_ylabel("speedup vs torch.compile (Inductor)")
-    ax.set_title(f"reference DiT, {s1['samples']} samples, {s1['steps']} DDIM steps")
+    ax.set_title(f"{job(s1.get('model', 'dit')).title}, {s1['samples']} samples, {s1['steps']} steps")
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -480,6 +529,13 @@ def plot(s1: dict, path: Path) -> None:
 
 
 BEGIN, END = "<!-- BEGIN compare -->", "<!-- END compare -->"
+
+
+def markers(model: str = "dit") -> tuple[str, str]:
+    """The RESULTS.md section markers of ``model``'s results: ``compare`` or ``compare_mmdit``."""
+    if model == "dit":
+        return BEGIN, END
+    return f"<!-- BEGIN compare_{model} -->", f"<!-- END compare_{model} -->"
 
 
 def markdown(record: dict, png_rel: str | None) -> str:
@@ -496,11 +552,16 @@ def markdown(record: dict, png_rel: str | None) -> str:
     s1 = record.get("suite1")
     if s1:
         when = s1.get("measured")
-        L += ["### Suite 1: quality and speed on the bundled reference DiT", "",
+        mmdit = s1.get("model") == "mmdit"
+        L += ["### Suite 1: quality and speed on the bundled reference " + ("MMDiT" if mmdit else "DiT"), "",
               (f"(Suite 1 measured {when['date']} at commit {when['commit']}, load average "
                f"{when['load_avg_1m_at_start']} at its start.) " if when else "") +
-              f"`DiTTransformer2DModel` (6 blocks, 64 tokens), {s1['samples']} samples over 10 classes, "
-              f"{s1['steps']} DDIM steps, CFG {s1['guidance_scale']} (batched: one transformer call per step with "
+              ("`SD3Transformer2DModel` (6 joint blocks, 64 image + 4 class tokens, 16x16 pixels; class accuracy "
+               "and digits-FID on 2x2-pooled 8x8 images) in the real `StableDiffusion3Pipeline`, "
+               if mmdit else "`DiTTransformer2DModel` (6 blocks, 64 tokens), ") +
+              f"{s1['samples']} samples over 10 classes, "
+              f"{s1['steps']} {'flow-matching Euler' if mmdit else 'DDIM'} steps, CFG {s1['guidance_scale']} "
+              f"(batched: one transformer call per step with "
               f"batch {2 * s1['samples']}). Seconds per image = fastest of {s1.get('repeats', 1)} timed trajectory(ies) / "
               "samples, after one untimed warm-up trajectory (compile and every graph variant). PSNR/SSIM: each image against the Inductor image of the same seed "
               f"(PSNR capped at {PSNR_CAP:g} dB). Approx. ratio: fastcache's approximated (block, step) pairs; "
@@ -538,14 +599,16 @@ def markdown(record: dict, png_rel: str | None) -> str:
     return "\n".join(L)
 
 
-def write_section(md_path: Path, text: str) -> None:
-    """Replace the text between the compare markers of ``md_path`` (append the section if missing)."""
-    body = f"{BEGIN}\n{text.rstrip()}\n{END}"
+def write_section(md_path: Path, text: str, model: str = "dit") -> None:
+    """Replace the text between the compare markers of ``md_path`` (append the section if missing);
+    ``model`` "mmdit" uses the ``compare_mmdit`` markers."""
+    begin, end = markers(model)
+    body = f"{begin}\n{text.rstrip()}\n{end}"
     if md_path.exists():
         cur = md_path.read_text()
-        if BEGIN in cur and END in cur:
-            pre, rest = cur.split(BEGIN, 1)
-            post = rest.split(END, 1)[1]
+        if begin in cur and end in cur:
+            pre, rest = cur.split(begin, 1)
+            post = rest.split(end, 1)[1]
             md_path.write_text(pre + body + post)
             return
         md_path.write_text(cur.rstrip() + "\n\n" + body + "\n")
@@ -559,9 +622,11 @@ def write_section(md_path: Path, text: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--suites", default="1", help="which suites to run: 1, 2 or 1,2 (suite 2 alone reads suite 1 from --out-json)")
+    p.add_argument("--model", default="dit", choices=MODELS,
+                   help="suite 1 model: the reference DiT or the flow-matching MMDiT (SD3 pipeline)")
     p.add_argument("--samples", type=int, default=100, help="suite 1 images (labels cycle over the 10 classes)")
-    p.add_argument("--steps", type=int, default=50, help="suite 1 DDIM steps")
-    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--steps", type=int, default=None, help="suite 1 steps (default: 50 DDIM dit, 28 flow Euler mmdit)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: 2.0 dit, the model's for mmdit)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from {METHODS}")
     for m, (knob, default) in SWEEPS.items():
         p.add_argument(f"--sweep-{m.replace('_', '-')}", dest=f"sweep_{m}", default=default, help=f"{m}: values of {knob}")
@@ -574,8 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s2-steps", type=int, default=10, help="suite 2 steps per trajectory")
     p.add_argument("--s2-layers", type=int, default=None, help="suite 2 num_layers (default: full 28)")
     p.add_argument("--s2-traces", type=int, default=3, help="suite 2: how many suite-1 traces to replay")
-    p.add_argument("--out-json", type=Path, default=HERE / "compare.json")
-    p.add_argument("--out-png", type=Path, default=HERE / "compare.png")
+    p.add_argument("--out-json", type=Path, default=None, help="default: compare.json (dit), compare_mmdit.json")
+    p.add_argument("--out-png", type=Path, default=None, help="default: compare.png (dit), compare_mmdit.png")
     p.add_argument("--results-md", type=Path, default=HERE / "RESULTS.md", help="file whose compare section is rewritten")
     p.add_argument("--note", action="append", default=[],
                    help="a sentence for the Notes list of the results section (repeatable; kept in the JSON)")
@@ -596,11 +661,17 @@ def _write(a, record: dict) -> None:
             png_rel = os.path.relpath(a.out_png, a.results_md.parent)
         except ValueError:
             png_rel = str(a.out_png)
-    write_section(a.results_md, markdown(record, png_rel))
+    write_section(a.results_md, markdown(record, png_rel), model=a.model)
 
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    j = job(a.model)
+    stem = "compare" if a.model == "dit" else f"compare_{a.model}"
+    a.out_json = a.out_json or HERE / f"{stem}.json"
+    a.out_png = a.out_png or HERE / f"{stem}.png"
+    a.steps = a.steps or j.steps
+    a.guidance = j.guidance if a.guidance is None else a.guidance
     if a.threads is not None:
         if a.threads < 1:
             raise ValueError("--threads: must be >= 1")
@@ -608,6 +679,8 @@ def main(argv=None) -> int:
     suites = set(_parse_list(a.suites, int))
     if not suites or suites - {1, 2}:
         raise ValueError(f"--suites: expected 1, 2 or 1,2, got {a.suites!r}")
+    if 2 in suites and a.model != "dit":
+        raise ValueError("--suites: suite 2 replays reference-DiT traces on DiT-XL/PixArt; run it with --model dit")
     command = "python benchmarks/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
     previous = json.loads(a.out_json.read_text()) if a.out_json.exists() else {}
     if a.render:

@@ -10,9 +10,12 @@ Quality: the bundled reference DiT (64 tokens, 6 blocks, batched CFG, DDIM) samp
 digits (same noise) with plain Inductor and with ``enable_spatial_approx=True`` at several
 ``motion_threshold`` values (block cache off, so only tokens are approximated): PSNR against
 the Inductor images, digits-FID, class accuracy, the spatial approximation ratio and the
-number of compiled variants.
+number of compiled variants. ``--model mmdit``: the same on the bundled MMDiT (SD3 joint blocks,
+64 image + 4 class tokens, 28 flow-matching Euler steps of the real ``StableDiffusion3Pipeline``;
+only the image tokens are selected), class accuracy / digits-FID on 2x2-pooled 8x8 images.
 
     python benchmarks/token_select.py --images 20 --steps 50 --xl-layers 2 --out benchmarks/token_select.json
+    python benchmarks/token_select.py --model mmdit --xl-layers 0 --out benchmarks/token_select_mmdit.json
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 import fastcache_fx
 from fastcache_fx import reference as R
 from fastcache_fx import zoo
+from fastcache_fx.reference.jobs import MODELS, job
 from fastcache_fx.runtime import registry
 
 THRESHOLDS = (0.0, 0.002, 0.01, 0.05)
@@ -116,32 +120,35 @@ def xl_flops(layers: int) -> dict:
     return {k: {"gflops": v / 1e9, "flops_ratio": out[n] / v} for k, v in out.items()}
 
 
-def reference_rows(images: int, steps: int, thresholds, static=(("cached", None),)) -> dict:
-    """Quality and speed on the reference DiT per motion_threshold and (static_approx, calibration
-    path of its stack map) in ``static``."""
+def reference_rows(images: int, steps: int | None, thresholds, static=(("cached", None),), model: str = "dit") -> dict:
+    """Quality and speed on bundled model ``model`` ("dit" or "mmdit", ``reference.jobs``) per
+    motion_threshold and (static_approx, calibration path of its stack map) in ``static``.
+    ``steps`` None: the model's default (50 DDIM / 28 flow Euler steps)."""
+    j = job(model)
+    steps = steps or j.steps
     labels = torch.arange(10).repeat_interleave(max(1, images // 10))[:images]
     seeds = [1000 + i for i in range(len(labels))]
     clf = R.load_classifier()
+    small = j.to_classifier
     torch._dynamo.reset()
-    base = torch.compile(R.load(), backend="inductor", dynamic=False)
-    R.sample(base, labels, num_inference_steps=2, seed=seeds)
+    base = j.inductor(j.load())
+    j.sample(base, labels, steps=2, seeds=seeds)
     t0 = time.perf_counter()
-    base_imgs = R.sample(base, labels, num_inference_steps=steps, seed=seeds)
+    base_imgs = j.sample(base, labels, steps=steps, seeds=seeds)
     base_s = time.perf_counter() - t0
     rows = {"inductor": {"seconds_per_image": base_s / len(labels), "psnr_db": float("inf"),
-                         "digits_fid": R.digits_fid(clf, base_imgs),
-                         "class_accuracy": R.class_accuracy(clf, base_imgs, labels),
+                         "digits_fid": R.digits_fid(clf, small(base_imgs)),
+                         "class_accuracy": R.class_accuracy(clf, small(base_imgs), labels),
                          "spatial_approx_ratio": 0.0, "variants_compiled": 0}}
     for thr, (sa, cal) in [(t, s) for t in thresholds for s in static]:
-        model = R.load()
-        c = torch.compile(model, backend=fastcache_fx.FastCacheBackend(enable_spatial_approx=True, enable_block_approx=False,
-                                                                       motion_threshold=thr, static_approx=sa,
-                                                                       calibration=cal), dynamic=False)
-        R.sample(c, labels, num_inference_steps=steps, seed=seeds)  # compiles the variants it needs
+        model = j.load()
+        c = j.fastcache(model, dict(enable_spatial_approx=True, enable_block_approx=False, motion_threshold=thr,
+                                    static_approx=sa, calibration=cal))
+        j.sample(c, labels, steps=steps, seeds=seeds)  # compiles the variants it needs
         fastcache_fx.reset(model)
         n0 = len(fastcache_fx.stats(model)["token_select"]["steps"])
         t0 = time.perf_counter()
-        imgs = R.sample(c, labels, num_inference_steps=steps, seed=seeds)
+        imgs = j.sample(c, labels, steps=steps, seeds=seeds)
         secs = time.perf_counter() - t0
         st = fastcache_fx.stats(model)["token_select"]
         timed = st["steps"][n0:]
@@ -149,7 +156,8 @@ def reference_rows(images: int, steps: int, thresholds, static=(("cached", None)
         name = f"motion_threshold={thr:g}" + (f" static_approx={sa}" if sa != "cached" else "")
         rows[name] = {"seconds_per_image": secs / len(labels),
                       "psnr_db": float(R.psnr(imgs, base_imgs).clamp_max(100).mean()),
-                      "digits_fid": R.digits_fid(clf, imgs), "class_accuracy": R.class_accuracy(clf, imgs, labels),
+                      "digits_fid": R.digits_fid(clf, small(imgs)),
+                      "class_accuracy": R.class_accuracy(clf, small(imgs), labels),
                       "spatial_approx_ratio": ratio, "variants_compiled": st["variants_compiled"],
                       "tokens_per_step": [r["k"] for r in timed]}
         print(f"  {name}: PSNR {rows[name]['psnr_db']:.2f} dB, ratio {ratio:.3f}", flush=True)
@@ -166,8 +174,9 @@ def _table(rows: dict, cols: list[str]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="dit", choices=MODELS, help="bundled model of the quality rows")
     p.add_argument("--images", type=int, default=20)
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50 dit, 28 mmdit)")
     p.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS))
     p.add_argument("--xl-layers", type=int, default=2, help="blocks of the DiT-XL/2-sized speed rows (0: skip)")
     p.add_argument("--xl-calls", type=int, default=5)
@@ -194,9 +203,10 @@ def main(argv=None) -> int:
                                             "gflops", "flops_ratio"]),
               flush=True)
     if not a.skip_quality:
-        print(f"reference DiT: {a.images} images, {a.steps} steps", flush=True)
+        print(f"reference {a.model}: {a.images} images, {a.steps or job(a.model).steps} steps", flush=True)
         static = [tuple(v.split("=", 1)) if "=" in v else (v, None) for v in a.static_approx]
-        record["reference"] = reference_rows(a.images, a.steps, a.thresholds, static)
+        record["model"] = a.model
+        record["reference"] = reference_rows(a.images, a.steps, a.thresholds, static, model=a.model)
         print(_table(record["reference"], ["seconds_per_image", "psnr_db", "digits_fid", "class_accuracy",
                                            "spatial_approx_ratio", "variants_compiled"]))
     a.out.write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -1,8 +1,15 @@
-"""``fastcache-fx demo``: plain ``torch.compile`` vs ``backend="fastcache"`` on the bundled DiT.
+"""``fastcache-fx demo``: plain ``torch.compile`` vs ``backend="fastcache"`` on a bundled model.
+
+``--model dit`` (default): the reference DiT, sampled by our DDIM loop. ``--model mmdit``: the
+flow-matching MMDiT (``SD3Transformer2DModel``), sampled by the real ``StableDiffusion3Pipeline``
+with ``fastcache_fx.enable_fastcache(pipe)`` on the fastcache side. Both go through
+``reference.jobs.ReferenceJob``.
 
 Generates the same grid (classes x seeds, same initial noise) with both, prints a table
 (seconds per image, speedup, block_approx_ratio, PSNR, SSIM, class accuracy, digits-FID) and
-writes ``demo.png`` (baseline | fastcache | |difference|) and ``demo.json``.
+writes ``demo.png`` (baseline | fastcache | |difference|) and ``demo.json``. PSNR and SSIM
+compare the generated images (16x16 for the MMDiT); class accuracy and digits-FID use the 8x8
+classifier, on 2x2-average-pooled images for the MMDiT.
 """
 
 from __future__ import annotations
@@ -16,14 +23,19 @@ import torch
 
 from . import reference as R
 from .config import FastCacheConfig
+from .reference.jobs import MODELS, job
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    p.add_argument("--model", default="dit", choices=MODELS,
+                   help="bundled model: dit (DDIM, default) or mmdit (SD3 pipeline, rectified flow)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50 dit, 28 mmdit)")
     p.add_argument("--seeds", type=int, default=4, help="samples per class (default 4)")
     p.add_argument("--classes", type=str, default="0,1,2,3,4,5,6,7,8,9", help="comma-separated digits")
-    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
-    p.add_argument("--scheduler", default="ddim", choices=R.sampling.SCHEDULERS)
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: 2.0 dit, the model's recorded scale for mmdit)")
+    p.add_argument("--scheduler", default=None,
+                   help=f"dit: one of {R.sampling.SCHEDULERS} (default ddim); mmdit: flow_euler")
     p.add_argument("--threshold", type=float, default=None, help="cache_ratio_threshold (default: library default)")
     p.add_argument("--significance", type=float, default=None, help="significance_level")
     p.add_argument("--warmup", type=int, default=None, help="warmup_steps")
@@ -57,33 +69,57 @@ def _labels(a) -> torch.Tensor:
     return torch.tensor(classes).repeat_interleave(a.seeds)
 
 
-def _timed_sampling(name, transformer, labels, a, seeds, reset=None):
-    """Compile (a 2-step warm-up run), then time a full trajectory. Returns (images, seconds)."""
-    R.sample(transformer, labels, num_inference_steps=2, guidance_scale=a.guidance, scheduler=a.scheduler, seed=seeds)
+def _resolve(a):
+    """The model's job, with ``a.steps``, ``a.guidance`` and ``a.scheduler`` filled from its defaults."""
+    j = job(getattr(a, "model", "dit"))
+    a.steps = j.steps if a.steps is None else a.steps
+    a.guidance = j.guidance if a.guidance is None else a.guidance
+    try:
+        a.scheduler = j.check_scheduler(a.scheduler)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
+    return j
+
+
+def timed_sampling(j, transformer, labels, a, seeds, reset=None):
+    """Compile (a 2-step warm-up run), then time a full trajectory of ``a.steps`` steps.
+
+    Returns (images [B, 1, S, S], seconds). ``reset`` is called between the two runs."""
+    j.sample(transformer, labels, steps=2, guidance=a.guidance, scheduler=a.scheduler, seeds=seeds)
     if reset is not None:
         reset()
     t0 = time.perf_counter()
-    imgs = R.sample(transformer, labels, num_inference_steps=a.steps, guidance_scale=a.guidance,
-                    scheduler=a.scheduler, seed=seeds, progress=not a.no_progress)
+    imgs = j.sample(transformer, labels, steps=a.steps, guidance=a.guidance, scheduler=a.scheduler, seeds=seeds,
+                    progress=not a.no_progress)
     return imgs, time.perf_counter() - t0
+
+
+def quality_row(j, clf, imgs, labels, reference=None) -> dict:
+    """PSNR / SSIM against ``reference`` (same seeds; none: inf / 1), class accuracy and digits-FID
+    on the classifier's 8x8 view of ``imgs``."""
+    small = j.to_classifier(imgs)
+    return {"psnr_db": float("inf") if reference is None else float(R.psnr(imgs, reference).clamp_max(100).mean()),
+            "ssim": 1.0 if reference is None else float(R.ssim(imgs, reference).mean()),
+            "class_accuracy": R.class_accuracy(clf, small, labels), "digits_fid": R.digits_fid(clf, small)}
 
 
 def run(a) -> int:
     import fastcache_fx
 
+    j = _resolve(a)
     opts = _options(a)
     labels = _labels(a)
     seeds = [1000 + i for i in range(len(labels))]
-    model = R.load()
+    model = j.load()
     clf = R.load_classifier()
     torch._dynamo.reset()
-    baseline = torch.compile(model, backend="inductor", dynamic=False)
-    print(f"[1/2] plain torch.compile (Inductor): {len(labels)} images, {a.steps} steps")
-    base_imgs, base_s = _timed_sampling("inductor", baseline, labels, a, seeds)
-    model_fc = R.load()  # a separate module: its own cache state, same weights
-    fc = torch.compile(model_fc, backend=fastcache_fx.FastCacheBackend(**opts), dynamic=False)
-    print(f"[2/2] backend='fastcache' {opts or '(defaults)'}")
-    fc_imgs, fc_s = _timed_sampling("fastcache", fc, labels, a, seeds, reset=lambda: fastcache_fx.reset(model_fc))
+    baseline = j.inductor(model)
+    print(f"[1/2] {j.name}: plain torch.compile (Inductor): {len(labels)} images, {a.steps} steps")
+    base_imgs, base_s = timed_sampling(j, baseline, labels, a, seeds)
+    model_fc = j.load()  # a separate module: its own cache state, same weights
+    fc = j.fastcache(model_fc, opts)
+    print(f"[2/2] {j.name}: backend='fastcache' {opts or '(defaults)'}")
+    fc_imgs, fc_s = timed_sampling(j, fc, labels, a, seeds, reset=lambda: fastcache_fx.reset(model_fc))
     st = fastcache_fx.stats(model_fc)
     # the timed trajectory only (the warm-up run's steps come first)
     timed = [t for t in st["trace"]][-a.steps:]
@@ -92,14 +128,9 @@ def run(a) -> int:
     n = len(labels)
     rows = {
         "inductor": {"seconds_per_image": base_s / n, "speedup": 1.0, "block_approx_ratio": 0.0,
-                     "psnr_db": float("inf"), "ssim": 1.0,
-                     "class_accuracy": R.class_accuracy(clf, base_imgs, labels),
-                     "digits_fid": R.digits_fid(clf, base_imgs)},
+                     **quality_row(j, clf, base_imgs, labels)},
         "fastcache": {"seconds_per_image": fc_s / n, "speedup": base_s / fc_s, "block_approx_ratio": approx_ratio,
-                      "psnr_db": float(R.psnr(fc_imgs, base_imgs).clamp_max(100).mean()),
-                      "ssim": float(R.ssim(fc_imgs, base_imgs).mean()),
-                      "class_accuracy": R.class_accuracy(clf, fc_imgs, labels),
-                      "digits_fid": R.digits_fid(clf, fc_imgs)},
+                      **quality_row(j, clf, fc_imgs, labels, reference=base_imgs)},
     }
     _print_table(rows)
     _save_png(a.out_png, base_imgs, fc_imgs, labels, rows)
@@ -107,7 +138,7 @@ def run(a) -> int:
 
     trace_png = a.trace_png or a.out_png.with_name(a.out_png.stem + "_trace.png")
     decision_heatmap({**st, "trace": timed}, trace_png)
-    record = {"images": n, "steps": a.steps, "guidance_scale": a.guidance, "scheduler": a.scheduler,
+    record = {"model": j.name, "model_title": j.title, "images": n, "steps": a.steps, "guidance_scale": a.guidance, "scheduler": a.scheduler,
               "options": FastCacheConfig.from_options(opts).to_dict(), "results": rows,
               "per_block_approx_ratio": st["per_block"], "torch": torch.__version__,
               "png": str(a.out_png), "trace_png": str(trace_png)}
@@ -129,9 +160,11 @@ def _save_png(path: Path, base, fc, labels, rows) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    s = base.shape[-1]  # image side: 8 (DiT) or 16 (MMDiT)
+
     def grid(x):  # one column per class, one row per seed
         nc = len(torch.unique(labels))
-        x = x[:, 0].reshape(nc, -1, 8, 8).permute(1, 2, 0, 3).reshape(-1, nc * 8)
+        x = x[:, 0].reshape(nc, -1, s, s).permute(1, 2, 0, 3).reshape(-1, nc * s)
         return x.numpy()
 
     diff = (fc - base).abs()
@@ -143,7 +176,7 @@ def _save_png(path: Path, base, fc, labels, rows) -> None:
                                           ["gray", "gray", "magma"], [1, 1, None]):
         im = ax.imshow(img, cmap=cmap, vmin=-1 if vmax == 1 else 0, vmax=vmax, interpolation="nearest")
         ax.set_title(title, fontsize=9)
-        ax.set_xticks([8 * i + 3.5 for i in range(len(torch.unique(labels)))], [str(int(c)) for c in torch.unique(labels)])
+        ax.set_xticks([s * i + (s - 1) / 2 for i in range(len(torch.unique(labels)))], [str(int(c)) for c in torch.unique(labels)])
         ax.set_yticks([])
     fig.colorbar(im, ax=axes[2], fraction=0.046)
     fig.tight_layout()

@@ -2,6 +2,7 @@
 
     python -m fastcache_fx.reference.train classifier      # ~1 min
     python -m fastcache_fx.reference.train dit --steps 4000 # ~1 h on 2 cores
+    python -m fastcache_fx.reference.train mmdit            # the flow-matching MMDiT: see train_mmdit
 
 The DiT is trained with v-prediction on a cosine schedule (diffusers ``DDPMScheduler``), label
 dropout 0.1 for classifier-free guidance, AdamW with warmup and cosine decay, gradient
@@ -157,8 +158,16 @@ def train_dit(steps: int = 4000, batch_size: int = 128, lr: float = 1e-3, seed: 
 
 
 def main(argv=None) -> None:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["mmdit"]:  # the second reference model has its own flags (--resume, --finalize...)
+        from . import train_mmdit
+
+        train_mmdit.main(argv[1:])
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["classifier", "dit", "all"])
+    p.add_argument("what", choices=["classifier", "dit", "all", "mmdit"])
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
