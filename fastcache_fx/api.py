@@ -10,15 +10,27 @@ from .runtime.context import attach_diffusers_context
 from .runtime.stats import collect
 
 
-def enable_fastcache(pipe_or_model, *, fullgraph: bool = False, mode: str | None = None, **options):
+def enable_fastcache(pipe_or_model, *, fullgraph: bool = False, mode: str | None = None, dynamic: bool | None = None,
+                     regional: bool = False, **options):
     """Compile a pipeline's transformer (or a transformer) with the fastcache backend.
 
-    ``pipe.transformer`` is replaced by the compiled module; a bare module is returned compiled.
+    Whole-graph mode (default): ``pipe.transformer`` is replaced by the compiled module (a bare
+    module is returned compiled); one graph with a guarded cond per block.
+    ``regional=True``: every transformer block is compiled on its own, one graph per block class
+    (diffusers' ``compile_repeated_blocks`` where the model defines ``_repeated_blocks``, else
+    the block lists found by ``passes.blocks.block_lists``), each instance with its own cache
+    state; a forward pre-hook on the transformer counts steps from its ``timestep``
+    (``runtime.regional``). The module is compiled in place and returned.
+
     Options are FastCacheConfig fields (the reference code's names: cache_ratio_threshold,
     significance_level, motion_threshold, adaptive_beta, enable_block_approx).
+    ``dynamic`` goes to ``torch.compile``: None (default) lets Dynamo trace symbolic shapes from
+    the second distinct shape on, so one graph serves every later resolution and batch size;
+    False compiles one static graph per shape.
 
     Raises:
-        ValueError: a bad option value (the message names the field).
+        ValueError: a bad option value (the message names the field); ``regional=True`` with
+            token selection or token merging, or on a model without recognisable blocks.
         TypeError: neither a module nor an object with ``.transformer``.
     """
     from .backend import FastCacheBackend
@@ -27,13 +39,48 @@ def enable_fastcache(pipe_or_model, *, fullgraph: bool = False, mode: str | None
     target = pipe_or_model.transformer if hasattr(pipe_or_model, "transformer") else pipe_or_model
     if not isinstance(target, torch.nn.Module):
         raise TypeError(f"expected a diffusers pipeline or an nn.Module, got {type(pipe_or_model).__name__}")
-    attach_diffusers_context(registry.unwrap(target))
-    compiled = torch.compile(registry.unwrap(target), backend=FastCacheBackend(config, mode=mode), fullgraph=fullgraph,
-                             dynamic=False)
+    module = registry.unwrap(target)
+    attach_diffusers_context(module)
+    backend = FastCacheBackend(config, mode=mode)
+    if regional:
+        _compile_regional(module, backend, fullgraph=fullgraph, dynamic=dynamic)
+        compiled = module
+    else:
+        compiled = torch.compile(module, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
     if hasattr(pipe_or_model, "transformer"):
         pipe_or_model.transformer = compiled
         return pipe_or_model
     return compiled
+
+
+def _compile_regional(module: torch.nn.Module, backend, **compile_kw) -> None:
+    """Regional compilation of ``module``'s blocks with ``backend`` (see ``enable_fastcache``)."""
+    from .passes.blocks import block_lists
+    from .runtime.regional import RegionalModel, install_step_hook
+
+    config = backend.config
+    for name in ("enable_spatial_approx", "enable_token_merge"):
+        if getattr(config, name):
+            raise ValueError(f"FastCacheConfig.{name}: not available with regional=True (one graph per block "
+                             "class): token selection and token merging change the token count across blocks")
+    repeated = set(getattr(module, "_repeated_blocks", None) or ())
+    if repeated:
+        blocks = {n: m for n, m in module.named_modules() if type(m).__name__ in repeated}
+    else:
+        blocks = {f"{lst}.{i}": m for lst, ml in block_lists(module) for i, m in enumerate(ml)}
+    if not blocks:
+        raise ValueError(f"regional: no transformer blocks found in {type(module).__name__} (no _repeated_blocks and "
+                         "no ModuleList of identical blocks)")
+    entry = registry.entry_for_params(module.parameters())
+    if entry.regional is None:
+        entry.regional = RegionalModel(entry, config.trace_steps)
+    entry.regional.register_blocks(blocks)
+    install_step_hook(module, entry.regional)
+    if repeated:
+        module.compile_repeated_blocks(backend=backend, **compile_kw)
+    else:
+        for m in blocks.values():
+            m.compile(backend=backend, **compile_kw)
 
 
 def stats(model) -> dict:

@@ -4,26 +4,157 @@
 
 ``backend="fastcache"`` resolves through the ``torch_dynamo_backends`` entry point to
 ``fastcache_backend``; ``FastCacheBackend(config)`` is the same thing as a callable object.
+
+Every graph Dynamo hands the backend goes through one pipeline (``FastCacheBackend.__call__``):
+
+1. classify (``plan``): the graph of a whole transformer (block regions found: "model"), the
+   graph of one block from regional compilation ("block", ``passes.blocks.find_block_graph``),
+   or neither: a ``FallbackRuntime`` (plain Inductor, one warning, reported by ``stats()``);
+2. the passes of ``PASSES``, in order, each applied when its condition holds; each rewrites the
+   graph and says what it adds to the graph's inputs and outputs (the state the runtime carries);
+3. one lowering (``lower``: Inductor, or TensorRT engines);
+4. the runtime owning the state: ``GraphRuntime`` (whole graph), ``BlockRuntime`` (one block
+   graph serving every block of its class), ``TokenSelectRuntime`` (one variant per token
+   bucket, each built by this same pipeline).
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import fx
 
 from .config import FastCacheConfig
 from .lowering.inductor import compile_graph
-from .passes.block_cache import AccumSpec, ControlSpec, StateSpec, apply_block_cache
-from .passes.blocks import find_blocks, is_param, node_value
-from .passes.token_merge import apply_token_merge, attach_token_merge_state
+from .passes.block_cache import AccumSpec, BlockCacheResult, ControlSpec, StateSpec, apply_block_cache
+from .passes.blocks import BlockRegion, find_block_graph, find_blocks, is_param, node_value
 from .runtime import registry
-from .runtime.state import GraphRuntime
+from .runtime.shapes import ShapeBinder
+from .runtime.state import FallbackRuntime, GraphRuntime
 
 log = logging.getLogger("fastcache_fx")
 
+
+@dataclass
+class Build:
+    """What the pipeline carries from pass to pass for one graph.
+
+    ``gm`` is the current graph; ``layout`` the block-cache contract (inputs/outputs the runtime
+    provides and reads); ``weights`` the tensors of its weight inputs; ``notes`` what each pass
+    did (``stats()``/logs)."""
+
+    gm: fx.GraphModule
+    example_inputs: list
+    config: FastCacheConfig
+    mode: str | None
+    regions: list[BlockRegion]
+    kind: str  # "model" or "block"
+    dynamic: bool
+    select: object = None  # token_select result of the variant being built
+    merge: object = None
+    layout: BlockCacheResult | None = None
+    approx: str = "residual"
+    weights: dict = field(default_factory=dict)
+    online: object = None
+    compiled: object = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return next((x.device for x in self.example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+
+
+# the passes ---------------------------------------------------------------------------------
+
+def _token_merge(b: Build) -> None:
+    """Merge tokens between stages (adds the merge state; the block cache sees merged shapes)."""
+    from .passes.token_merge import apply_token_merge
+
+    gm, merge = apply_token_merge(b.gm, b.config, b.regions)
+    if merge.applied:
+        b.gm, b.merge, b.regions = gm, merge, find_blocks(gm).regions
+        b.notes.append("token_merge")
+    else:
+        warnings.warn(f"fastcache: token merge left alone: {merge.reason}", stacklevel=4)
+
+
+def _block_cache(b: Build) -> None:
+    """Every block becomes ``cond(approx?, approximation, full block)`` (adds anchors, counters,
+    the ``force`` / ``q_ratio`` / clock controls and the calibrated-map inputs)."""
+    b.weights, b.approx = _approx_weights(b.config, b.regions)
+    b.gm, b.layout = apply_block_cache(b.gm, b.config, b.regions, approx=b.approx,
+                                       clock="input" if b.kind == "block" else "graph")
+    b.notes.append(f"block_cache({b.approx})")
+
+
+def _token_merge_state(b: Build) -> None:
+    """Move the token-merge state behind the block-cache state (one state list for the runtime)."""
+    from .passes.token_merge import attach_token_merge_state
+
+    b.gm, b.layout = attach_token_merge_state(b.gm, b.layout, b.merge)
+
+
+def _token_select_force(b: Build) -> None:
+    """A changed token set forces full block computations (token-selection variants)."""
+    from .passes.token_select import attach_token_select
+
+    b.gm = attach_token_select(b.gm)
+
+
+def _online_calibration(b: Build) -> None:
+    """calibration="online": accumulators as inputs, zero maps (residual reuse) until a refit."""
+    from .runtime.online import OnlineCalibration
+
+    b.online = OnlineCalibration(b.layout, b.config, b.device)
+    b.weights = b.online.initial_weights(b.device)
+
+
+#: The passes in order: (name, applies to the build, rewrite). Token selection is not listed: it
+#: builds one graph per token bucket (``runtime.token_select``), each through this same list.
+PASSES: tuple[tuple[str, Callable[[Build], bool], Callable[[Build], None]], ...] = (
+    ("token_merge", lambda b: b.config.enable_token_merge, _token_merge),
+    ("block_cache", lambda b: True, _block_cache),
+    ("token_merge_state", lambda b: b.merge is not None, _token_merge_state),
+    ("token_select_force", lambda b: b.select is not None, _token_select_force),
+    ("online_calibration", lambda b: b.layout.online, _online_calibration),
+)
+
+
+def lower(b: Build):
+    """Lower the rewritten graph once: Inductor, or TensorRT engines (one per glue piece and branch)."""
+    extra = []
+    for spec in b.layout.extra_inputs:
+        if isinstance(spec, (StateSpec, ControlSpec)):
+            extra.append(_example_value(spec, b))
+        elif isinstance(spec, AccumSpec):
+            extra.append(b.online.accum[spec.name])
+        else:
+            b.weights[spec.name] = b.weights[spec.name].to(b.device)
+            extra.append(b.weights[spec.name])
+    if b.config.lowering == "tensorrt" and not b.dynamic:
+        from .lowering.tensorrt import compile_tensorrt
+
+        return compile_tensorrt(b.gm, list(b.example_inputs) + extra, b.layout.blocks)
+    return compile_graph(b.gm, list(b.example_inputs) + extra, b.mode)
+
+
+def _example_value(spec, b: Build) -> torch.Tensor:
+    """The example value of a state/control input: real for static shapes; in a dynamic graph a
+    fake tensor of Dynamo's fake mode (its sizes are the graph's SymInts)."""
+    fill = spec.fill if spec.dtype.is_floating_point else int(spec.fill)
+    if not any(isinstance(d, torch.SymInt) for d in spec.shape):
+        return torch.full(spec.shape, fill, dtype=spec.dtype, device=b.device)
+    from torch._guards import detect_fake_mode
+
+    with detect_fake_mode(b.example_inputs):
+        return torch.full(spec.shape, fill, dtype=spec.dtype, device=b.device)
+
+
+# the backend --------------------------------------------------------------------------------
 
 class FastCacheBackend:
     """A Dynamo backend object: ``torch.compile(model, backend=FastCacheBackend(config))``.
@@ -40,82 +171,108 @@ class FastCacheBackend:
         self.config = FastCacheConfig.from_options(config, **options)
         self.mode = mode
 
-    def __call__(self, gm: fx.GraphModule, example_inputs: list, *, select=None, **kwargs):
+    def __call__(self, gm: fx.GraphModule, example_inputs: list, **kwargs):
         config = self.config
         if kwargs.get("options"):
             config = FastCacheConfig.from_options(config, **kwargs["options"])
         mode = kwargs.get("mode") or self.mode
-        search = find_blocks(gm)
-        if not search.regions:
-            warnings.warn("fastcache: no transformer blocks recognised in this graph; compiled with plain Inductor"
-                          + (f" (left alone: {search.left_alone})" if search.left_alone else ""), stacklevel=2)
-            return compile_graph(gm, example_inputs, mode)
-        if _has_symbolic_shapes(gm):
-            # a dynamic-shape graph: cache state could not be sized safely, so no cache at all
-            # (correct outputs, never a stale cache); torch.compile(..., dynamic=False) avoids this
-            warnings.warn("fastcache: graph has dynamic shapes; compiled with plain Inductor and no cache. "
-                          "Pass dynamic=False to torch.compile (enable_fastcache does) to keep one cached graph "
-                          "per shape", stacklevel=2)
-            return compile_graph(gm, example_inputs, mode)
-        if config.lowering == "tensorrt":
-            from .lowering.tensorrt import require_tensorrt
+        b = plan(gm, example_inputs, config, mode)
+        if isinstance(b, str):  # a fallback, with its reason
+            return _fallback(gm, example_inputs, mode, b, [])
+        if b.kind == "block":
+            from .runtime.regional import build_block_runtime
 
-            require_tensorrt()
-        if config.enable_spatial_approx and select is None:  # token-selection variants (passes/token_select.py)
+            return build_block_runtime(run_passes(b))
+        if config.enable_spatial_approx and not b.dynamic:  # one graph per token bucket
             from .runtime.token_select import build_token_select
 
-            dev = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
-            factory = lambda g, ex, sel: FastCacheBackend(config, mode=mode)(g, ex, select=sel)  # noqa: E731
-            runtime = build_token_select(factory, gm, example_inputs, config, search, dev,
+            runtime = build_token_select(lambda g, ex, sel: build_variant(g, ex, config, mode, sel),
+                                         gm, example_inputs, config, b.regions, b.device,
                                          clone_outputs=mode == "reduce-overhead")
             if runtime is not None:
                 return runtime
-        user_placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        merge = None
-        if config.enable_token_merge:
-            gm, merge = apply_token_merge(gm, config, search.regions)
-            if merge.applied:
-                search = find_blocks(gm)  # the block cache sizes its state from the merged shapes
-            else:
-                warnings.warn(f"fastcache: token merge left alone: {merge.reason}", stacklevel=2)
-        weights, approx = _approx_weights(config, search.regions)
-        gm, layout = apply_block_cache(gm, config, search.regions, approx=approx)
-        if merge is not None:
-            gm, layout = attach_token_merge_state(gm, layout, merge)
-        if select is not None:  # a changed token set forces full block computations
-            from .passes.token_select import attach_token_select
+        return runtime_for(run_passes(b))
 
-            gm = attach_token_select(gm)
-        device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
-        online = None
-        if layout.online:  # calibration="online": zero maps (residual reuse) until the first refit
-            from .runtime.online import OnlineCalibration
 
-            online = OnlineCalibration(layout, config, device)
-            weights = online.initial_weights(device)
-        extra = []
-        for spec in layout.extra_inputs:
-            if isinstance(spec, (StateSpec, ControlSpec)):
-                extra.append(torch.full(spec.shape, spec.fill, dtype=spec.dtype, device=device))
-            elif isinstance(spec, AccumSpec):
-                extra.append(online.accum[spec.name])
-            else:
-                weights[spec.name] = weights[spec.name].to(device)
-                extra.append(weights[spec.name])
-        log.info("fastcache: %d blocks rewritten (%s), %d left alone", len(layout.blocks), approx, len(layout.left_alone))
-        if config.lowering == "tensorrt":  # one engine per glue piece and per branch (#7)
-            from .lowering.tensorrt import compile_tensorrt
+def plan(gm: fx.GraphModule, example_inputs: list, config: FastCacheConfig, mode: str | None) -> Build | str:
+    """Classify a Dynamo graph: a Build for the pipeline, or the reason for a plain-Inductor fallback.
 
-            compiled = compile_tensorrt(gm, list(example_inputs) + extra, layout.blocks)
-        else:
-            compiled = compile_graph(gm, list(example_inputs) + extra, mode)
-        params = [x for x, n in zip(example_inputs, user_placeholders) if isinstance(x, torch.Tensor) and is_param(n)]
-        entry = registry.entry_for_params(params)
-        runtime = GraphRuntime(entry, layout, compiled, weights, device, config.trace_steps,
-                               clone_outputs=mode == "reduce-overhead")
-        runtime.token_merge = merge if merge is not None and merge.applied else None  # read by stats()
-        runtime.online = online
-        return runtime
+    Raises:
+        ValueError: token selection / token merge asked for in regional compilation (they change
+            the token count across blocks, which one block's graph cannot do).
+        RuntimeError: ``lowering="tensorrt"`` without CUDA / torch_tensorrt.
+    """
+    dynamic = _has_symbolic_shapes(gm)
+    search = find_blocks(gm)
+    kind, regions = "model", search.regions
+    if not regions:
+        block = find_block_graph(gm)
+        if isinstance(block, str):
+            left = f" (left alone: {search.left_alone})" if search.left_alone else ""
+            return f"no transformer blocks recognised in this graph{left}: {block}"
+        kind, regions = "block", [block]
+        for name in ("enable_spatial_approx", "enable_token_merge"):
+            if getattr(config, name):
+                raise ValueError(f"FastCacheConfig.{name}: not available in regional compilation (one graph per "
+                                 "block class): token selection and token merging change the token count across "
+                                 "blocks; compile the whole transformer instead")
+    if config.lowering == "tensorrt":
+        from .lowering.tensorrt import require_tensorrt
+
+        require_tensorrt()
+        if dynamic:
+            warnings.warn("fastcache: lowering='tensorrt' needs static shapes; this dynamic-shape graph is lowered "
+                          "by Inductor", stacklevel=3)
+    if dynamic:
+        for name, what in (("enable_spatial_approx", "token selection"), ("enable_token_merge", "token merging")):
+            if getattr(config, name) and kind == "model":
+                warnings.warn(f"fastcache: {what} needs static shapes; this dynamic-shape graph keeps the block "
+                              f"cache only (pass dynamic=False to torch.compile for {what})", stacklevel=3)
+        config = config.replace(enable_spatial_approx=False, enable_token_merge=False)
+    return Build(gm, list(example_inputs), config, mode, regions, kind, dynamic)
+
+
+def run_passes(b: Build) -> Build:
+    """Run ``PASSES`` on ``b`` in order (each pass whose condition holds) and lower the result."""
+    for name, applies, rewrite in PASSES:
+        if applies(b):
+            rewrite(b)
+    log.info("fastcache: %s graph, %d blocks rewritten (%s), passes %s", b.kind, len(b.layout.blocks), b.approx,
+             b.notes)
+    b.compiled = lower(b)
+    return b
+
+
+def runtime_for(b: Build) -> GraphRuntime:
+    """The GraphRuntime of a lowered whole-transformer graph, registered with its model."""
+    params = [x for x, n in zip(b.example_inputs, _placeholders(b.gm, len(b.example_inputs)))
+              if isinstance(x, torch.Tensor) and is_param(n)]
+    entry = registry.entry_for_params(params)
+    runtime = GraphRuntime(entry, b.layout, b.compiled, b.weights, b.device, b.config.trace_steps,
+                           clone_outputs=b.mode == "reduce-overhead",
+                           binder=ShapeBinder(b.example_inputs) if b.dynamic else None,
+                           significance_level=b.config.significance_level)
+    runtime.token_merge = b.merge
+    runtime.online = b.online
+    return runtime
+
+
+def build_variant(gm: fx.GraphModule, example_inputs: list, config: FastCacheConfig, mode: str | None, select):
+    """One token-selection variant graph through the pipeline (``runtime.token_select`` calls it)."""
+    b = Build(gm, list(example_inputs), config, mode, find_blocks(gm).regions, "model", False, select=select)
+    return runtime_for(run_passes(b))
+
+
+def _placeholders(gm: fx.GraphModule, n: int) -> list[fx.Node]:
+    return [p for p in gm.graph.nodes if p.op == "placeholder"][:n]
+
+
+def _fallback(gm, example_inputs, mode, reason: str, blocks: list[str]) -> FallbackRuntime:
+    """Plain Inductor, one warning, registered so that ``stats()`` reports the reason."""
+    warnings.warn(f"fastcache: {reason}; compiled with plain Inductor", stacklevel=3)
+    params = [x for x, n in zip(example_inputs, _placeholders(gm, len(example_inputs)))
+              if isinstance(x, torch.Tensor) and is_param(n)]
+    return FallbackRuntime(registry.entry_for_params(params), compile_graph(gm, example_inputs, mode), reason, blocks)
 
 
 def _has_symbolic_shapes(gm: fx.GraphModule) -> bool:

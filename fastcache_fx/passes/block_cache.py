@@ -55,7 +55,9 @@ class WeightSpec:
 class ControlSpec:
     """A per-call control input the runtime sets (not carried between calls): ``force`` is int8
     [L], one entry per block: -1 decide live, 0 force a full computation, 1 force the
-    approximation (used to replay a decision trace, ``fastcache_fx.replay_decisions``)."""
+    approximation (used to replay a decision trace, ``fastcache_fx.replay_decisions``).
+    ``q_ratio`` (graphs with symbolic shapes only) is float32 [L], chi2.ppf(1 - alpha, ND) / ND of
+    each block for the shape of the call (``BlockCacheResult.dofs``), computed by the runtime."""
 
     name: str
     shape: tuple
@@ -87,7 +89,7 @@ class BlockCacheResult:
 
     blocks: list[str]
     stream_shapes: list[list[tuple]]
-    thresholds: list[float]
+    thresholds: list[float | None]  # None where ND is symbolic (the bound then depends on the call's shape)
     num_user_inputs: int
     num_user_outputs: int
     output_is_tuple: bool
@@ -102,6 +104,12 @@ class BlockCacheResult:
     rank: int | None = None
     time_buckets: int = 1
     online: bool = False
+    dofs: list = field(default_factory=list)  # ND per block: int, or SymInt in a dynamic-shape graph
+
+    @property
+    def dynamic(self) -> bool:
+        """The graph has symbolic shapes: state shapes and ``q_ratio`` depend on the call."""
+        return any(isinstance(d, torch.SymInt) for d in self.dofs)
 
 
 def _set_val(node: fx.Node, val) -> fx.Node:
@@ -110,8 +118,43 @@ def _set_val(node: fx.Node, val) -> fx.Node:
     return node
 
 
+_OPERAND_SCALARS = (int, torch.SymInt)  # what cond accepts besides tensors
+
+
+def _scalar_constants(graph: fx.Graph, region: BlockRegion) -> tuple[BlockRegion, dict[fx.Node, object]]:
+    """cond operands may be tensors, ints and SymInts only. ``dynamic=True`` turns float
+    attributes (a norm's eps, a dropout p) into 0-d tensor inputs read by ``.item()`` (SymFloats),
+    and ``.item()`` inside a branch is data-dependent. Such a scalar context input is baked into
+    the branch as the value Dynamo traced it with, and the outer graph asserts at run time that
+    the input still has that value (``torch._check``: a different value fails loudly, never
+    silently). Edits ``graph`` (the asserts).
+
+    Returns:
+        (the region without those context inputs, {node: value to use in the full branch}).
+    """
+    consts: dict[fx.Node, object] = {}
+    context = []
+    for c in region.context_inputs:
+        v = node_value(c)
+        if v is None or isinstance(v, (torch.Tensor,) + _OPERAND_SCALARS):
+            context.append(c)
+            continue
+        expr = v.node.expr if isinstance(v, (torch.SymFloat, torch.SymBool)) else None
+        value = type(v.node.hint)(v.node.hint) if expr is not None else v
+        if value is None:
+            raise ValueError(f"{region.name}: context input {c.name} is a scalar without a value to bake")
+        consts[c] = float(value) if isinstance(v, torch.SymFloat) else value
+        if expr is not None and not expr.is_number:
+            with graph.inserting_after(c):
+                eq = _set_val(graph.call_function(operator.eq, (c, consts[c])), v == consts[c])
+            with graph.inserting_after(eq):
+                graph.call_function(torch._check, (eq,))
+    return BlockRegion(region.name, region.list_name, region.index, region.module_type, region.nodes,
+                       region.stream_inputs, region.stream_outputs, context, region.param_inputs), consts
+
+
 def _extract_full_branch(region: BlockRegion, operands: list[fx.Node], slots: dict | None = None,
-                         learn: str | None = None) -> fx.GraphModule:
+                         learn: str | None = None, consts: dict | None = None) -> fx.GraphModule:
     """The block's own nodes as a GraphModule over ``operands`` (extra operands unused). With
     ``learn`` (online calibration: the approximation kind) the branch also returns the ridge
     statistic increments of each stream (``decision.ridge_increments``) after the outputs."""
@@ -121,6 +164,7 @@ def _extract_full_branch(region: BlockRegion, operands: list[fx.Node], slots: di
     for i, op in enumerate(operands):
         env[op] = _set_val(g.placeholder(f"arg{i}_{op.name}"), node_value(op))
         ph.append(env[op])
+    env.update(consts or {})
     for n in region.nodes:
         env[n] = g.node_copy(n, lambda a: env[a])
     outs = []
@@ -130,13 +174,34 @@ def _extract_full_branch(region: BlockRegion, operands: list[fx.Node], slots: di
         # branch outputs that alias each other or an input
         outs.append(_set_val(g.call_function(torch.clone, (env[o],), {"memory_format": torch.contiguous_format}),
                              node_value(o)))
+    ys = list(outs)
+    outs = [_flat_if_symbolic(g, y) for y in ys]
     if learn is not None:
         for s in range(len(region.stream_outputs)):
-            inc = g.call_function(D.ridge_increments, (ph[slots["stream"][s]], outs[s], ph[slots["in"][s]],
+            inc = g.call_function(D.ridge_increments, (ph[slots["stream"][s]], ys[s], ph[slots["in"][s]],
                                                        ph[slots["res"][s]]), {"kind": learn})
             outs += [g.call_function(operator.getitem, (inc, j)) for j in range(len(ACCUM_KEYS))]
     g.output(tuple(outs))
     return fx.GraphModule(torch.nn.Module(), g)
+
+
+def _symbolic(shape) -> bool:
+    return any(isinstance(d, torch.SymInt) for d in shape)
+
+
+def _flat_if_symbolic(g: fx.Graph, y: fx.Node) -> fx.Node:
+    """A branch output with symbolic sizes is returned flat ([B N D]): cond rebuilds its output's
+    strides from the two branches' and refuses the ``Max(1, N)`` that contiguous strides of a
+    symbolic size carry; the outer graph views it back (``view_as`` the stream input)."""
+    v = node_value(y)
+    if not _symbolic(v.shape):
+        return y
+    return _set_val(g.call_method("reshape", (y, -1)), _fake_flat(v))
+
+
+def _fake_flat(v: torch.Tensor) -> torch.Tensor:
+    with v.fake_mode:
+        return v.reshape(-1)
 
 
 def _approx_branch(region: BlockRegion, operands: list[fx.Node], slots: dict, approx: str,
@@ -158,13 +223,32 @@ def _approx_branch(region: BlockRegion, operands: list[fx.Node], slots: dict, ap
                                                [ph[i] for i in slots["maps"][s]], ph[slots["t"]], ready),
                                 {"kind": approx, "rank": config.rank, "buckets": config.time_buckets,
                                  "timestep_max": config.timestep_max})
-        outs.append(_set_val(y, node_value(o)))
+        outs.append(_flat_if_symbolic(g, _set_val(y, node_value(o))))
     if online:
         for s in range(len(region.stream_outputs)):
             z = g.call_function(D.zero_increments, (ph[slots["stream"][s]],))
             outs += [g.call_function(operator.getitem, (z, j)) for j in range(len(ACCUM_KEYS))]
     g.output(tuple(outs))
     return fx.GraphModule(torch.nn.Module(), g)
+
+
+def _numel(shape) -> int | torch.SymInt:
+    n = 1
+    for d in shape:
+        n = n * d
+    return n
+
+
+def _placeholder_value(shape, dtype: torch.dtype, placeholders: list[fx.Node]) -> torch.Tensor:
+    """The ``meta["val"]`` of a new state input: a meta tensor, or, for a symbolic shape, a fake
+    tensor of the graph's own fake mode (its SymInts belong to that mode's ShapeEnv)."""
+    if not any(isinstance(d, torch.SymInt) for d in shape):
+        return torch.empty(shape, dtype=dtype, device="meta")
+    vals = [node_value(p) for p in placeholders]
+    mode = next(v.fake_mode for v in vals if hasattr(v, "fake_mode"))
+    device = next((v.device for v in vals if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    with mode:
+        return torch.empty(shape, dtype=dtype, device=device)
 
 
 def insert_trajectory_step(graph: fx.Graph, before: fx.Node, timestep: fx.Node | None, prev_t: fx.Node,
@@ -181,7 +265,7 @@ def insert_trajectory_step(graph: fx.Graph, before: fx.Node, timestep: fx.Node |
 
 
 def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list[BlockRegion] | None = None,
-                      *, approx: str | None = None) -> tuple[fx.GraphModule, BlockCacheResult]:
+                      *, approx: str | None = None, clock: str = "graph") -> tuple[fx.GraphModule, BlockCacheResult]:
     """Rewrite a copy of ``gm`` so each block region becomes a guarded ``torch.cond``.
 
     Args:
@@ -190,6 +274,10 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
         regions: from ``find_blocks(gm)``; found here when None.
         approx: overrides ``config.approx`` (the backend passes "residual" when ``linear`` has
             no calibration).
+        clock: "graph": the graph counts steps itself from its timestep input (``step`` and
+            ``prev_t`` are state, the new values are the first state outputs); "input": the graph of
+            one block in regional compilation, where the runtime's step clock passes ``step`` []
+            int64 and ``t`` [] float32 as control inputs (``ControlSpec``) every call.
 
     Returns:
         (new gm, BlockCacheResult); ``gm`` itself is not modified. With no region the copy is
@@ -234,22 +322,39 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
         return p
 
     def state_input(name: str, like_shape, dtype, fill: float) -> fx.Node:
-        val = torch.empty(like_shape, dtype=dtype, device="meta")
+        val = _placeholder_value(like_shape, dtype, placeholders)
         return add_input("fc_" + re.sub(r"\W", "_", name), val, StateSpec(name, tuple(like_shape), dtype, fill))
 
     def safe(name: str) -> str:
         return re.sub(r"\W", "_", name)
 
     # trajectory state
-    step_in = state_input("step", (), torch.int64, -1)
-    prev_t_in = state_input("prev_t", (), torch.float32, float("-inf"))
+    if clock not in ("graph", "input"):
+        raise ValueError(f"clock: expected 'graph' or 'input', got {clock!r}")
+    if clock == "graph":
+        step_in = state_input("step", (), torch.int64, -1)
+        prev_t_in = state_input("prev_t", (), torch.float32, float("-inf"))
+    else:
+        step_node = add_input("fc_step", torch.empty((), dtype=torch.int64, device="meta"),
+                              ControlSpec("step", (), torch.int64, 0))
+        t_node = add_input("fc_t", torch.empty((), dtype=torch.float32, device="meta"),
+                           ControlSpec("t", (), torch.float32, 0.0))
     force_in = add_input("fc_force", torch.empty((len(regions),), dtype=torch.int8, device="meta"),
                          ControlSpec("force", (len(regions),), torch.int8, -1))
+    dofs = [sum(_numel(tensor_meta(h)[0][1:]) for h in r.stream_inputs) for r in regions]
+    q_in = None
+    if any(isinstance(d, torch.SymInt) for d in dofs):  # the bound depends on the call's shape
+        q_in = add_input("fc_q_ratio", torch.empty((len(regions),), dtype=torch.float32, device="meta"),
+                         ControlSpec("q_ratio", (len(regions),), torch.float32, float("nan")))
+    result.dofs = dofs
+    size_symbols = [p for p in placeholders if isinstance(node_value(p), torch.SymInt)
+                    and getattr(node_value(p).node.expr, "is_Symbol", False)]
     ts = find_timestep(placeholders)
     result.timestep_input = ts.name if ts is not None else None
-    step_node, t_node = insert_trajectory_step(graph, last_ph.next, ts, prev_t_in, step_in)
+    if clock == "graph":
+        step_node, t_node = insert_trajectory_step(graph, last_ph.next, ts, prev_t_in, step_in)
     accum_outputs: list[fx.Node] = []
-    new_state_outputs = [step_node, t_node]
+    new_state_outputs = [step_node, t_node] if clock == "graph" else []
     trace_delta, trace_thr, trace_ok = [], [], []
     min_step = max(1, config.warmup_steps)
 
@@ -258,6 +363,7 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
         region = BlockRegion(region.name, region.list_name, region.index, region.module_type, region.nodes,
                              [remap.get(n, n) for n in region.stream_inputs], region.stream_outputs,
                              [remap.get(n, n) for n in region.context_inputs], region.param_inputs)
+        region, consts = _scalar_constants(graph, region)
         tag = safe(region.name)
         metas = [tensor_meta(h) for h in region.stream_inputs]
         a_in = [state_input(f"{region.name}.anchor_in.{s}", m[0], m[1], 0.0) for s, m in enumerate(metas)]
@@ -289,9 +395,12 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
                                                                                         device="meta"), spec))
 
         # ND: elements per sample over all streams decided together
-        nd = sum(int(torch.Size(m[0][1:]).numel()) for m in metas)
-        q = D.chi2_quantile_ratio(config.significance_level, nd)
-        result.thresholds.append(config.cache_ratio_threshold * q ** 0.5)
+        if q_in is None:
+            q = D.chi2_quantile_ratio(config.significance_level, dofs[k])
+            result.thresholds.append(config.cache_ratio_threshold * q ** 0.5)
+        else:
+            q = None  # a per-call input, read below
+            result.thresholds.append(None)
 
         operands = list(region.stream_inputs) + list(region.context_inputs) + list(region.param_inputs)
         slots = {"stream": list(range(len(region.stream_inputs)))}
@@ -310,8 +419,11 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
         if ready:
             slots["ready"] = len(operands)
             operands += ready
+        # the size symbols themselves, so that the lowered branches can bind every symbol their
+        # inputs' sizes use (Inductor codegens a subgraph from its own inputs only)
+        operands += [p for p in size_symbols if p not in operands]
 
-        full_gm = _extract_full_branch(region, operands, slots, learn=approx if online else None)
+        full_gm = _extract_full_branch(region, operands, slots, learn=approx if online else None, consts=consts)
         approx_gm = _approx_branch(region, operands, slots, approx, config, online)
         gm.add_submodule(f"fc_{tag}_full", full_gm)
         gm.add_submodule(f"fc_{tag}_approx", approx_gm)
@@ -322,7 +434,10 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
         # AOTInductor, and Inductor asserts the strides it traced with)
         contig = {}
         for op in dict.fromkeys(region.stream_inputs + region.context_inputs):
-            if tensor_meta(op) is None:
+            # a graph input keeps its own (fixed) layout: Inductor lowered .contiguous() of a
+            # transposed input (DiT's patch embedding output, a block graph's input) to a copy
+            # with the input's strides, which the branch, traced contiguous, then rejected
+            if tensor_meta(op) is None or op.op == "placeholder":
                 continue
             with graph.inserting_after(last):
                 c = graph.call_method("contiguous", (op,))
@@ -337,6 +452,11 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
         kw = dict(q_ratio=q, tau=config.cache_ratio_threshold, beta=config.adaptive_beta,
                   timestep_max=config.timestep_max, min_step=min_step,
                   max_consecutive=config.max_consecutive_approx, enabled=config.enable_block_approx)
+        if q_in is not None:
+            with graph.inserting_after(last):
+                q = last = _set_val(graph.call_function(operator.getitem, (q_in, k)),
+                                    torch.empty((), dtype=torch.float32, device="meta"))
+            kw["q_ratio"] = q
         with graph.inserting_after(last):
             force_k = graph.call_function(operator.getitem, (force_in, k))
         _set_val(force_k, torch.empty((), dtype=torch.int8, device="meta"))
@@ -360,6 +480,10 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
         for s, o in enumerate(region.stream_outputs):
             with graph.inserting_after(prev_node):
                 gi = graph.call_function(operator.getitem, (cond, s))
+            if _symbolic(node_value(o).shape):  # returned flat (_flat_if_symbolic)
+                _set_val(gi, _fake_flat(node_value(o)))
+                with graph.inserting_after(gi):
+                    gi = graph.call_method("view_as", (gi, region.stream_inputs[s]))
             _set_val(gi, node_value(o))
             outs.append(gi)
             prev_node = gi
@@ -421,7 +545,9 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
         td = graph.call_function(torch.stack, (trace_delta,))
         tt = graph.call_function(torch.stack, (trace_thr,))
         tk = graph.call_function(torch.stack, (trace_ok,))
-    out_node.args = (tuple(orig_outs) + tuple(new_state_outputs) + (td, tt, tk) + tuple(accum_outputs),)
+    # the user outputs as they are now: in a block graph (regional) they were the block's outputs
+    user_outs = list(out_node.args[0]) if is_tuple else [out_node.args[0]]
+    out_node.args = (tuple(user_outs) + tuple(new_state_outputs) + (td, tt, tk) + tuple(accum_outputs),)
     try:
         graph.lint()
     except Exception:

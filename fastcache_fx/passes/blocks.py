@@ -131,6 +131,15 @@ def _is_convex(nodes: list[fx.Node], members: set[fx.Node]) -> bool:
     return True
 
 
+def _shape_arithmetic(node: fx.Node) -> bool:
+    """A scalar computed from graph inputs and scalars only (SymInt/SymFloat arithmetic of a
+    dynamic-shape graph, such as the token count the output layer reads, or ``.item()`` of a float
+    attribute that ``dynamic=True`` passes as a 0-d tensor): glue wherever Dynamo recorded it."""
+    scalar = (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)
+    return isinstance(node_value(node), scalar) and all(
+        a.op == "placeholder" or isinstance(node_value(a), scalar) for a in node.all_input_nodes)
+
+
 def find_blocks(gm: fx.GraphModule) -> BlockSearchResult:
     """Find every block region of ``gm`` (pure: ``gm`` is not modified).
 
@@ -140,7 +149,7 @@ def find_blocks(gm: fx.GraphModule) -> BlockSearchResult:
     groups: dict[str, list[fx.Node]] = {}
     info: dict[str, tuple[str, int, str]] = {}
     for node in gm.graph.nodes:
-        if not node.op.startswith("call_"):
+        if not node.op.startswith("call_") or _shape_arithmetic(node):
             continue
         b = block_of(node)
         if b is None:
@@ -200,6 +209,66 @@ def _analyse(name, lst, idx, tname, nodes, consumers) -> tuple[str, BlockRegion 
         streams_in.append(pick[0])
     context = [a for a in others if a not in streams_in]
     return "", BlockRegion(name, lst, idx, tname, nodes, streams_in, outputs, context, params)
+
+
+def block_lists(module: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList]]:
+    """The block lists of a model, from its module tree (regional compilation of models without
+    diffusers' ``_repeated_blocks``): direct ``ModuleList`` children whose elements all have one
+    class with parameters (``transformer_blocks``, ``single_transformer_blocks``...), the rule
+    ``find_blocks`` applies to a graph."""
+    out = []
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.ModuleList) and len(child) > 0:
+            types = {type(m) for m in child}
+            if len(types) == 1 and any(True for _ in child[0].parameters()):
+                out.append((name, child))
+    return out
+
+
+def root_module_class(gm: fx.GraphModule) -> str | None:
+    """Class name of the module whose ``forward`` Dynamo traced into ``gm`` (e.g.
+    ``"FluxTransformerBlock"`` when a block was compiled on its own), or None if unknown.
+    Read from the tracing context while the backend runs (the first traced code object)."""
+    from torch._guards import TracingContext
+
+    tc = TracingContext.try_get()
+    codes = getattr(tc, "traced_code", None) or []
+    if codes:
+        qual = getattr(codes[0], "co_qualname", "")
+        if qual.endswith(".forward") and qual.count(".") == 1:
+            return qual.split(".")[0]
+    return None
+
+
+def find_block_graph(gm: fx.GraphModule, block_classes=()) -> BlockRegion | str:
+    """The whole of ``gm`` as one block region, when ``gm`` is the graph of one transformer block
+    compiled on its own (regional compilation: ``compile_repeated_blocks``, one graph per block
+    class, parameters as inputs). Pure: ``gm`` is not modified.
+
+    A graph is a block graph when the module Dynamo traced is a block class (its name is in
+    ``block_classes`` or ends with ``Block``, as every diffusers transformer block does) and its
+    outputs are [B, N, D] tensors computed from inputs of the same shapes (the streams).
+
+    Returns:
+        the BlockRegion (named after the class), or the reason it is not a block graph.
+    """
+    cls = root_module_class(gm)
+    if cls is None or not (cls in set(block_classes) or cls.endswith("Block")):
+        return f"the compiled module ({cls or 'unknown'}) is not a transformer block class"
+    nodes = [n for n in gm.graph.nodes if n.op.startswith("call_")]
+    if not nodes:
+        return f"{cls}: the graph computes nothing"
+    _, _, outs, _ = graph_io(gm.graph)
+    for o in outs:
+        if isinstance(o, fx.Node) and o.op.startswith("call_"):
+            continue
+        if o is None:
+            continue
+        return f"{cls}: output {o} is not computed by the block"
+    members = set(nodes)
+    consumers = {a: {cls} for a in _external_inputs(nodes, members)}
+    reason, region = _analyse(cls, cls, 0, cls, nodes, consumers)
+    return region if region is not None else f"{cls}: {reason}"
 
 
 def clone_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:

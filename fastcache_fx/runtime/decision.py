@@ -58,7 +58,7 @@ def block_decision(
     consecutive: torch.Tensor,
     t: torch.Tensor,
     *,
-    q_ratio: float,
+    q_ratio: float | torch.Tensor,
     tau: float,
     beta: tuple[float, float, float, float] | None,
     timestep_max: float,
@@ -70,7 +70,8 @@ def block_decision(
     """Decide whether a block may be approximated this step (all its streams together).
 
     delta^2 = max over samples b of sum_s ||H_s[b] - A_s[b]||^2 / sum_s ||A_s[b]||^2, compared with
-    tau^2 * q_ratio (q_ratio = chi2.ppf(1 - alpha, ND) / ND). With ``beta`` the threshold is the
+    tau^2 * q_ratio (q_ratio = chi2.ppf(1 - alpha, ND) / ND; a [] tensor in graphs with symbolic
+    shapes, where ND is known only at call time). With ``beta`` the threshold is the
     reference code's adaptive tau(t) = b0 + b1 delta + b2 t_norm + b3 t_norm^2.
     NaN/Inf inputs or an empty anchor make delta non-finite, which always means "compute fully".
 
@@ -88,8 +89,10 @@ def block_decision(
     ref2 = sum(a.float().pow(2).flatten(1).sum(1) for a in refs)
     d2 = (diff2 / ref2).max()
     delta = d2.sqrt()
+    if isinstance(q_ratio, torch.Tensor):  # symbolic shapes: the runtime passes it per call
+        q_ratio = q_ratio.to(d2.dtype)
     if beta is None:
-        thr2 = torch.full_like(d2, tau * tau * q_ratio)
+        thr2 = torch.full_like(d2, tau * tau) * q_ratio
     else:
         tn = t / timestep_max
         tau_t = (beta[0] + beta[1] * delta + beta[2] * tn + beta[3] * tn * tn).clamp_min(0.0)

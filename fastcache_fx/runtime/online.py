@@ -23,6 +23,10 @@ from ..passes.block_cache import ACCUM_KEYS, BlockCacheResult
 from .calibration import RidgeStats
 
 
+def _size(d) -> int:
+    return int(d.node.hint) if isinstance(d, torch.SymInt) else int(d)
+
+
 class OnlineCalibration:
     """Accumulators and refits of one compiled graph.
 
@@ -51,7 +55,8 @@ class OnlineCalibration:
                 self.streams.setdefault(a.block, []).append(a.stream)
         shapes = dict(zip(layout.blocks, layout.stream_shapes))
         # token pairs one full computation adds, per (block, stream)
-        self.tokens = {(b, s): int(shapes[b][s][0]) * int(shapes[b][s][1]) for b, ss in self.streams.items() for s in ss}
+        # (a dynamic-shape graph: the traced sizes; only the refit cadence depends on it)
+        self.tokens = {(b, s): _size(shapes[b][s][0]) * _size(shapes[b][s][1]) for b, ss in self.streams.items() for s in ss}
         self.fitted_n: dict[tuple[str, int, int], float] = {}
         self.calls = 0
         self.refits = 0

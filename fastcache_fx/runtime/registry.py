@@ -17,38 +17,58 @@ _ENTRIES: dict[int, tuple[weakref.ref, "ModelEntry"]] = {}
 
 
 class ModelEntry:
-    """All fastcache graphs compiled for one model, and which one ran last."""
+    """All fastcache graphs compiled for one model, and which graph computed each block last."""
 
     def __init__(self) -> None:
         self.graphs: list = []
-        self.last_graph = None
+        self.last_run: dict[str, tuple[object, tuple]] = {}  # block name -> (graph, shape key)
         self.replay = None  # a runtime.replay.DecisionReplay while replay_decisions() is active
+        self.regional = None  # runtime.regional.RegionalModel in regional compilation
 
-    def note_call(self, graph) -> bool:
-        """Record that ``graph`` runs now; True when another graph ran last (shape, dtype,
-        device or batch changed), in which case the caller must drop its cached state."""
-        changed = self.last_graph is not None and self.last_graph is not graph
-        self.last_graph = graph
+    def note_call(self, graph, key: tuple = ()) -> bool:
+        """Record that ``graph`` computes its blocks now for the call with shape ``key``; True
+        when another graph, or this graph at another shape, computed one of those blocks last
+        (shape, dtype, device or batch changed): the caller must drop its cached state.
+        Graphs with disjoint blocks (a model split by graph breaks) never invalidate each other."""
+        me = (graph, key)
+        changed = False
+        for b in graph.blocks:
+            last = self.last_run.get(b)
+            changed |= last is not None and (last[0] is not graph or last[1] != key)
+            self.last_run[b] = me
         return changed
 
     def reset(self) -> None:
+        """Forget every graph's cache state and statistics."""
         for g in self.graphs:
             g.reset()
+        self.last_run.clear()
 
 
 def _forget(key: int) -> None:
     _ENTRIES.pop(key, None)
 
 
-def entry_for_params(params: Iterable[torch.Tensor]) -> ModelEntry:
-    """The entry owning any of ``params``, or a new one registered under all of them."""
+#: the entry of blocks compiled regionally without ``enable_fastcache`` (a bare
+#: ``compile_repeated_blocks(backend="fastcache")``): nothing tells their models apart
+SHARED_REGIONAL = ModelEntry()
+
+
+def entry_for_params(params: Iterable[torch.Tensor], default: ModelEntry | None = None) -> ModelEntry:
+    """The entry owning any of ``params``, or ``default`` (a new entry when None), registered
+    under all of them."""
     params = list(params)
-    entry = next((e for p in params if (e := _lookup_one(p)) is not None), None) or ModelEntry()
+    entry = next((e for p in params if (e := _lookup_one(p)) is not None), None) or default or ModelEntry()
     for p in params:
         if _lookup_one(p) is None:
             key = id(p)
             _ENTRIES[key] = (weakref.ref(p, lambda _r, k=key: _forget(k)), entry)
     return entry
+
+
+def entry_of_param(p: torch.Tensor) -> ModelEntry | None:
+    """The entry a parameter tensor is registered under, or None."""
+    return _lookup_one(p)
 
 
 def _lookup_one(p: torch.Tensor) -> ModelEntry | None:

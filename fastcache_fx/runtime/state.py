@@ -1,20 +1,27 @@
 """GraphRuntime: calls one rewritten, compiled graph and owns its cache state between calls.
 
 State is a list of tensors laid out by ``BlockCacheResult.state``; there is one list per CFG
-context, created lazily (diffusers StateManager style) and dropped on ``reset()`` or when the
-model last ran through another graph (a change of shape, dtype, device or batch size).
+context, created lazily (diffusers StateManager style), sized for the call's shape (a graph
+traced with symbolic shapes serves many shapes: ``runtime.shapes.ShapeBinder``), and dropped on
+``reset()``, when the call's shape differs from the one the state was built for, or when another
+graph computed the same blocks since this one last ran (a change of shape, dtype, device or batch
+size that Dynamo served with another graph). ``FallbackRuntime`` is a graph compiled without the
+cache; it is registered too, so ``stats()`` says so.
 """
 
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 
 import torch
 
 from ..passes.block_cache import AccumSpec, BlockCacheResult, ControlSpec, StateSpec
+from . import decision as D
 from .context import current_context
 from .registry import ModelEntry
+from .shapes import ShapeBinder
 
 
 @dataclass
@@ -26,6 +33,10 @@ class StepRecord:
     delta: torch.Tensor
     threshold: torch.Tensor
     approx: torch.Tensor
+    seq: int = field(default_factory=lambda: next(_SEQ))  # call order across the model's graphs
+
+
+_SEQ = itertools.count()
 
 
 class GraphRuntime:
@@ -33,52 +44,103 @@ class GraphRuntime:
 
     Args:
         entry: the model's registry entry (shared by all graphs of the model).
-        layout: what the block-cache pass did (input/output layout, block names).
+        layout: what the block-cache pass did (input/output layout, block names, ND per block).
         compiled: the lowered graph (Inductor), called with user inputs + extra inputs.
         weights: tensors for the ``WeightSpec`` inputs (calibrated maps), in layout order.
         device: where state tensors live.
+        trace_steps: steps of decisions kept for ``stats()``.
         clone_outputs: copy outputs that a CUDA-graph replay would overwrite.
+        binder: binds the size symbols of a dynamic-shape graph (None: static graph).
+        significance_level: alpha, for the per-shape chi-square bound of a dynamic-shape graph.
     """
 
+    kind = "fastcache"
+    fallback = None
+
     def __init__(self, entry: ModelEntry, layout: BlockCacheResult, compiled, weights: dict[str, torch.Tensor],
-                 device: torch.device, trace_steps: int, clone_outputs: bool = False) -> None:
+                 device: torch.device, trace_steps: int, clone_outputs: bool = False,
+                 binder: ShapeBinder | None = None, significance_level: float = 0.05) -> None:
         self.entry = entry
         self.layout = layout
         self.compiled = compiled
         self.weights = weights
         self.device = device
         self.clone_outputs = clone_outputs
+        self.binder = binder if binder is not None and not binder.static else None
+        self.alpha = significance_level
         self.states: dict[str, list[torch.Tensor]] = {}
+        self.keys: dict[str, tuple] = {}  # the shape key each context's state was built for
         self.trace: collections.deque[StepRecord] = collections.deque(maxlen=trace_steps)
         self.calls = 0
         # -1 everywhere: every block decides live (ControlSpec "force")
-        self.live = {c.name: torch.full(c.shape, int(c.fill), dtype=c.dtype, device=device) for c in layout.controls}
+        self.live = {c.name: torch.full(c.shape, c.fill if c.dtype.is_floating_point else int(c.fill), dtype=c.dtype,
+                                       device=device) for c in layout.controls}
+        self._q_ratio: dict[tuple, torch.Tensor] = {}
         self.online = None  # runtime.online.OnlineCalibration with calibration="online" (AccumSpec inputs)
+        self.token_merge = None  # passes.token_merge result, read by stats()
         entry.graphs.append(self)
 
+    @property
+    def blocks(self) -> list[str]:
+        return self.layout.blocks
+
+    @property
+    def dynamic(self) -> bool:
+        return self.binder is not None
+
     # state -------------------------------------------------------------------------------
-    def reset(self) -> None:
+    def drop_state(self) -> None:
         """Forget every context's cache state (the next step of each context is computed fully)."""
         self.states.clear()
+        self.keys.clear()
 
-    def _state_for(self, ctx: str) -> list[torch.Tensor]:
+    def reset(self) -> None:
+        """``drop_state`` and forget the statistics (``stats()`` describes calls after this)."""
+        self.drop_state()
+        self.trace.clear()
+        self.calls = 0
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of live cache state per block (all contexts), ``""`` for trajectory state."""
+        out: dict[str, int] = {}
+        for st in self.states.values():
+            for spec, t in zip(self.layout.state, st):
+                block = next((b for b in self.layout.blocks if spec.name.startswith(b + ".")), "")
+                out[block] = out.get(block, 0) + t.numel() * t.element_size()
+        return out
+
+    def _state_for(self, ctx: str, key: tuple) -> list[torch.Tensor]:
         st = self.states.get(ctx)
-        if st is None:  # static graph: StateSpec shapes are ints
-            st = self.states[ctx] = [torch.full(s.shape, s.fill, dtype=s.dtype, device=self.device)
+        if st is None or self.keys.get(ctx) != key:
+            shape = (lambda s: s) if self.binder is None else (lambda s: self.binder.evaluate(s, key))
+            st = self.states[ctx] = [torch.full(shape(s.shape), s.fill, dtype=s.dtype, device=self.device)
                                      for s in self.layout.state]
+            self.keys[ctx] = key
         return st
 
-    # call --------------------------------------------------------------------------------
-    def __call__(self, *args):
-        if self.entry.note_call(self):
-            self.reset()
-        ctx = current_context()
-        state = self._state_for(ctx)
+    def _controls(self, key: tuple) -> dict[str, torch.Tensor]:
         controls = dict(self.live)
+        if "q_ratio" in controls:  # symbolic ND: chi2.ppf(1 - alpha, ND) / ND for this shape
+            q = self._q_ratio.get(key)
+            if q is None:
+                nds = self.binder.evaluate(self.layout.dofs, key)
+                q = self._q_ratio[key] = torch.tensor([D.chi2_quantile_ratio(self.alpha, nd) for nd in nds],
+                                                      dtype=torch.float32, device=self.device)
+            controls["q_ratio"] = q
         if self.entry.replay is not None and "force" in controls:
             row = self.entry.replay.next_row(len(self.layout.blocks))
             if row is not None:
                 controls["force"] = row.to(self.device)
+        return controls
+
+    # call --------------------------------------------------------------------------------
+    def __call__(self, *args):
+        key = self.binder.key(args) if self.binder is not None else ()
+        if self.entry.note_call(self, key):
+            self.drop_state()
+        ctx = current_context()
+        state = self._state_for(ctx, key)
+        controls = self._controls(key)
         extra = []
         si = 0
         for spec in self.layout.extra_inputs:
@@ -91,8 +153,11 @@ class GraphRuntime:
                 extra.append(self.online.accum[spec.name])
             else:
                 extra.append(self.weights[spec.name])
-        full = list(args) + extra
-        outs = self.compiled(*full)  # Dynamo's convention for backend results: positional args
+        try:
+            outs = self.compiled(*args, *extra)  # Dynamo's convention for backend results: positional args
+        except BaseException:
+            self.states.pop(ctx, None)  # nothing half-updated survives a failed call
+            raise
         nu, ns = self.layout.num_user_outputs, len(self.layout.state)
         new_state = list(outs[nu:nu + ns])
         delta, thr, ok = outs[nu + ns:nu + ns + 3]
@@ -107,3 +172,43 @@ class GraphRuntime:
         self.calls += 1
         user = outs[:nu]
         return tuple(user) if self.layout.output_is_tuple else user[0]
+
+
+class FallbackRuntime:
+    """A graph of the model compiled with plain Inductor and no cache, registered so that
+    ``stats()`` reports it: every call counts as computing each of its ``blocks`` fully.
+
+    Args:
+        entry: the model's registry entry. compiled: the lowered graph.
+        reason: why the cache was not applied (shown as ``stats()["fallback"]``).
+        blocks: names of the blocks the graph computes (empty for a graph without blocks).
+    """
+
+    kind = "fallback"
+    dynamic = False
+    online = None
+    token_merge = None
+
+    def __init__(self, entry: ModelEntry, compiled, reason: str, blocks: list[str]) -> None:
+        self.entry = entry
+        self.compiled = compiled
+        self.fallback = reason
+        self.blocks = list(blocks)
+        self.calls = 0
+        self.trace: collections.deque = collections.deque(maxlen=0)
+        entry.graphs.append(self)
+
+    def drop_state(self) -> None:
+        pass
+
+    def reset(self) -> None:
+        self.calls = 0
+
+    def state_bytes(self) -> dict[str, int]:
+        return {}
+
+    def __call__(self, *args):
+        if self.blocks:
+            self.entry.note_call(self, ())
+        self.calls += 1
+        return self.compiled(*args)

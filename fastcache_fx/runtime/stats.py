@@ -1,57 +1,110 @@
-"""Statistics of a model's fastcache graphs, computed from the lazily kept step trace."""
+"""Statistics of a model's compiled graphs, computed from the lazily kept step trace.
+
+Everything describes the calls since the last ``reset()`` of the model (``reset`` clears the
+statistics with the cache); ``trajectory`` narrows it to the current trajectory of each context.
+"""
 
 from __future__ import annotations
 
 from .registry import ModelEntry
 
 
+def _empty() -> dict:
+    return {"block_approx_ratio": 0.0, "per_block": {}, "steps": 0, "blocks": [], "graphs": 0, "per_graph": [],
+            "fallback": [], "state_bytes": 0, "state_bytes_per_block": {}, "trajectory": {}, "trace": [],
+            "token_merge": None, "spatial_approx_ratio": 0.0, "token_select": None}
+
+
 def collect(entry: ModelEntry | None) -> dict:
-    """Aggregate every graph of a model.
+    """Aggregate every graph compiled for a model.
 
     Returns:
-        dict with ``block_approx_ratio`` (approximated / evaluated block-steps), ``per_block``
-        {block name: ratio}, ``steps`` (calls), ``blocks`` (names, graph order), ``graphs``
-        (number of compiled fastcache graphs) and ``trace``: one dict per step with
-        ``context``, ``step`` (index in its trajectory), ``approx`` [L] bools, ``delta`` [L] and
-        ``threshold`` [L] (the relative-change bound delta was compared with).
+        dict with
+        ``block_approx_ratio``: approximated / evaluated block-steps over all graphs; a graph
+        compiled without the cache (``fallback``) counts each call as computing its blocks fully;
+        ``per_block`` {block name: ratio}; ``steps``: calls of all graphs; ``blocks``: names in
+        graph order; ``graphs``: number of compiled graphs (fallbacks included);
+        ``per_graph``: one dict per graph: ``kind`` ("fastcache", "token_select" or "fallback"),
+        ``fallback`` (the reason, or None), ``dynamic`` (traced with symbolic shapes, serving many
+        shapes), ``blocks``, ``steps``, ``block_approx_ratio``, ``state_bytes``;
+        ``fallback``: the reasons of the fallback graphs; ``state_bytes``: bytes of live cache
+        state (all graphs and contexts), ``state_bytes_per_block`` {block name: bytes} (the
+        trajectory counters under ``""``);
+        ``trajectory``: {context: {"steps", "block_approx_ratio"}} of the current trajectory of
+        each context (the steps since its last step 0);
+        ``trace``: one dict per step with ``context``, ``step`` (index in its trajectory),
+        ``blocks``, ``approx`` [L] bools, ``delta`` [L] and ``threshold`` [L] (the bound on delta);
         ``token_merge``: for the last graph with the token-merge pyramid, ``{"stages": block
         names per stage, "tokens_per_stage": tokens per sample, "grid": (h, w), "window": (wh, ww)}``,
-        else None.
+        else None;
         ``spatial_approx_ratio``: approximated / all image token-steps of token selection (0.0
         without it); ``token_select``: ``{"buckets", "variants_compiled", "spatial_approx_ratio",
         "static_approx" (the one built: "cached" when the stack map was missing), "steps":
         [{"context", "step", "k" computed tokens, "n", "m" motion tokens}]}`` summed
         over the model's token-selection graphs, else None.
     """
-    empty = {"block_approx_ratio": 0.0, "per_block": {}, "steps": 0, "blocks": [], "graphs": 0, "trace": [],
-             "token_merge": None, "spatial_approx_ratio": 0.0, "token_select": None}
     if entry is None or not entry.graphs:
-        return empty
-    trace, counts, totals, blocks = [], {}, {}, []
+        return _empty()
+    counts, totals, blocks, per_graph = {}, {}, [], []
+    bytes_per_block: dict[str, int] = {}
+    records = []
     for g in entry.graphs:
-        names = g.layout.blocks
+        names = g.blocks
         for n in names:
             if n not in blocks:
                 blocks.append(n)
+        done = approx_n = 0
+        if g.fallback is not None:  # every call computed every block
+            for n in names:
+                totals[n] = totals.get(n, 0) + g.calls
+            done = g.calls * len(names)
         for rec in g.trace:
             approx = [bool(x) for x in rec.approx.tolist()]
-            trace.append({"context": rec.context, "step": int(rec.step), "blocks": names, "approx": approx,
-                          "delta": [float(x) for x in rec.delta.tolist()],
-                          "threshold": [float(x) for x in rec.threshold.tolist()]})
+            records.append((rec.seq, {"context": rec.context, "step": int(rec.step), "blocks": names, "approx": approx,
+                                      "delta": [float(x) for x in rec.delta.tolist()],
+                                      "threshold": [float(x) for x in rec.threshold.tolist()]}))
             for n, a in zip(names, approx):
                 counts[n] = counts.get(n, 0) + int(a)
                 totals[n] = totals.get(n, 0) + 1
+            done += len(approx)
+            approx_n += sum(approx)
+        gb = g.state_bytes()
+        for b, n in gb.items():
+            bytes_per_block[b] = bytes_per_block.get(b, 0) + n
+        per_graph.append({"kind": g.kind, "fallback": g.fallback, "dynamic": g.dynamic, "blocks": list(names),
+                          "steps": g.calls, "block_approx_ratio": approx_n / done if done else 0.0,
+                          "state_bytes": sum(gb.values())})
+    trace = [r for _, r in sorted(records, key=lambda x: x[0])]
     total = sum(totals.values())
     return {
         "block_approx_ratio": (sum(counts.values()) / total) if total else 0.0,
         "per_block": {n: counts.get(n, 0) / totals[n] for n in blocks if totals.get(n)},
-        "steps": len(trace),
+        "steps": sum(g.calls for g in entry.graphs),
         "blocks": blocks,
         "graphs": len(entry.graphs),
+        "per_graph": per_graph,
+        "fallback": [g.fallback for g in entry.graphs if g.fallback is not None],
+        "state_bytes": sum(bytes_per_block.values()),
+        "state_bytes_per_block": bytes_per_block,
+        "trajectory": _trajectories(trace),
         "token_merge": _token_merge(entry),
         **_token_select(entry),
         "trace": trace,
     }
+
+
+def _trajectories(trace: list[dict]) -> dict:
+    """{context: steps and approximated share of the block-steps since its last step 0}."""
+    cur: dict[str, list[dict]] = {}
+    for t in trace:
+        if t["step"] == 0:
+            cur[t["context"]] = []
+        cur.setdefault(t["context"], []).append(t)
+    out = {}
+    for ctx, recs in cur.items():
+        n = sum(len(r["approx"]) for r in recs)
+        out[ctx] = {"steps": len(recs), "block_approx_ratio": sum(sum(r["approx"]) for r in recs) / n if n else 0.0}
+    return out
 
 
 def _token_merge(entry: ModelEntry) -> dict | None:

@@ -75,8 +75,13 @@ class TokenSelectRuntime:
             ``stack`` = (W [D, D], b [D]) float32 on the device).
     """
 
+    kind = "token_select"
+    fallback = None
+    dynamic = False
+
     def __init__(self, backend_factory, gm, config, regions, n: int, clone_outputs: bool = False,
                  static_approx: str = "cached", stack: tuple | None = None) -> None:
+        self.calls = 0
         self.factory = backend_factory
         self.gm = gm
         self.config = config
@@ -133,12 +138,36 @@ class TokenSelectRuntime:
         return self.stack[:len(res.weights)] if res.weights else []
 
     # state -------------------------------------------------------------------------------
-    def reset(self) -> None:
+    @property
+    def blocks(self) -> list[str]:
+        return self.layout.blocks if self.layout is not None else []
+
+    def drop_state(self) -> None:
         """Forget every context's state: the next step runs every token."""
         self.states.clear()
         if self.sub is not None:
+            for g in self.sub.graphs:
+                g.drop_state()
+            self.sub.last_run.clear()
+
+    def reset(self) -> None:
+        """``drop_state`` and forget the statistics."""
+        self.drop_state()
+        self.trace.clear()
+        self.select_trace.clear()
+        self.calls = 0
+        if self.sub is not None:
             self.sub.reset()
-            self.sub.last_graph = None
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of live state: the variants' block caches and the shared X_ref / Y_ref (``""``)."""
+        out: dict[str, int] = {}
+        for g in (self.sub.graphs if self.sub is not None else []):
+            for b, n in g.state_bytes().items():
+                out[b] = out.get(b, 0) + n
+        for st in self.states.values():
+            out[""] = out.get("", 0) + sum(t.numel() * t.element_size() for t in st["shared"])
+        return out
 
     def _state_for(self, ctx: str, specs) -> dict:
         st = self.states.get(ctx)
@@ -155,7 +184,7 @@ class TokenSelectRuntime:
     # call --------------------------------------------------------------------------------
     def __call__(self, *args):
         if self.entry is not None and self.entry.note_call(self):
-            self.reset()
+            self.drop_state()
         ctx = current_context()
         st = self._state_for(ctx, self.results[self.n].state)
         k = st["next_k"]
@@ -170,6 +199,7 @@ class TokenSelectRuntime:
             st["idx"][k] = new[5]
         st["next_k"] = self.n if step + 1 < self.min_step else self._bucket(m)
         self.select_trace.append(SelectRecord(ctx, step, k, self.n, m))
+        self.calls += 1
         res = self.results[k]
         return tuple(outs) if res.output_is_tuple else outs[0]
 
@@ -204,14 +234,15 @@ class TokenSelectRuntime:
                 "steps": [{"context": r.context, "step": r.step, "k": r.k, "n": r.n, "m": r.m} for r in recs]}
 
 
-def build_token_select(backend_factory, gm, example_inputs, config, search, device, clone_outputs=False):
-    """A TokenSelectRuntime for ``gm`` with its 100 % variant compiled, or None (with one
-    warning) when the graph does not fit token selection (compile it without then)."""
+def build_token_select(backend_factory, gm, example_inputs, config, regions, device, clone_outputs=False):
+    """A TokenSelectRuntime for ``gm`` (block ``regions`` from ``find_blocks``) with its 100 %
+    variant compiled, or None (with one warning) when the graph does not fit token selection
+    (compile it without then). ``backend_factory(gm, example_inputs, select)`` builds one variant
+    (``backend.build_variant``)."""
     if config.enable_token_merge:
         warnings.warn("fastcache: enable_spatial_approx with enable_token_merge is not supported; "
                       "compiled without token selection", stacklevel=3)
         return None
-    regions = search.regions
     n = image_tokens(regions)
     if isinstance(n, str):
         warnings.warn(f"fastcache: token selection left alone: {n}; compiled without it", stacklevel=3)
