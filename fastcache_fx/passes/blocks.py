@@ -255,7 +255,7 @@ def find_block_graph(gm: fx.GraphModule, block_classes=()) -> BlockRegion | str:
     cls = root_module_class(gm)
     if cls is None or not (cls in set(block_classes) or cls.endswith("Block")):
         return f"the compiled module ({cls or 'unknown'}) is not a transformer block class"
-    nodes = [n for n in gm.graph.nodes if n.op.startswith("call_")]
+    nodes = [n for n in gm.graph.nodes if n.op.startswith("call_") and not _shape_arithmetic(n)]
     if not nodes:
         return f"{cls}: the graph computes nothing"
     _, _, outs, _ = graph_io(gm.graph)
