@@ -31,7 +31,7 @@ from torch import fx
 from .config import FastCacheConfig
 from .lowering.inductor import compile_graph
 from .passes.block_cache import AccumSpec, BlockCacheResult, ControlSpec, StateSpec, apply_block_cache
-from .passes.blocks import BlockRegion, find_block_graph, find_blocks, is_param, node_value
+from .passes.blocks import BlockRegion, collective_groups, find_block_graph, find_blocks, is_param, node_value
 from .runtime import registry
 from .runtime.shapes import ShapeBinder
 from .runtime.state import FallbackRuntime, GraphRuntime
@@ -199,7 +199,8 @@ def plan(gm: fx.GraphModule, example_inputs: list, config: FastCacheConfig, mode
 
     Raises:
         ValueError: token selection / token merge asked for in regional compilation (they change
-            the token count across blocks, which one block's graph cannot do).
+            the token count across blocks, which one block's graph cannot do) or under context
+            parallelism (the graph has collectives: each rank sees a shard of the tokens).
         RuntimeError: ``lowering="tensorrt"`` without CUDA / torch_tensorrt.
     """
     dynamic = _has_symbolic_shapes(gm)
@@ -216,6 +217,12 @@ def plan(gm: fx.GraphModule, example_inputs: list, config: FastCacheConfig, mode
                 raise ValueError(f"FastCacheConfig.{name}: not available in regional compilation (one graph per "
                                  "block class): token selection and token merging change the token count across "
                                  "blocks; compile the whole transformer instead")
+    if collective_groups(gm):  # context parallelism: every rank holds a shard of the tokens
+        for name, why in (("enable_spatial_approx", "the motion-token count and the token set are per rank"),
+                          ("enable_token_merge", "the merge windows would cut across the ranks' shards")):
+            if getattr(config, name):
+                raise ValueError(f"FastCacheConfig.{name}: not available under context parallelism ({why}); "
+                                 "the block cache is")
     if config.lowering == "tensorrt":
         from .lowering.tensorrt import require_tensorrt
 

@@ -24,7 +24,7 @@ from torch import fx
 from ..config import FastCacheConfig
 from ..runtime import decision as D
 from ..runtime.calibration import weight_shapes
-from .blocks import (BlockRegion, clone_graph_module, find_blocks, find_timestep, graph_io, insert_placeholder, node_value,
+from .blocks import (BlockRegion, clone_graph_module, collective_groups, find_blocks, find_timestep, graph_io, insert_placeholder, node_value,
                      remap_region, tensor_meta)
 
 
@@ -105,6 +105,7 @@ class BlockCacheResult:
     time_buckets: int = 1
     online: bool = False
     dofs: list = field(default_factory=list)  # ND per block: int, or SymInt in a dynamic-shape graph
+    groups: list[str] = field(default_factory=list)  # process groups the decision sums are all-reduced over
 
     @property
     def dynamic(self) -> bool:
@@ -347,6 +348,7 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
         q_in = add_input("fc_q_ratio", torch.empty((len(regions),), dtype=torch.float32, device="meta"),
                          ControlSpec("q_ratio", (len(regions),), torch.float32, float("nan")))
     result.dofs = dofs
+    result.groups = collective_groups(gm)
     size_symbols = [p for p in placeholders if isinstance(node_value(p), torch.SymInt)
                     and getattr(node_value(p).node.expr, "is_Symbol", False)]
     ts = find_timestep(placeholders)
@@ -451,7 +453,8 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
         refs = prev if prev is not None else a_in
         kw = dict(q_ratio=q, tau=config.cache_ratio_threshold, beta=config.adaptive_beta,
                   timestep_max=config.timestep_max, min_step=min_step,
-                  max_consecutive=config.max_consecutive_approx, enabled=config.enable_block_approx)
+                  max_consecutive=config.max_consecutive_approx, enabled=config.enable_block_approx,
+                  groups=tuple(result.groups))
         if q_in is not None:
             with graph.inserting_after(last):
                 q = last = _set_val(graph.call_function(operator.getitem, (q_in, k)),

@@ -183,7 +183,28 @@ def find_blocks(gm: fx.GraphModule) -> BlockSearchResult:
     return BlockSearchResult(regions, left)
 
 
-def _analyse(name, lst, idx, tname, nodes, consumers) -> tuple[str, BlockRegion | None]:
+#: ops that only slice or view a value (diffusers' context-parallel split hook runs them on a
+#: block's inputs inside the block's own module call)
+_SLICING = {"chunk", "split", "tensor_split", "narrow", "getitem", "contiguous", "select", "slice"}
+
+
+def _peel_input_slicing(nodes: list[fx.Node]) -> list[fx.Node]:
+    """``nodes`` without its leading slicing of outside values (repeated to a fixed point): the
+    shard a context-parallel input hook cuts from the full input belongs to the glue."""
+    members = set(nodes)
+    changed = True
+    while changed:
+        changed = False
+        for n in list(members):
+            target = getattr(n.target, "__name__", str(n.target))
+            if (target in _SLICING and n.all_input_nodes
+                    and all(a not in members and not is_param(a) for a in n.all_input_nodes)):
+                members.discard(n)
+                changed = True
+    return [n for n in nodes if n in members]
+
+
+def _analyse(name, lst, idx, tname, nodes, consumers, peeled: bool = False) -> tuple[str, BlockRegion | None]:
     members = set(nodes)
     inputs = _external_inputs(nodes, members)
     outputs = _outputs(nodes, members)
@@ -205,6 +226,9 @@ def _analyse(name, lst, idx, tname, nodes, consumers) -> tuple[str, BlockRegion 
         own = [a for a in cands if consumers.get(a, set()) == {name}]
         pick = own or cands
         if not pick:
+            rest = _peel_input_slicing(nodes) if not peeled else nodes
+            if len(rest) < len(nodes):  # the block slices its inputs first (context parallelism)
+                return _analyse(name, lst, idx, tname, rest, consumers, peeled=True)
             return f"no input has the shape of output {o.name} {tensor_meta(o)[0]}", None
         streams_in.append(pick[0])
     context = [a for a in others if a not in streams_in]
@@ -223,6 +247,20 @@ def block_lists(module: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList]
             if len(types) == 1 and any(True for _ in child[0].parameters()):
                 out.append((name, child))
     return out
+
+
+def collective_groups(gm: fx.GraphModule) -> list[str]:
+    """Names of the process groups the graph's functional collectives use (``_c10d_functional``
+    ops: diffusers context parallelism's Ulysses all-to-all, ring all-gather, the output
+    gather), in graph order; empty for a single-process graph."""
+    groups: list[str] = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or "_c10d_functional" not in str(n.target) or "wait_tensor" in str(n.target):
+            continue
+        name = n.kwargs.get("group_name", n.args[-1] if n.args else None)
+        if isinstance(name, str) and name not in groups:
+            groups.append(name)
+    return groups
 
 
 def root_module_class(gm: fx.GraphModule) -> str | None:

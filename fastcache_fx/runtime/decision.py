@@ -66,6 +66,7 @@ def block_decision(
     max_consecutive: int,
     enabled: bool,
     force: torch.Tensor | None = None,
+    groups: Sequence[str] = (),
 ):
     """Decide whether a block may be approximated this step (all its streams together).
 
@@ -81,12 +82,18 @@ def block_decision(
         force: optional [] int8 override (trace replay): -1 decides as above, 0 computes fully,
             1 approximates whenever an anchor exists (step >= 1 and delta finite), ignoring the
             threshold, warmup, the consecutive limit and ``enabled``.
+        groups: process-group names the graph's collectives use (context parallelism, where
+            each rank holds a shard of the tokens): the per-sample sums are all-reduced over
+            them (``sum_over_groups``), so every rank takes the branch one process would take
+            on the whole sequence.
 
     Returns:
         (approx [] bool, delta [] float32, threshold [] float32 = sqrt of the squared bound).
     """
     diff2 = sum((h.float() - a.float()).pow(2).flatten(1).sum(1) for h, a in zip(streams, refs))
     ref2 = sum(a.float().pow(2).flatten(1).sum(1) for a in refs)
+    if groups:  # context parallelism: the sums over the whole sequence, identical on every rank
+        diff2, ref2 = sum_over_groups(torch.stack([diff2, ref2]), groups).unbind(0)
     d2 = (diff2 / ref2).max()
     delta = d2.sqrt()
     if isinstance(q_ratio, torch.Tensor):  # symbolic shapes: the runtime passes it per call
@@ -104,6 +111,21 @@ def block_decision(
         forced = (force > 0) & (step >= 1) & torch.isfinite(delta)
         ok = torch.where(force < 0, ok, forced)
     return ok, delta, thr2.sqrt()
+
+
+def sum_over_groups(x: torch.Tensor, groups: Sequence[str]) -> torch.Tensor:
+    """All-reduce (sum) ``x`` over each process group in turn, as functional collectives traced
+    into the graph (no graph break, no host sync).
+
+    Summing over every group the graph's collectives use gives each rank c * (the sum over all
+    ranks of the mesh) with the same c on every rank and for every element: over the axes of a
+    device mesh (Ulysses x ring) the sums compose to the whole mesh, and a sum over a group whose
+    ranks already hold equal values multiplies by the group size. The block decision divides two
+    such sums, so c cancels. Cost: one all-reduce of ``x.numel()`` float32 per group.
+    """
+    for g in groups:
+        x = torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_reduce(x.contiguous(), "sum", g))
+    return x
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,113 @@
+"""Worker of the context-parallel tests: ``python tests/cp_worker.py FAMILY OUT.pt``.
+
+Spawns 2 gloo processes on this CPU. Each builds the same tiny model (same seed), enables
+diffusers context parallelism (Ulysses degree 2, native attention) and compiles it with
+``backend="fastcache"``; rank 0 also runs the same model in one process (no parallelism, also
+fastcache) as the reference. Both run two scripted trajectories:
+
+- ``off``: 3 steps with every decision forced to a full computation (``replay_decisions``), the
+  equivalent of ``enable_block_approx=False`` without a second compile;
+- ``on``: live decisions on a trajectory whose input is unchanged for 4 steps, then changes in
+  the second half of the tokens only (rank 1's shard), then stays: without the all-reduce of
+  the decision sums, rank 0 would approximate the blocks that rank 1 computes, and hang.
+
+Rank 0 saves {"cp": ..., "single": ...} with per-step outputs, decision traces and the graphs'
+process groups to OUT.pt. The test runs this under a timeout, so a hang fails instead of blocking.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def build(family: str):
+    """(model, kwargs, timesteps) of a tiny family with diffusers' context-parallel plan."""
+    from fastcache_fx import zoo
+
+    if family == "flux":
+        model, kw = zoo.build("flux", batch=1)
+        return model, kw, [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
+    if family == "qwenimage":  # an MMDiT (joint text/image blocks) that diffusers can parallelise
+        from diffusers import QwenImageTransformer2DModel
+
+        torch.manual_seed(0)
+        model = QwenImageTransformer2DModel(patch_size=1, in_channels=8, out_channels=8, num_layers=2,
+                                            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=12,
+                                            axes_dims_rope=(4, 6, 6)).eval().requires_grad_(False)
+        kw = dict(hidden_states=torch.randn(1, 16, 8), encoder_hidden_states=torch.randn(1, 6, 12),
+                  timestep=torch.full((1,), 0.9),
+                  img_shapes=[(1, 4, 4)])
+        return model, kw, [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
+    raise ValueError(f"family: expected flux or qwenimage, got {family!r}")
+
+
+def trajectories(model, compiled, kw, timesteps) -> dict:
+    """Run the two scripted trajectories; returns outputs and decision traces."""
+    import fastcache_fx
+
+    out = {}
+    fastcache_fx.reset(model)
+    with fastcache_fx.replay_decisions(model, [[False] * 8] * 3, then="full"):
+        out["off"] = [compiled(**dict(kw, timestep=torch.full((1,), t)), return_dict=False)[0] for t in timesteps[:3]]
+    out["off_trace"] = [t["approx"] for t in fastcache_fx.stats(model)["trace"]]
+    fastcache_fx.reset(model)
+    x = kw["hidden_states"]
+    x2 = x.clone()
+    x2[:, x.shape[1] // 2:] += 0.5 * x[:, x.shape[1] // 2:].std()  # only the second shard changes
+    xs = [x, x, x, x, x2, x2]
+    out["on"] = [compiled(**dict(kw, hidden_states=xi, timestep=torch.full((1,), t)), return_dict=False)[0]
+                 for xi, t in zip(xs, timesteps)]
+    st = fastcache_fx.stats(model)
+    out["on_trace"] = [t["approx"] for t in st["trace"]]
+    out["on_delta"] = [t["delta"] for t in st["trace"]]
+    return out
+
+
+def worker(rank: int, world: int, family: str, path: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # diffusers' _resolve_parallel_config computes rank % torch.accelerator.device_count(), which
+    # is 0 on a CPU-only machine; the tests (never the library) patch it to 1
+    torch.accelerator.device_count = lambda: 1
+    import fastcache_fx
+    from diffusers import ContextParallelConfig
+    from fastcache_fx.runtime import registry
+
+    opts = {"cache_ratio_threshold": 0.05, "warmup_steps": 2, "max_consecutive_approx": 3}
+    model, kw, ts = build(family)
+    model.set_attention_backend("native")
+    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+    compiled = torch.compile(model, backend=fastcache_fx.FastCacheBackend(**opts))
+    res = {"cp": trajectories(model, compiled, kw, ts)}
+    res["cp"]["groups"] = [g.layout.groups for g in registry.lookup(model).graphs]
+    res["cp"]["trace_rank"] = rank
+    gathered = [None] * world
+    dist.all_gather_object(gathered, res["cp"]["on_trace"])
+    res["cp"]["traces_of_ranks"] = gathered
+    if rank == 0:
+        single, kw1, _ = build(family)
+        res["single"] = trajectories(single, torch.compile(single, backend=fastcache_fx.FastCacheBackend(**opts)),
+                                     kw1, ts)
+        torch.save(res, path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main(argv=None) -> None:
+    import torch.multiprocessing as mp
+
+    family, path = (argv or sys.argv[1:])[:2]
+    port = str(29500 + os.getpid() % 1000)
+    os.environ["MASTER_PORT"] = port
+    mp.spawn(worker, args=(2, family, path), nprocs=2)
+
+
+if __name__ == "__main__":
+    main()
