@@ -28,6 +28,10 @@ def enable_fastcache(pipe_or_model, *, fullgraph: bool = False, mode: str | None
     the second distinct shape on, so one graph serves every later resolution and batch size;
     False compiles one static graph per shape.
 
+    A pipeline with ``enable_model_cpu_offload()`` already on gets its offload hooks removed
+    before compiling and installed again on the compiled transformer (see
+    ``_suspend_model_offload``), so both orders work.
+
     Raises:
         ValueError: a bad option value (the message names the field); ``regional=True`` with
             token selection or token merging, or on a model without recognisable blocks.
@@ -39,6 +43,7 @@ def enable_fastcache(pipe_or_model, *, fullgraph: bool = False, mode: str | None
     target = pipe_or_model.transformer if hasattr(pipe_or_model, "transformer") else pipe_or_model
     if not isinstance(target, torch.nn.Module):
         raise TypeError(f"expected a diffusers pipeline or an nn.Module, got {type(pipe_or_model).__name__}")
+    offload_device = _suspend_model_offload(pipe_or_model)
     module = registry.unwrap(target)
     attach_diffusers_context(module)
     backend = FastCacheBackend(config, mode=mode)
@@ -49,8 +54,28 @@ def enable_fastcache(pipe_or_model, *, fullgraph: bool = False, mode: str | None
         compiled = torch.compile(module, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
     if hasattr(pipe_or_model, "transformer"):
         pipe_or_model.transformer = compiled
+        if offload_device is not None:
+            pipe_or_model.enable_model_cpu_offload(device=offload_device)
         return pipe_or_model
     return compiled
+
+
+def _suspend_model_offload(pipe):
+    """Remove diffusers' model CPU offload hooks from ``pipe``; returns their device, or None
+    when offload is off.
+
+    Why: accelerate stores the hooked module's ``_old_forward`` on the module, and a compiled
+    module forwards attribute reads to the module it wraps; at the end of every call
+    ``maybe_free_model_hooks`` removes and re-adds the hooks on ``pipe.transformer`` (the
+    compiled module) and thereby sets its ``forward`` to the uncompiled one: from the second
+    call on the pipeline would run eager, silently. Hooks added after compiling live on the
+    compiled module and survive that cycle.
+    """
+    if not getattr(pipe, "_all_hooks", None) or getattr(pipe, "_offload_device", None) is None:
+        return None
+    device = pipe._offload_device
+    pipe.remove_all_hooks()
+    return device
 
 
 def _compile_regional(module: torch.nn.Module, backend, **compile_kw) -> None:
