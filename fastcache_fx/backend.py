@@ -294,8 +294,8 @@ def _has_symbolic_shapes(gm: fx.GraphModule) -> bool:
 
 def _approx_weights(config: FastCacheConfig, regions) -> tuple[dict, str]:
     """Calibrated weights for ``config.approx`` and the kind actually used."""
-    if config.approx == "residual":
-        return {}, "residual"
+    if config.approx in ("residual", "taylor"):  # nothing calibrated
+        return {}, config.approx
     if config.calibration is None:
         warnings.warn(f"fastcache: approx={config.approx!r} needs a calibration (calibration=path); "
                       "falling back to approx='residual'", stacklevel=3)

@@ -6,7 +6,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-APPROX_KINDS = ("residual", "linear", "residual_linear")
+APPROX_KINDS = ("residual", "linear", "residual_linear", "taylor")
+DECISIONS = ("chi2", "error")
 REFERENCES = ("anchor", "previous")
 LOWERINGS = ("inductor", "tensorrt")
 STATIC_APPROX_KINDS = ("cached", "cached_linear", "linear")
@@ -40,8 +41,17 @@ class FastCacheConfig:
         warmup_steps: steps of each trajectory that always compute every block fully (>= 0;
             the first step of a trajectory is always full regardless).
         max_consecutive_approx: a block is recomputed after this many approximations in a row.
-        approx: "residual" (H + R_anchor), "linear" (W H + b, the paper's rule) or
-            "residual_linear" (H + R_anchor + W (H - H_anchor)).
+        approx: "residual" (H + R_anchor), "linear" (W H + b, the paper's rule),
+            "residual_linear" (H + R_anchor + W (H - H_anchor)) or "taylor" (H + R_hat(t): the
+            residuals of the block's last ``taylor_order`` + 1 full computations extrapolated to
+            this step's timestep; TaylorSeer, arXiv 2503.06923, ``runtime.forecast``).
+        taylor_order: 1 or 2, the order of the ``taylor`` forecast.
+        decision: "chi2" (the paper's test: approximate iff delta^2 <= tau^2 chi2.ppf(1 - alpha,
+            ND) / ND) or "error" (approximate iff the predicted error of the approximation,
+            delta times the block's measured error per unit of delta, is at most
+            ``error_budget``; ``runtime.forecast.update_error_estimate``).
+        error_budget: the "error" rule's bound on the predicted relative error
+            ||Y_hat - Y||_F / ||Y||_F of an approximated block output (> 0).
         reference: "anchor" compares with the input at the last full computation, "previous"
             with the previous step's input (the paper's exact rule).
         calibration: None, a path to a safetensors file from ``fastcache_fx.calibrate``, or
@@ -76,6 +86,9 @@ class FastCacheConfig:
     warmup_steps: int = 2
     max_consecutive_approx: int = 3
     approx: str = "residual"
+    taylor_order: int = 1
+    decision: str = "chi2"
+    error_budget: float = 0.01
     reference: str = "anchor"
     calibration: str | None = None
     rank: int | None = None
@@ -146,6 +159,12 @@ class FastCacheConfig:
             raise bad("static_approx", f"expected one of {STATIC_APPROX_KINDS}")
         if self.approx not in APPROX_KINDS:
             raise bad("approx", f"expected one of {APPROX_KINDS}")
+        if isinstance(self.taylor_order, bool) or self.taylor_order not in (1, 2):
+            raise bad("taylor_order", "expected 1 or 2")
+        if self.decision not in DECISIONS:
+            raise bad("decision", f"expected one of {DECISIONS}")
+        if real("error_budget") <= 0:
+            raise bad("error_budget", "expected > 0")
         if self.reference not in REFERENCES:
             raise bad("reference", f"expected one of {REFERENCES}")
         if self.lowering not in LOWERINGS:

@@ -24,8 +24,10 @@ from torch import fx
 from ..config import FastCacheConfig
 from ..runtime import decision as D
 from ..runtime.calibration import weight_shapes
-from .blocks import (BlockRegion, clone_graph_module, collective_groups, find_blocks, find_timestep, graph_io, insert_placeholder, node_value,
-                     remap_region, tensor_meta)
+from ..runtime import forecast as F
+from .blocks import (BlockRegion, clone_graph_module, collective_groups, find_blocks, find_timestep, graph_io,
+                     insert_placeholder, node_value, remap_region, tensor_meta)
+from .branches import ACCUM_KEYS, Slots, approx_branch, fake_flat, full_branch, scalar_constants, set_val, symbolic
 
 
 @dataclass
@@ -80,9 +82,6 @@ class AccumSpec:
     dtype: torch.dtype
 
 
-ACCUM_KEYS = ("n", "sx", "sy", "xtx", "xty", "yty")
-
-
 @dataclass
 class BlockCacheResult:
     """What ``apply_block_cache`` did (the runtime's contract with the rewritten graph)."""
@@ -113,126 +112,6 @@ class BlockCacheResult:
         return any(isinstance(d, torch.SymInt) for d in self.dofs)
 
 
-def _set_val(node: fx.Node, val) -> fx.Node:
-    node.meta["val"] = val
-    node.meta["example_value"] = val
-    return node
-
-
-_OPERAND_SCALARS = (int, torch.SymInt)  # what cond accepts besides tensors
-
-
-def _scalar_constants(graph: fx.Graph, region: BlockRegion) -> tuple[BlockRegion, dict[fx.Node, object]]:
-    """cond operands may be tensors, ints and SymInts only. ``dynamic=True`` turns float
-    attributes (a norm's eps, a dropout p) into 0-d tensor inputs read by ``.item()`` (SymFloats),
-    and ``.item()`` inside a branch is data-dependent. Such a scalar context input is baked into
-    the branch as the value Dynamo traced it with, and the outer graph asserts at run time that
-    the input still has that value (``torch._check``: a different value fails loudly, never
-    silently). Edits ``graph`` (the asserts).
-
-    Returns:
-        (the region without those context inputs, {node: value to use in the full branch}).
-    """
-    consts: dict[fx.Node, object] = {}
-    context = []
-    for c in region.context_inputs:
-        v = node_value(c)
-        if v is None or isinstance(v, (torch.Tensor,) + _OPERAND_SCALARS):
-            context.append(c)
-            continue
-        expr = v.node.expr if isinstance(v, (torch.SymFloat, torch.SymBool)) else None
-        value = type(v.node.hint)(v.node.hint) if expr is not None else v
-        if value is None:
-            raise ValueError(f"{region.name}: context input {c.name} is a scalar without a value to bake")
-        consts[c] = float(value) if isinstance(v, torch.SymFloat) else value
-        if expr is not None and not expr.is_number:
-            with graph.inserting_after(c):
-                eq = _set_val(graph.call_function(operator.eq, (c, consts[c])), v == consts[c])
-            with graph.inserting_after(eq):
-                graph.call_function(torch._check, (eq,))
-    return BlockRegion(region.name, region.list_name, region.index, region.module_type, region.nodes,
-                       region.stream_inputs, region.stream_outputs, context, region.param_inputs), consts
-
-
-def _extract_full_branch(region: BlockRegion, operands: list[fx.Node], slots: dict | None = None,
-                         learn: str | None = None, consts: dict | None = None) -> fx.GraphModule:
-    """The block's own nodes as a GraphModule over ``operands`` (extra operands unused). With
-    ``learn`` (online calibration: the approximation kind) the branch also returns the ridge
-    statistic increments of each stream (``decision.ridge_increments``) after the outputs."""
-    g = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    ph = []
-    for i, op in enumerate(operands):
-        env[op] = _set_val(g.placeholder(f"arg{i}_{op.name}"), node_value(op))
-        ph.append(env[op])
-    env.update(consts or {})
-    for n in region.nodes:
-        env[n] = g.node_copy(n, lambda a: env[a])
-    outs = []
-    for o in region.stream_outputs:
-        # a copy, not .contiguous(): a slice that is already contiguous (Flux's single block at
-        # batch 1 returns two slices of one buffer) would be returned as a view, and cond refuses
-        # branch outputs that alias each other or an input
-        outs.append(_set_val(g.call_function(torch.clone, (env[o],), {"memory_format": torch.contiguous_format}),
-                             node_value(o)))
-    ys = list(outs)
-    outs = [_flat_if_symbolic(g, y) for y in ys]
-    if learn is not None:
-        for s in range(len(region.stream_outputs)):
-            inc = g.call_function(D.ridge_increments, (ph[slots["stream"][s]], ys[s], ph[slots["in"][s]],
-                                                       ph[slots["res"][s]]), {"kind": learn})
-            outs += [g.call_function(operator.getitem, (inc, j)) for j in range(len(ACCUM_KEYS))]
-    g.output(tuple(outs))
-    return fx.GraphModule(torch.nn.Module(), g)
-
-
-def _symbolic(shape) -> bool:
-    return any(isinstance(d, torch.SymInt) for d in shape)
-
-
-def _flat_if_symbolic(g: fx.Graph, y: fx.Node) -> fx.Node:
-    """A branch output with symbolic sizes is returned flat ([B N D]): cond rebuilds its output's
-    strides from the two branches' and refuses the ``Max(1, N)`` that contiguous strides of a
-    symbolic size carry; the outer graph views it back (``view_as`` the stream input)."""
-    v = node_value(y)
-    if not _symbolic(v.shape):
-        return y
-    return _set_val(g.call_method("reshape", (y, -1)), _fake_flat(v))
-
-
-def _fake_flat(v: torch.Tensor) -> torch.Tensor:
-    with v.fake_mode:
-        return v.reshape(-1)
-
-
-def _approx_branch(region: BlockRegion, operands: list[fx.Node], slots: dict, approx: str,
-                   config: FastCacheConfig, online: bool) -> fx.GraphModule:
-    """Approximation of the block's outputs from its stream inputs and the cached state (and,
-    online, zero statistic increments in place of the full branch's)."""
-    g = fx.Graph()
-    ph = [_set_val(g.placeholder(f"arg{i}_{op.name}"), node_value(op)) for i, op in enumerate(operands)]
-    outs = []
-    for s, o in enumerate(region.stream_outputs):
-        h = ph[slots["stream"][s]]
-        if approx == "residual":
-            y = g.call_function(D.approx_residual, (h, ph[slots["res"][s]]))
-        elif approx == "linear" and config.rank is None and config.time_buckets == 1 and not online:
-            y = g.call_function(D.approx_linear, (h, ph[slots["maps"][s][0]], ph[slots["maps"][s][1]]))
-        else:
-            ready = ph[slots["ready"]] if online else None
-            y = g.call_function(D.approx_map, (h, ph[slots["res"][s]], ph[slots["in"][s]],
-                                               [ph[i] for i in slots["maps"][s]], ph[slots["t"]], ready),
-                                {"kind": approx, "rank": config.rank, "buckets": config.time_buckets,
-                                 "timestep_max": config.timestep_max})
-        outs.append(_flat_if_symbolic(g, _set_val(y, node_value(o))))
-    if online:
-        for s in range(len(region.stream_outputs)):
-            z = g.call_function(D.zero_increments, (ph[slots["stream"][s]],))
-            outs += [g.call_function(operator.getitem, (z, j)) for j in range(len(ACCUM_KEYS))]
-    g.output(tuple(outs))
-    return fx.GraphModule(torch.nn.Module(), g)
-
-
 def _numel(shape) -> int | torch.SymInt:
     n = 1
     for d in shape:
@@ -243,7 +122,7 @@ def _numel(shape) -> int | torch.SymInt:
 def _placeholder_value(shape, dtype: torch.dtype, placeholders: list[fx.Node]) -> torch.Tensor:
     """The ``meta["val"]`` of a new state input: a meta tensor, or, for a symbolic shape, a fake
     tensor of the graph's own fake mode (its SymInts belong to that mode's ShapeEnv)."""
-    if not any(isinstance(d, torch.SymInt) for d in shape):
+    if not symbolic(shape):
         return torch.empty(shape, dtype=dtype, device="meta")
     vals = [node_value(p) for p in placeholders]
     mode = next(v.fake_mode for v in vals if hasattr(v, "fake_mode"))
@@ -252,16 +131,41 @@ def _placeholder_value(shape, dtype: torch.dtype, placeholders: list[fx.Node]) -
         return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _meta(shape=(), dtype=torch.float32) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+class _Cursor:
+    """Inserts nodes one after another from a position in a graph."""
+
+    def __init__(self, graph: fx.Graph, after: fx.Node) -> None:
+        self.graph, self.node = graph, after
+
+    def call(self, fn, *args, val=None, **kwargs) -> fx.Node:
+        with self.graph.inserting_after(self.node):
+            self.node = self.graph.call_function(fn, args, kwargs)
+        return set_val(self.node, val) if val is not None else self.node
+
+    def method(self, name: str, *args, val=None) -> fx.Node:
+        with self.graph.inserting_after(self.node):
+            self.node = self.graph.call_method(name, args)
+        return set_val(self.node, val) if val is not None else self.node
+
+    def get(self, node: fx.Node, i: int, val=None) -> fx.Node:
+        return self.call(operator.getitem, node, i, val=val)
+
+    def unpack(self, node: fx.Node, n: int) -> list[fx.Node]:
+        return [self.get(node, i) for i in range(n)]
+
+
 def insert_trajectory_step(graph: fx.Graph, before: fx.Node, timestep: fx.Node | None, prev_t: fx.Node,
                            step: fx.Node) -> tuple[fx.Node, fx.Node]:
     """Insert ``runtime.decision.trajectory_step`` before ``before``: (step [] int64, t [] float32)
     nodes, with ``meta["val"]`` set. Every pass that keeps per-trajectory state counts steps so."""
     with graph.inserting_before(before):
         traj = graph.call_function(D.trajectory_step, (timestep, prev_t, step))
-        step_node = _set_val(graph.call_function(operator.getitem, (traj, 0)),
-                             torch.empty((), dtype=torch.int64, device="meta"))
-        t_node = _set_val(graph.call_function(operator.getitem, (traj, 1)),
-                          torch.empty((), dtype=torch.float32, device="meta"))
+        step_node = set_val(graph.call_function(operator.getitem, (traj, 0)), _meta((), torch.int64))
+        t_node = set_val(graph.call_function(operator.getitem, (traj, 1)), _meta())
     return step_node, t_node
 
 
@@ -271,7 +175,7 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
 
     Args:
         gm: a Dynamo graph (parameters as placeholders).
-        config: thresholds, warmup, approximation kind.
+        config: thresholds, warmup, approximation kind, decision rule.
         regions: from ``find_blocks(gm)``; found here when None.
         approx: overrides ``config.approx`` (the backend passes "residual" when ``linear`` has
             no calibration).
@@ -283,71 +187,57 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
     Returns:
         (new gm, BlockCacheResult); ``gm`` itself is not modified. With no region the copy is
         unchanged and ``result.blocks`` is empty.
+
+    Raises:
+        ValueError: an unknown ``clock``.
     """
+    if clock not in ("graph", "input"):
+        raise ValueError(f"clock: expected 'graph' or 'input', got {clock!r}")
     search = find_blocks(gm) if regions is None else None
     regions = search.regions if regions is None else regions
     gm, val_map = clone_graph_module(gm)
     regions = [remap_region(r, val_map) for r in regions]
     approx = approx or config.approx
+    learned = approx in ("linear", "residual_linear")
     graph = gm.graph
     placeholders, out_node, orig_outs, is_tuple = graph_io(graph)
     result = BlockCacheResult(
         blocks=[r.name for r in regions], stream_shapes=[r.stream_shapes for r in regions], thresholds=[],
         num_user_inputs=len(placeholders), num_user_outputs=len(orig_outs), output_is_tuple=is_tuple,
         left_alone=list(search.left_alone) if search else [], approx=approx,
-        rank=config.rank if approx != "residual" else None,
-        time_buckets=config.time_buckets if approx != "residual" else 1,
-        online=approx != "residual" and config.calibration == "online",
+        rank=config.rank if learned else None, time_buckets=config.time_buckets if learned else 1,
+        online=learned and config.calibration == "online",
     )
-    online = result.online
-    nk = result.time_buckets
     if not regions:
         return gm, result
-
+    online, nk, order = result.online, result.time_buckets, config.taylor_order
     last_ph = placeholders[-1]
-    new_inputs: list[fx.Node] = []
 
     def add_input(name: str, val, spec) -> fx.Node:
         nonlocal last_ph
-        p = last_ph = insert_placeholder(graph, last_ph, name, val)
-        new_inputs.append(p)
-        if isinstance(spec, StateSpec):
-            result.state.append(spec)
-        elif isinstance(spec, ControlSpec):
-            result.controls.append(spec)
-        elif isinstance(spec, AccumSpec):
-            result.accums.append(spec)
-        else:
-            result.weights.append(spec)
+        last_ph = insert_placeholder(graph, last_ph, "fc_" + re.sub(r"\W", "_", name), val)
+        {StateSpec: result.state, ControlSpec: result.controls, AccumSpec: result.accums}.get(
+            type(spec), result.weights).append(spec)
         result.extra_inputs.append(spec)
-        return p
+        return last_ph
 
-    def state_input(name: str, like_shape, dtype, fill: float) -> fx.Node:
-        val = _placeholder_value(like_shape, dtype, placeholders)
-        return add_input("fc_" + re.sub(r"\W", "_", name), val, StateSpec(name, tuple(like_shape), dtype, fill))
+    def state_input(name: str, shape, dtype, fill: float) -> fx.Node:
+        return add_input(name, _placeholder_value(shape, dtype, placeholders), StateSpec(name, tuple(shape), dtype, fill))
 
-    def safe(name: str) -> str:
-        return re.sub(r"\W", "_", name)
+    def control_input(name: str, shape, dtype, fill: float) -> fx.Node:
+        return add_input(name, _meta(shape, dtype), ControlSpec(name, tuple(shape), dtype, fill))
 
-    # trajectory state
-    if clock not in ("graph", "input"):
-        raise ValueError(f"clock: expected 'graph' or 'input', got {clock!r}")
+    # trajectory state and per-call controls
     if clock == "graph":
         step_in = state_input("step", (), torch.int64, -1)
         prev_t_in = state_input("prev_t", (), torch.float32, float("-inf"))
     else:
-        step_node = add_input("fc_step", torch.empty((), dtype=torch.int64, device="meta"),
-                              ControlSpec("step", (), torch.int64, 0))
-        t_node = add_input("fc_t", torch.empty((), dtype=torch.float32, device="meta"),
-                           ControlSpec("t", (), torch.float32, 0.0))
-    force_in = add_input("fc_force", torch.empty((len(regions),), dtype=torch.int8, device="meta"),
-                         ControlSpec("force", (len(regions),), torch.int8, -1))
-    dofs = [sum(_numel(tensor_meta(h)[0][1:]) for h in r.stream_inputs) for r in regions]
-    q_in = None
-    if any(isinstance(d, torch.SymInt) for d in dofs):  # the bound depends on the call's shape
-        q_in = add_input("fc_q_ratio", torch.empty((len(regions),), dtype=torch.float32, device="meta"),
-                         ControlSpec("q_ratio", (len(regions),), torch.float32, float("nan")))
-    result.dofs = dofs
+        step_node = control_input("step", (), torch.int64, 0)
+        t_node = control_input("t", (), torch.float32, 0.0)
+    force_in = control_input("force", (len(regions),), torch.int8, -1)
+    result.dofs = [sum(_numel(tensor_meta(h)[0][1:]) for h in r.stream_inputs) for r in regions]
+    q_in = (control_input("q_ratio", (len(regions),), torch.float32, float("nan"))
+            if result.dynamic and config.decision == "chi2" else None)  # the bound depends on the call's shape
     result.groups = collective_groups(gm)
     size_symbols = [p for p in placeholders if isinstance(node_value(p), torch.SymInt)
                     and getattr(node_value(p).node.expr, "is_Symbol", False)]
@@ -355,9 +245,9 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
     result.timestep_input = ts.name if ts is not None else None
     if clock == "graph":
         step_node, t_node = insert_trajectory_step(graph, last_ph.next, ts, prev_t_in, step_in)
+    new_state = [step_node, t_node] if clock == "graph" else []
     accum_outputs: list[fx.Node] = []
-    new_state_outputs = [step_node, t_node] if clock == "graph" else []
-    trace_delta, trace_thr, trace_ok = [], [], []
+    trace: list[tuple[fx.Node, fx.Node, fx.Node]] = []
     min_step = max(1, config.warmup_steps)
 
     remap: dict[fx.Node, fx.Node] = {}  # outputs of rewritten regions -> their cond getitems
@@ -365,178 +255,137 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
         region = BlockRegion(region.name, region.list_name, region.index, region.module_type, region.nodes,
                              [remap.get(n, n) for n in region.stream_inputs], region.stream_outputs,
                              [remap.get(n, n) for n in region.context_inputs], region.param_inputs)
-        region, consts = _scalar_constants(graph, region)
-        tag = safe(region.name)
+        region, consts = scalar_constants(graph, region)
+        name, tag = region.name, re.sub(r"\W", "_", region.name)
         metas = [tensor_meta(h) for h in region.stream_inputs]
-        a_in = [state_input(f"{region.name}.anchor_in.{s}", m[0], m[1], 0.0) for s, m in enumerate(metas)]
-        a_res = [state_input(f"{region.name}.anchor_res.{s}", m[0], m[1], 0.0) for s, m in enumerate(metas)]
-        consec = state_input(f"{region.name}.consecutive", (), torch.int64, 0)
-        prev = ([state_input(f"{region.name}.previous_in.{s}", m[0], m[1], 0.0) for s, m in enumerate(metas)]
+        n = len(metas)
+        # state of this block (StateSpec order = order of the new-state outputs below)
+        a_in = [state_input(f"{name}.anchor_in.{s}", m[0], m[1], 0.0) for s, m in enumerate(metas)]
+        a_res = [state_input(f"{name}.anchor_res.{s}", m[0], m[1], 0.0) for s, m in enumerate(metas)]
+        consec = state_input(f"{name}.consecutive", (), torch.int64, 0)
+        prev = ([state_input(f"{name}.previous_in.{s}", m[0], m[1], 0.0) for s, m in enumerate(metas)]
                 if config.reference == "previous" else None)
+        hist = hist_t = hist_n = est = last_err = None
+        if approx == "taylor":  # residuals R_1 .. R_m of earlier full computations, their timesteps
+            hist = [[state_input(f"{name}.res_hist.{s}.{j}", m[0], m[1], 0.0) for j in range(1, order + 1)]
+                    for s, m in enumerate(metas)]
+            hist_t = state_input(f"{name}.hist_t", (order + 1,), torch.float32, float("nan"))
+            hist_n = state_input(f"{name}.hist_n", (), torch.int64, 0)
+        if config.decision == "error":  # running estimate of e / delta, and the last measured e
+            est = state_input(f"{name}.error_per_delta", (), torch.float32, float("nan"))
+            last_err = state_input(f"{name}.error", (), torch.float32, float("nan"))
         maps: list[list[fx.Node]] = []  # per stream: weight, bias / u, v, bias (calibration.weight_shapes)
-        ready: list[fx.Node] = []
-        accs: list[list[fx.Node]] = []  # per stream: ACCUM_KEYS
-        if approx in ("linear", "residual_linear"):
+        ready, accs = None, []  # online: the ready flag, per stream ACCUM_KEYS accumulators
+        if learned:
             for s, m in enumerate(metas):
-                d = m[0][-1]
-                maps.append([])
-                for key, shape in weight_shapes(d, result.rank, nk).items():
-                    val = torch.empty(shape, dtype=torch.float32, device="meta")
-                    maps[-1].append(add_input(f"fc_{tag}_{key}{s}", val, WeightSpec(
-                        f"{region.name}.{key}.{s}", region.name, s, key, shape, torch.float32)))
+                maps.append([add_input(f"{tag}_{key}{s}", _meta(shape), WeightSpec(
+                    f"{name}.{key}.{s}", name, s, key, shape, torch.float32))
+                    for key, shape in weight_shapes(m[0][-1], result.rank, nk).items()])
             if online:
                 shape = (nk,) if nk > 1 else ()
-                ready.append(add_input(f"fc_{tag}_ready", torch.empty(shape, dtype=torch.float32, device="meta"),
-                                       WeightSpec(f"{region.name}.ready", region.name, 0, "ready", shape, torch.float32)))
+                ready = add_input(f"{tag}_ready", _meta(shape), WeightSpec(f"{name}.ready", name, 0, "ready", shape,
+                                                                           torch.float32))
                 for s, m in enumerate(metas):
                     d = m[0][-1]
-                    accs.append([])
-                    for key, shape in zip(ACCUM_KEYS, ((nk,), (nk, d), (nk, d), (nk, d, d), (nk, d, d), (nk,))):
-                        spec = AccumSpec(f"{region.name}.{key}.{s}", region.name, s, key, shape, torch.float64)
-                        accs[-1].append(add_input(f"fc_{tag}_acc_{key}{s}", torch.empty(shape, dtype=torch.float64,
-                                                                                        device="meta"), spec))
+                    accs.append([add_input(f"{tag}_acc_{key}{s}", _meta(shape, torch.float64), AccumSpec(
+                        f"{name}.{key}.{s}", name, s, key, shape, torch.float64))
+                        for key, shape in zip(ACCUM_KEYS, ((nk,), (nk, d), (nk, d), (nk, d, d), (nk, d, d), (nk,)))])
 
         # ND: elements per sample over all streams decided together
-        if q_in is None:
-            q = D.chi2_quantile_ratio(config.significance_level, dofs[k])
+        q = None
+        if q_in is None and config.decision == "chi2":
+            q = D.chi2_quantile_ratio(config.significance_level, result.dofs[k])
             result.thresholds.append(config.cache_ratio_threshold * q ** 0.5)
-        else:
-            q = None  # a per-call input, read below
+        else:  # symbolic ND (a per-call input), or the error rule (a per-block estimate)
             result.thresholds.append(None)
 
+        # cond operands: streams, contexts, parameters, then the cache state the branches read
         operands = list(region.stream_inputs) + list(region.context_inputs) + list(region.param_inputs)
-        slots = {"stream": list(range(len(region.stream_inputs)))}
-        base = len(operands)
-        operands += a_res + a_in
-        n = len(metas)
-        slots["res"] = list(range(base, base + n))
-        slots["in"] = list(range(base + n, base + 2 * n))
-        slots["maps"] = []
-        for group in maps:
-            slots["maps"].append(list(range(len(operands), len(operands) + len(group))))
-            operands += group
-        if maps and (nk > 1 or online or result.rank is not None):
-            slots["t"] = len(operands)
-            operands.append(t_node)
-        if ready:
-            slots["ready"] = len(operands)
-            operands += ready
+
+        def take(nodes: list[fx.Node]) -> list[int]:
+            operands.extend(nodes)
+            return list(range(len(operands) - len(nodes), len(operands)))
+
+        slots = Slots(stream=list(range(n)), res=take(a_res), anchor_in=take(a_in))
+        slots.maps = [take(group) for group in maps]
+        if hist is not None:
+            slots.history = [take(h) for h in hist]
+            slots.hist_t, slots.hist_n = take([hist_t, hist_n])
+        if hist is not None or (maps and (nk > 1 or online or result.rank is not None)):
+            slots.t = take([t_node])[0]
+        if ready is not None:
+            slots.ready = take([ready])[0]
         # the size symbols themselves, so that the lowered branches can bind every symbol their
         # inputs' sizes use (Inductor codegens a subgraph from its own inputs only)
-        operands += [p for p in size_symbols if p not in operands]
+        take([p for p in size_symbols if p not in operands])
 
-        full_gm = _extract_full_branch(region, operands, slots, learn=approx if online else None, consts=consts)
-        approx_gm = _approx_branch(region, operands, slots, approx, config, online)
+        full_gm = full_branch(region, operands, slots, approx, config, learn=approx if online else None, consts=consts)
         gm.add_submodule(f"fc_{tag}_full", full_gm)
-        gm.add_submodule(f"fc_{tag}_approx", approx_gm)
+        gm.add_submodule(f"fc_{tag}_approx", approx_branch(region, operands, slots, approx, config, online))
 
         members = set(region.nodes)
-        last = region.nodes[-1]
+        cur = _Cursor(graph, region.nodes[-1])
         # cond operands must be contiguous (a non-contiguous one gave wrong results under
-        # AOTInductor, and Inductor asserts the strides it traced with)
-        contig = {}
-        for op in dict.fromkeys(region.stream_inputs + region.context_inputs):
-            # a graph input keeps its own (fixed) layout: Inductor lowered .contiguous() of a
-            # transposed input (DiT's patch embedding output, a block graph's input) to a copy
-            # with the input's strides, which the branch, traced contiguous, then rejected
-            if tensor_meta(op) is None or op.op == "placeholder":
-                continue
-            with graph.inserting_after(last):
-                c = graph.call_method("contiguous", (op,))
-            _set_val(c, node_value(op))
-            contig[op] = c
-            last = c
+        # AOTInductor, and Inductor asserts the strides it traced with); a graph input keeps its
+        # own (fixed) layout: Inductor lowered .contiguous() of a transposed input (DiT's patch
+        # embedding output, a block graph's input) to a copy with the input's strides, which the
+        # branch, traced contiguous, then rejected
+        contig = {op: cur.method("contiguous", op, val=node_value(op))
+                  for op in dict.fromkeys(region.stream_inputs + region.context_inputs)
+                  if tensor_meta(op) is not None and op.op != "placeholder"}
         operands = [contig.get(o, o) for o in operands]
-        region = BlockRegion(region.name, region.list_name, region.index, region.module_type, region.nodes,
-                             [contig.get(n, n) for n in region.stream_inputs], region.stream_outputs,
-                             [contig.get(n, n) for n in region.context_inputs], region.param_inputs)
-        refs = prev if prev is not None else a_in
+        streams = [contig.get(h, h) for h in region.stream_inputs]
+
         kw = dict(q_ratio=q, tau=config.cache_ratio_threshold, beta=config.adaptive_beta,
                   timestep_max=config.timestep_max, min_step=min_step,
                   max_consecutive=config.max_consecutive_approx, enabled=config.enable_block_approx,
                   groups=tuple(result.groups))
         if q_in is not None:
-            with graph.inserting_after(last):
-                q = last = _set_val(graph.call_function(operator.getitem, (q_in, k)),
-                                    torch.empty((), dtype=torch.float32, device="meta"))
-            kw["q_ratio"] = q
-        with graph.inserting_after(last):
-            force_k = graph.call_function(operator.getitem, (force_in, k))
-        _set_val(force_k, torch.empty((), dtype=torch.int8, device="meta"))
-        with graph.inserting_after(force_k):
-            dec = graph.call_function(D.block_decision, (list(region.stream_inputs), refs, step_node, consec, t_node),
-                                      {**kw, "force": force_k})
-        with graph.inserting_after(dec):
-            ok = graph.call_function(operator.getitem, (dec, 0))
-        with graph.inserting_after(ok):
-            delta = graph.call_function(operator.getitem, (dec, 1))
-        with graph.inserting_after(delta):
-            thr = graph.call_function(operator.getitem, (dec, 2))
-        with graph.inserting_after(thr):
+            kw["q_ratio"] = cur.get(q_in, k, val=_meta())
+        if hist is not None:
+            kw["history_ok"] = cur.call(F.history_finite, hist, val=_meta((), torch.bool))
+        if est is not None:
+            kw.update(error_per_delta=est, error_budget=config.error_budget)
+        kw["force"] = cur.get(force_in, k, val=_meta((), torch.int8))
+        dec = cur.call(D.block_decision, streams, prev if prev is not None else a_in, step_node, consec, t_node, **kw)
+        ok, delta, thr = cur.unpack(dec, 3)
+        with graph.inserting_after(cur.node):
             attr_t = graph.get_attr(f"fc_{tag}_approx")
         with graph.inserting_after(attr_t):
             attr_f = graph.get_attr(f"fc_{tag}_full")
-        with graph.inserting_after(attr_f):
-            cond = graph.call_function(torch.ops.higher_order.cond, (ok, attr_t, attr_f, tuple(operands)))
-        prev_node = cond
+        cur.node = attr_f
+        cond = cur.call(torch.ops.higher_order.cond, ok, attr_t, attr_f, tuple(operands))
         outs = []
         for s, o in enumerate(region.stream_outputs):
-            with graph.inserting_after(prev_node):
-                gi = graph.call_function(operator.getitem, (cond, s))
-            if _symbolic(node_value(o).shape):  # returned flat (_flat_if_symbolic)
-                _set_val(gi, _fake_flat(node_value(o)))
-                with graph.inserting_after(gi):
-                    gi = graph.call_method("view_as", (gi, region.stream_inputs[s]))
-            _set_val(gi, node_value(o))
-            outs.append(gi)
-            prev_node = gi
+            if symbolic(node_value(o).shape):  # returned flat (branches.flat_if_symbolic)
+                cur.get(cond, s, val=fake_flat(node_value(o)))
+                outs.append(cur.method("view_as", cur.node, streams[s], val=node_value(o)))
+            else:
+                outs.append(cur.get(cond, s, val=node_value(o)))
+        extra = n  # cond outputs after the streams
+        if est is not None:
+            err2, ref2 = (cur.get(cond, extra + j) for j in range(2))
+            extra += 2
         if online:
-            incs = []
+            learn = cur.call(D.learn_mask, ok, streams, outs, step_node, approx)
             for s in range(n):
-                incs.append([])
-                for j, acc in enumerate(accs[s]):
-                    with graph.inserting_after(prev_node):
-                        prev_node = graph.call_function(operator.getitem, (cond, n + s * len(ACCUM_KEYS) + j))
-                    _set_val(prev_node, torch.empty(node_value(acc).shape[1:], dtype=torch.float32, device="meta"))
-                    incs[-1].append(prev_node)
-            with graph.inserting_after(prev_node):
-                prev_node = graph.call_function(D.learn_mask, (ok, list(region.stream_inputs), outs, step_node, approx))
-            learn = prev_node
-            for s in range(n):
-                with graph.inserting_after(prev_node):
-                    prev_node = graph.call_function(D.accumulate, (accs[s], incs[s], learn, t_node, nk,
-                                                                   config.timestep_max))
-                acc_new = prev_node
-                for j in range(len(ACCUM_KEYS)):
-                    with graph.inserting_after(prev_node):
-                        prev_node = graph.call_function(operator.getitem, (acc_new, j))
-                    accum_outputs.append(prev_node)
-        with graph.inserting_after(prev_node):
-            upd = graph.call_function(D.update_state, (ok, list(region.stream_inputs), outs, a_in, a_res, consec))
-        prev_node = upd
-        new_state = []
-        for i in range(3):
-            with graph.inserting_after(prev_node):
-                prev_node = graph.call_function(operator.getitem, (upd, i))
-            new_state.append(prev_node)
-        flat = []
-        for i, group in enumerate(new_state[:2]):
-            for s in range(n):
-                with graph.inserting_after(prev_node):
-                    prev_node = graph.call_function(operator.getitem, (group, s))
-                flat.append(prev_node)
-        new_state_outputs += flat + [new_state[2]]
+                incs = [cur.get(cond, extra + s * len(ACCUM_KEYS) + j,
+                                val=_meta(node_value(acc).shape[1:])) for j, acc in enumerate(accs[s])]
+                acc_new = cur.call(D.accumulate, accs[s], incs, learn, t_node, nk, config.timestep_max)
+                accum_outputs += cur.unpack(acc_new, len(ACCUM_KEYS))
+        # new state, in StateSpec order
+        new_in, new_res, new_consec = cur.unpack(cur.call(D.update_state, ok, streams, outs, a_in, a_res, consec), 3)
+        new_state += [cur.get(new_in, s) for s in range(n)] + [cur.get(new_res, s) for s in range(n)] + [new_consec]
         if prev is not None:
-            with graph.inserting_after(prev_node):
-                up = graph.call_function(D.update_previous, (list(region.stream_inputs), prev))
-            prev_node = up
-            for s in range(n):
-                with graph.inserting_after(prev_node):
-                    prev_node = graph.call_function(operator.getitem, (up, s))
-                new_state_outputs.append(prev_node)
-        trace_delta.append(delta)
-        trace_thr.append(thr)
-        trace_ok.append(ok)
+            new_state += cur.unpack(cur.call(D.update_previous, streams, prev), n)
+        if hist is not None:
+            new_hist, new_t, new_n = cur.unpack(cur.call(F.update_history, ok, streams, outs, a_res, hist, hist_t,
+                                                         hist_n, step_node, t_node, order=order), 3)
+            new_state += [cur.get(cur.get(new_hist, s), j) for s in range(n) for j in range(order)] + [new_t, new_n]
+        if est is not None:
+            new_state += cur.unpack(cur.call(F.update_error_estimate, ok, err2, ref2, delta, step_node, est, last_err,
+                                             groups=tuple(result.groups)), 2)
+        trace.append((delta, thr, ok))
 
         for o, gi in zip(region.stream_outputs, outs):
             o.replace_all_uses_with(gi, delete_user_cb=lambda u: u not in members)
@@ -545,12 +394,10 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
             graph.erase_node(node)
 
     with graph.inserting_before(out_node):
-        td = graph.call_function(torch.stack, (trace_delta,))
-        tt = graph.call_function(torch.stack, (trace_thr,))
-        tk = graph.call_function(torch.stack, (trace_ok,))
+        stacked = tuple(graph.call_function(torch.stack, ([t[i] for t in trace],)) for i in range(3))
     # the user outputs as they are now: in a block graph (regional) they were the block's outputs
     user_outs = list(out_node.args[0]) if is_tuple else [out_node.args[0]]
-    out_node.args = (tuple(user_outs) + tuple(new_state_outputs) + (td, tt, tk) + tuple(accum_outputs),)
+    out_node.args = (tuple(user_outs) + tuple(new_state) + stacked + tuple(accum_outputs),)
     try:
         graph.lint()
     except Exception:

@@ -67,6 +67,9 @@ def block_decision(
     enabled: bool,
     force: torch.Tensor | None = None,
     groups: Sequence[str] = (),
+    history_ok: torch.Tensor | None = None,
+    error_per_delta: torch.Tensor | None = None,
+    error_budget: float | None = None,
 ):
     """Decide whether a block may be approximated this step (all its streams together).
 
@@ -86,19 +89,28 @@ def block_decision(
             each rank holds a shard of the tokens): the per-sample sums are all-reduced over
             them (``sum_over_groups``), so every rank takes the branch one process would take
             on the whole sequence.
+        history_ok: [] bool (``approx="taylor"``): the stored residuals are finite; False forces a
+            full computation (folded into the sums, so that all ranks agree).
+        error_per_delta, error_budget: ``decision="error"``: the block's estimate k of e / delta
+            ([] float32, NaN before its first measurement) and the budget; the bound on delta is
+            then error_budget / k (``runtime.forecast``), replacing tau and the chi-square test.
 
     Returns:
         (approx [] bool, delta [] float32, threshold [] float32 = sqrt of the squared bound).
     """
     diff2 = sum((h.float() - a.float()).pow(2).flatten(1).sum(1) for h, a in zip(streams, refs))
     ref2 = sum(a.float().pow(2).flatten(1).sum(1) for a in refs)
+    if history_ok is not None:
+        diff2 = diff2 + torch.where(history_ok, 0.0, float("inf"))
     if groups:  # context parallelism: the sums over the whole sequence, identical on every rank
         diff2, ref2 = sum_over_groups(torch.stack([diff2, ref2]), groups).unbind(0)
     d2 = (diff2 / ref2).max()
     delta = d2.sqrt()
     if isinstance(q_ratio, torch.Tensor):  # symbolic shapes: the runtime passes it per call
         q_ratio = q_ratio.to(d2.dtype)
-    if beta is None:
+    if error_per_delta is not None:
+        thr2 = (error_budget / error_per_delta.to(d2.dtype)).pow(2)
+    elif beta is None:
         thr2 = torch.full_like(d2, tau * tau) * q_ratio
     else:
         tn = t / timestep_max
