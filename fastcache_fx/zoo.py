@@ -115,7 +115,8 @@ _BUILDERS: dict[str, Callable] = {"dit": _dit, "pixart": _pixart, "sd3": _sd3, "
 PIPELINE_SIZE_MULTIPLE = {"dit": 4, "pixart": 8, "sd3": 4, "flux": 4, "sana": 32}
 
 
-def pipeline(family: str, seed: int = 0, num_layers: int | None = None, steps: int = 4, max_size: int = 64):
+def pipeline(family: str, seed: int = 0, num_layers: int | None = None, steps: int = 4, max_size: int = 64,
+             heads: int | None = None, head_dim: int | None = None):
     """(pipeline, call kwargs): the family's diffusers pipeline built offline, with CFG on.
 
     ``family`` in FAMILIES: ``DiTPipeline`` (DDIM, ``id2label`` given), ``PixArtSigmaPipeline``
@@ -128,15 +129,17 @@ def pipeline(family: str, seed: int = 0, num_layers: int | None = None, steps: i
     decodes). Call it with ``run_pipeline``.
     ``num_layers``: blocks per block list (Flux: double and single blocks; None: ``build``'s
     tiny defaults). ``max_size``: the largest pixel size the pipeline must serve (SD3's
-    position table).
+    position table). ``heads`` / ``head_dim``: a wider transformer (benchmarks; the tiny one
+    has 2 x 8), with the widths that must match it (SD3's caption projection, PixArt's and
+    Sana's cross-attention, Flux's rotary axes) following.
 
     Raises:
-        ValueError: unknown family.
+        ValueError: unknown family; ``head_dim`` not a multiple of 8.
     """
     if family not in _PIPELINES:
         raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
     torch.manual_seed(seed)
-    pipe, kwargs = _PIPELINES[family](num_layers, max_size)
+    pipe, kwargs = _PIPELINES[family](num_layers, max_size, _width(family, heads or 2, head_dim or 8))
     pipe.set_progress_bar_config(disable=True)
     for m in pipe.components.values():
         if isinstance(m, torch.nn.Module):
@@ -179,6 +182,25 @@ def _tiny(family: str, num_layers: int | None, **overrides):
     return type(model).from_config({**model.config, **overrides})
 
 
+def _width(family: str, heads: int, head_dim: int) -> dict:
+    """Transformer config overrides for ``heads`` x ``head_dim`` attention (inner width h d)."""
+    if head_dim % 8:
+        raise ValueError(f"head_dim: expected a multiple of 8, got {head_dim}")
+    inner = heads * head_dim
+    out = {"num_attention_heads": heads, "attention_head_dim": head_dim}
+    if family == "sd3":
+        out["caption_projection_dim"] = inner
+    elif family == "pixart":
+        out["cross_attention_dim"] = inner
+    elif family == "sana":
+        out.update(cross_attention_dim=inner, num_cross_attention_heads=heads, cross_attention_head_dim=head_dim)
+    elif family == "flux":  # rotary axes (frame, row, column) split the head dim in even parts
+        a = 2 * (head_dim // 8)
+        b = 2 * ((head_dim - a) // 4)
+        out["axes_dims_rope"] = (a, b, head_dim - a - b)
+    return out
+
+
 def _vae_kl(latent_channels: int = 4, **kw):
     from diffusers import AutoencoderKL
 
@@ -198,47 +220,47 @@ def _embeds(tokens: int, dim: int, pooled: int | None = None, mask: bool = False
     return out
 
 
-def _pipe_dit(L, max_size):
+def _pipe_dit(L, max_size, width):
     from diffusers import DDIMScheduler, DiTPipeline
 
     # DiTPipeline's null class for CFG is label 1000: the label table needs 1000 classes
-    tr = _tiny("dit", L, num_embeds_ada_norm=1000)
+    tr = _tiny("dit", L, num_embeds_ada_norm=1000, **width)
     pipe = DiTPipeline(transformer=tr, vae=_vae_kl(), scheduler=DDIMScheduler(), id2label={0: "zero", 1: "one"})
     return pipe, dict(class_labels=[1], guidance_scale=4.0)
 
 
-def _pipe_pixart(L, max_size):
+def _pipe_pixart(L, max_size, width):
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
 
-    pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=_vae_kl(), transformer=_tiny("pixart", L),
+    pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=_vae_kl(), transformer=_tiny("pixart", L, **width),
                                scheduler=DPMSolverMultistepScheduler())
     # resolution binning only knows the real models' sample sizes
     return pipe, dict(_embeds(5, 12, mask=True), negative_prompt=None, guidance_scale=4.5,
                       use_resolution_binning=False)
 
 
-def _pipe_sd3(L, max_size):
+def _pipe_sd3(L, max_size, width):
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     # the position table must cover max_size pixels: max_size / 2 latents / patch 2
-    tr = _tiny("sd3", L, pos_embed_max_size=max(8, max_size // 4))
+    tr = _tiny("sd3", L, pos_embed_max_size=max(8, max_size // 4), **width)
     pipe = StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(),
                                     vae=_vae_kl(shift_factor=0.0), text_encoder=None, tokenizer=None,
                                     text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
     return pipe, dict(_embeds(6, 12, pooled=10), guidance_scale=5.0)
 
 
-def _pipe_flux(L, max_size):
+def _pipe_flux(L, max_size, width):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     # 2x2 latent patches are packed into tokens: in_channels = 4 x the VAE's latent channels
-    tr = _tiny("flux", L, in_channels=16, **({"num_single_layers": L} if L else {}))
+    tr = _tiny("flux", L, in_channels=16, **({"num_single_layers": L} if L else {}), **width)
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae_kl(shift_factor=0.0),
                         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=tr)
     return pipe, dict(_embeds(6, 12, pooled=10), true_cfg_scale=4.0)
 
 
-def _pipe_sana(L, max_size):
+def _pipe_sana(L, max_size, width):
     from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline
 
     vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
@@ -249,7 +271,7 @@ def _pipe_sana(L, max_size):
                         encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
                         upsample_block_type="interpolate", downsample_block_type="conv")
     sched = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=_tiny("sana", L), scheduler=sched)
+    pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=_tiny("sana", L, **width), scheduler=sched)
     return pipe, dict(_embeds(5, 12, mask=True), negative_prompt=None, guidance_scale=4.5,
                       use_resolution_binning=False)
 

@@ -137,8 +137,9 @@ def test_blocks_approximated_and_every_call_a_new_trajectory(fam):
         assert steps[0][1] == steps[1][1] == full(n) and steps[2][1] == [True] * n
     # nothing of the first call's cache reached the second: same images
     assert rel_err(second, first) < 1e-6
-    # the approximations reach the images
-    assert rel_err(first, fam.ref()) > 1e-3
+    # the approximations reach the images, far beyond Inductor's rounding (PixArt's inflated
+    # latents make one approximated step a small relative change: 6e-5 vs 5e-7)
+    assert rel_err(first, fam.ref()) > 10 * max(rel_err(fam.run(fam.off), fam.ref()), 1e-7)
 
 
 def test_second_resolution_keeps_the_cache(fam):
