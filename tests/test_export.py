@@ -2,7 +2,10 @@
 
 The AOTInductor export of the bundled reference DiT and the split runtime are each run over a
 whole 50-step DDIM trajectory (2 images, batched CFG = batch 4) and compared step by step with
-the in-process backend: same decisions, outputs within 1e-4.
+the in-process backend: same decisions, outputs within 1e-4. The AOTInductor export uses the
+residual forecast (approx="taylor", order 2) with the measured-error rule, whose state (residual
+history, timesteps, error estimates) lives in the exported buffers; the split runtime the
+defaults (residual reuse, chi-square test).
 """
 
 import importlib.util
@@ -20,6 +23,8 @@ from fastcache_fx.lowering.export import EngineFormat
 CLASSES = [3, 7]  # 2 images -> batch 4 with CFG
 STEPS = 50
 CONFIG = FastCacheConfig(cache_ratio_threshold=0.1, warmup_steps=2, max_consecutive_approx=3)
+FORECAST = FastCacheConfig(warmup_steps=2, max_consecutive_approx=3, approx="taylor", taylor_order=2,
+                           decision="error", error_budget=0.1)
 HAS_TRT = torch.cuda.is_available() and importlib.util.find_spec("torch_tensorrt") is not None
 NO_TRT = "TensorRT engines need CUDA and torch_tensorrt; this machine has " + (
     "no CUDA device" if not torch.cuda.is_available() else "no torch_tensorrt package")
@@ -47,11 +52,11 @@ def model():
     return reference.load()
 
 
-@pytest.fixture(scope="module")
-def backend_run(model):
+def _backend_run(model, config):
     """The in-process backend over one trajectory: (per-step outputs, images, decision trace)."""
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=fastcache_fx.FastCacheBackend(CONFIG), dynamic=False)
+    fastcache_fx.reset(model)
+    compiled = torch.compile(model, backend=fastcache_fx.FastCacheBackend(config), dynamic=False)
     rec = Recorder(compiled)
     images = reference.sample(rec, CLASSES, num_inference_steps=STEPS, seed=0)
     trace = fastcache_fx.stats(model)["trace"]
@@ -60,9 +65,19 @@ def backend_run(model):
 
 
 @pytest.fixture(scope="module")
+def backend_run(model):
+    return _backend_run(model, CONFIG)
+
+
+@pytest.fixture(scope="module")
+def forecast_run(model):
+    return _backend_run(model, FORECAST)
+
+
+@pytest.fixture(scope="module")
 def aoti_dir(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("aoti")
-    fastcache_fx.export(model, _example(), out, format="aotinductor", config=CONFIG)
+    fastcache_fx.export(model, _example(), out, format="aotinductor", config=FORECAST)
     return out
 
 
@@ -86,13 +101,14 @@ def _compare(loaded, backend_run):
     assert (got_images - images).abs().max().item() <= 1e-4
 
 
-def test_aotinductor_export_matches_backend_over_trajectory(aoti_dir, backend_run):
+def test_aotinductor_export_matches_backend_over_trajectory(aoti_dir, forecast_run):
     m = json.loads((aoti_dir / "manifest.json").read_text())
     assert m["format"] == "aotinductor" and "model.pt2" in m["files"]
     assert m["blocks"] == [f"transformer_blocks.{i}" for i in range(6)]
     assert [i["name"] for i in m["inputs"]] == ["hidden_states", "timestep", "class_labels"]
     assert m["controls"] == [{"name": "force", "shape": [6], "dtype": "int8", "fill": -1}]
-    _compare(fastcache_fx.load_exported(aoti_dir), backend_run)
+    assert "transformer_blocks.5.res_hist.0.2" in [s["name"] for s in m["state"]]
+    _compare(fastcache_fx.load_exported(aoti_dir), forecast_run)
 
 
 def test_split_runtime_matches_backend_over_trajectory(split_dir, backend_run):
@@ -138,7 +154,9 @@ def test_reset_starts_a_new_trajectory(aoti_dir, model):
     kw = _example()
     for t in (999, 980, 960):
         loaded(**{**kw, "timestep": torch.full((4,), t)})
-    assert loaded.stats()["trace"][-1]["approx"] == [True] * 6  # identical inputs after warmup
+    # identical inputs after warmup: approximated, except block 0, whose input did not change at
+    # all in the warmup (delta 0), so the error rule has no error-per-delta measurement for it yet
+    assert loaded.stats()["trace"][-1]["approx"] == [False] + [True] * 5
     loaded.reset()
     out = loaded(**{**kw, "timestep": torch.full((4,), 940)})  # still decreasing: only reset() restarts
     last = loaded.stats()["trace"][-1]
@@ -243,7 +261,7 @@ def test_force_control_overrides_decisions_in_the_export(aoti_dir):
     loaded.controls["force"] = torch.tensor([1, -1, 1, -1, 1, -1], dtype=torch.int8)
     loaded(**{**kw, "timestep": torch.full((4,), 920)})
 
-    def live(r, k):  # after warmup, fewer than 3 approximations in a row: the chi-square test alone
+    def live(r, k):  # after warmup, fewer than 3 approximations in a row: the decision rule alone
         return r["delta"][k] <= r["threshold"][k]
 
     r = loaded.stats()["trace"][-1]
@@ -252,7 +270,9 @@ def test_force_control_overrides_decisions_in_the_export(aoti_dir):
     loaded(**{**kw, "timestep": torch.full((4,), 900)})
     r = loaded.stats()["trace"][-1]
     assert r["approx"][1::2] == [False] * 3 and r["approx"][0::2] == [live(r, k) for k in (0, 2, 4)]
-    assert r["approx"][0]  # block 0 sees exactly its anchor (delta 0)
+    # block 0 sees exactly its anchor (delta 0), so the error rule never measured its error per
+    # delta (bound NaN): computed fully
+    assert r["delta"][0] == 0.0 and r["threshold"][0] != r["threshold"][0] and not r["approx"][0]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
