@@ -11,9 +11,10 @@ from .exported import load_exported
 from .lowering.export import export
 from .runtime.context import cache_context
 from .runtime.replay import replay_decisions
+from .tune import tune
 
 __version__ = "0.1.0"
 __all__ = [
     "FastCacheBackend", "FastCacheConfig", "cache_context", "calibrate", "enable_fastcache", "export",
-    "fastcache_backend", "load_exported", "replay_decisions", "reset", "stats", "__version__",
+    "fastcache_backend", "load_exported", "replay_decisions", "reset", "stats", "tune", "__version__",
 ]

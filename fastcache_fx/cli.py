@@ -1,4 +1,4 @@
-"""The ``fastcache-fx`` command: demo, calibrate, explain, diff, export.
+"""The ``fastcache-fx`` command: demo, calibrate, explain, diff, export, tune.
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
 ``run(args) -> int``; this file only wires them up and turns bad input into clear messages.
@@ -17,6 +17,7 @@ COMMANDS = {
     "explain": ("fastcache_fx.debug.explain_cli", "show the blocks found and the graph diff of each pass"),
     "diff": ("fastcache_fx.debug.diff_cli", "compare two graph dumps or export manifests"),
     "export": ("fastcache_fx.lowering.export_cli", "write an AOTInductor package or TensorRT engines of the cached graph"),
+    "tune": ("fastcache_fx.tune", "sweep a quality knob on a reference model and pick the options for a target PSNR"),
 }
 
 
