@@ -20,8 +20,10 @@ def tiny_run(tmp_path_factory):
     md = d / "RESULTS.md"
     md.write_text("# Benchmark results\n\n<!-- BEGIN other -->\nkeep me\n<!-- END other -->\n\n"
                   "<!-- BEGIN compare -->\nold text\n<!-- END compare -->\ntrailer\n")
-    rc = compare.main(["--suites", "1", "--samples", "2", "--steps", "4", "--methods", "inductor,fastcache",
-                       "--sweep-fastcache", "0.5", "--out-json", str(d / "c.json"), "--out-png", str(d / "c.png"),
+    rc = compare.main(["--suites", "1", "--samples", "2", "--steps", "4",
+                       "--methods", "inductor,fastcache,fastcache_taylor_error", "--sweep-fastcache", "0.5",
+                       "--sweep-fastcache-taylor-error", "0.5",
+                       "--out-json", str(d / "c.json"), "--out-png", str(d / "c.png"),
                        "--results-md", str(md), "--no-progress"])
     assert rc == 0
     return d, json.loads((d / "c.json").read_text()), md.read_text()
@@ -31,7 +33,9 @@ def test_tiny_run_json_is_well_formed(tiny_run):
     d, rec, _ = tiny_run
     s1 = rec["suite1"]
     assert (s1["samples"], s1["steps"]) == (2, 4)
-    assert [r["label"] for r in s1["rows"]] == ["torch.compile (Inductor)", "fastcache, cache_ratio_threshold=0.5"]
+    assert [r["label"] for r in s1["rows"]] == ["torch.compile (Inductor)", "fastcache, cache_ratio_threshold=0.5",
+                                                "fastcache taylor-1 + error rule, error_budget=0.5"]
+    assert s1["rows"][2]["options"] == {"approx": "taylor", "decision": "error", "error_budget": 0.5}
     for r in s1["rows"]:
         assert r["status"] == "ok", r
         assert r["seconds_per_image"] > 0 and r["speedup"] > 0 and r["compiled"]
@@ -50,12 +54,18 @@ def test_tiny_run_json_is_well_formed(tiny_run):
 def test_tiny_run_table_and_results_section(tiny_run):
     _, rec, md = tiny_run
     table = compare.suite1_table(rec["suite1"]).splitlines()
-    assert len(table) == 2 + 2 and all(line.count("|") == 10 for line in table)
+    assert len(table) == 2 + 3 and all(line.count("|") == 10 for line in table)
     # only the compare section was rewritten
     assert "keep me" in md and "old text" not in md and md.rstrip().endswith("trailer")
     section = md.split(compare.BEGIN)[1].split(compare.END)[0]
     assert "fastcache, cache_ratio_threshold=0.5" in section and "Target 1" in section
     assert "--samples 2 --steps 4" in section and "c.png" in section
+
+
+def test_frontier_keeps_the_rows_nothing_beats():
+    rows = [{"speedup": 2.0, "psnr_db": 40.0}, {"speedup": 1.5, "psnr_db": 45.0}, {"speedup": 1.4, "psnr_db": 42.0},
+            {"speedup": 3.0, "psnr_db": 30.0}, {"speedup": 1.9, "psnr_db": 39.0}]
+    assert compare.frontier(rows) == [rows[3], rows[0], rows[1]]
 
 
 def test_psnr_of_a_constant_offset():
