@@ -126,9 +126,14 @@ def _load_dit():
 
 
 def _mmdit_guidance() -> float:
+    """The CFG scale the bundled MMDiT was evaluated with (its JSON record), else the training default."""
+    from .mmdit import load_mmdit_record
     from .train_mmdit import DEFAULT_GUIDANCE
 
-    return DEFAULT_GUIDANCE
+    try:
+        return float(load_mmdit_record().get("evaluation", {}).get("guidance_scale", DEFAULT_GUIDANCE))
+    except FileNotFoundError:
+        return DEFAULT_GUIDANCE
 
 
 def job(name: str) -> ReferenceJob:
