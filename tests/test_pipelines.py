@@ -24,9 +24,9 @@ SIZES = {"dit": (16, 24), "pixart": (16, 24), "sd3": (16, 24), "flux": (16, 24),
 TOL = 1e-4
 # Block inputs of tiny random models move 15-500 % per step at 4 steps (PixArt's DPM-Solver on
 # random noise predictions inflates its latents); trained models move a few per cent. tau = 10
-# accepts any change, so every block is approximated once warmup is over (steps 2 and 3): these
-# tests check that decisions, warmup and trajectories work through the pipelines, not the
-# decision rule (tests/test_decision.py).
+# accepts nearly any change, so every block is approximated once warmup is over (step 2, and
+# step 3 but for PixArt): these tests check that decisions, warmup and trajectories work
+# through the pipelines, not the decision rule (tests/test_decision.py).
 APPROX = {"cache_ratio_threshold": 10.0}
 # Flux calls the transformer twice per step (true CFG); the others batch cond and uncond
 CONTEXTS = {"flux": ("cond", "uncond")}
@@ -64,7 +64,7 @@ def _dynamo():
     # Every model that enable_fastcache hooks runs diffusers' hook wrapper `new_forward`: one
     # code object whose cache entries (one per backend, per shape kind) all count against
     # Dynamo's recompile_limit of 8; this module compiles ~20 graphs (a user process with many
-    # pipelines meets the same limit: see the issue's closing note)
+    # pipelines meets the same limit: reported on issue 16)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=64):
         yield
@@ -84,7 +84,7 @@ def fresh_shapes():
     """Forget the input sizes Dynamo remembered, as in a new process. Automatic dynamic shapes
     work per code object, and every model hooked by enable_fastcache runs diffusers'
     ``new_forward``: another family's sizes would make this one's first graph symbolic (which
-    breaks Flux: see the issue's closing note)."""
+    breaks Flux: reported on issue 16)."""
     torch._dynamo.reset_code_state()
 
 
