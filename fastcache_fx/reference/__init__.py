@@ -1,4 +1,9 @@
-"""The bundled reference DiT (trained on scikit-learn digits), its sampler and metrics."""
+"""The bundled reference models (trained on scikit-learn digits), their samplers and metrics.
+
+The DiT is exported here. The flow-matching MMDiT (``SD3Transformer2DModel``) lives in
+``reference.mmdit`` / ``reference.mmdit_sampling`` (imported on demand: they pull in diffusers'
+SD3 pipeline); ``reference.jobs.job("dit" | "mmdit")`` drives either for the demo and benchmarks.
+"""
 
 from .metrics import class_accuracy, digits_fid, frechet_distance, psnr, save_grid, ssim
 from .model import DIT_CONFIG, NULL_CLASS, DigitClassifier, build_dit, load, load_classifier, load_record
