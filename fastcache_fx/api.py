@@ -45,8 +45,9 @@ def enable_fastcache(pipe_or_model, *, fullgraph: bool = False, mode: str | None
         raise TypeError(f"expected a diffusers pipeline or an nn.Module, got {type(pipe_or_model).__name__}")
     offload_device = _suspend_model_offload(pipe_or_model)
     module = registry.unwrap(target)
-    attach_diffusers_context(module)
-    backend = FastCacheBackend(config, mode=mode)
+    entry = registry.entry_for_params(module.parameters())
+    attach_diffusers_context(module, on_reset=entry.drop_state)
+    backend = _backend_for(config, mode)
     if regional:
         _compile_regional(module, backend, fullgraph=fullgraph, dynamic=dynamic)
         compiled = module
@@ -58,6 +59,24 @@ def enable_fastcache(pipe_or_model, *, fullgraph: bool = False, mode: str | None
             pipe_or_model.enable_model_cpu_offload(device=offload_device)
         return pipe_or_model
     return compiled
+
+
+_BACKENDS: dict = {}
+
+
+def _backend_for(config: FastCacheConfig, mode: str | None):
+    """One backend object per (config, mode): Dynamo then reuses a compiled graph for every model
+    of a class (each model keeps its own state, ``runtime.state.SharedGraph``) instead of
+    recompiling per model until its recompile limit (8) leaves later models uncompiled. Token
+    selection binds its variants to one model: a backend of its own."""
+    from .backend import FastCacheBackend
+
+    if config.enable_spatial_approx:
+        return FastCacheBackend(config, mode=mode)
+    key = (config, mode)
+    if key not in _BACKENDS:
+        _BACKENDS[key] = FastCacheBackend(config, mode=mode)
+    return _BACKENDS[key]
 
 
 def _suspend_model_offload(pipe):

@@ -34,7 +34,7 @@ from .passes.block_cache import AccumSpec, BlockCacheResult, ControlSpec, StateS
 from .passes.blocks import BlockRegion, collective_groups, find_block_graph, find_blocks, is_param, node_value
 from .runtime import registry
 from .runtime.shapes import ShapeBinder
-from .runtime.state import FallbackRuntime, GraphRuntime
+from .runtime.state import FallbackRuntime, GraphRuntime, SharedGraph
 
 log = logging.getLogger("fastcache_fx")
 
@@ -191,7 +191,7 @@ class FastCacheBackend:
                                          clone_outputs=mode == "reduce-overhead")
             if runtime is not None:
                 return runtime
-        return runtime_for(run_passes(b))
+        return shared_runtime(run_passes(b))
 
 
 def plan(gm: fx.GraphModule, example_inputs: list, config: FastCacheConfig, mode: str | None) -> Build | str:
@@ -250,18 +250,37 @@ def run_passes(b: Build) -> Build:
     return b
 
 
-def runtime_for(b: Build) -> GraphRuntime:
-    """The GraphRuntime of a lowered whole-transformer graph, registered with its model."""
-    params = [x for x, n in zip(b.example_inputs, _placeholders(b.gm, len(b.example_inputs)))
-              if isinstance(x, torch.Tensor) and is_param(n)]
-    entry = registry.entry_for_params(params)
+def runtime_for(b: Build, entry: registry.ModelEntry | None = None) -> GraphRuntime:
+    """The GraphRuntime of a lowered whole-transformer graph, registered with its model (``entry``,
+    or the one its example parameters belong to). With online calibration each model gets its own
+    accumulators and maps."""
+    phs = _placeholders(b.gm, len(b.example_inputs))
+    if entry is None:
+        entry = registry.entry_for_params([x for x, n in zip(b.example_inputs, phs)
+                                           if isinstance(x, torch.Tensor) and is_param(n)])
     runtime = GraphRuntime(entry, b.layout, b.compiled, b.weights, b.device, b.config.trace_steps,
                            clone_outputs=b.mode == "reduce-overhead",
-                           binder=ShapeBinder(b.example_inputs) if b.dynamic else None,
+                           binder=ShapeBinder([node_value(p) for p in phs]) if b.dynamic else None,
                            significance_level=b.config.significance_level)
     runtime.token_merge = b.merge
     runtime.online = b.online
     return runtime
+
+
+def shared_runtime(b: Build) -> SharedGraph:
+    """The callable Dynamo gets for a whole-transformer graph: one GraphRuntime per model that
+    the compiled graph serves (``runtime.state.SharedGraph``)."""
+    from .runtime.online import OnlineCalibration
+
+    def make(entry):
+        if b.layout.online:  # another model: its own statistics and maps
+            b.online = OnlineCalibration(b.layout, b.config, b.device)
+            b.weights = b.online.initial_weights(b.device)
+        return runtime_for(b, entry)
+
+    param_at = [i for i, (x, n) in enumerate(zip(b.example_inputs, _placeholders(b.gm, len(b.example_inputs))))
+                if isinstance(x, torch.Tensor) and is_param(n)]
+    return SharedGraph(runtime_for(b), param_at, make)
 
 
 def build_variant(gm: fx.GraphModule, example_inputs: list, config: FastCacheConfig, mode: str | None, select):

@@ -191,3 +191,22 @@ def test_replay_decisions_forces_the_trace(dit_compiled):
     with pytest.raises(ValueError, match="approx"):
         with fastcache_fx.replay_decisions(model, [True, False]):
             pass
+
+
+def test_models_sharing_a_compiled_graph_keep_their_own_state():
+    """backend="fastcache" is one function: Dynamo reuses model A's compiled graph for model B of the
+    same class. Each model still gets its own cache state, trajectory and statistics."""
+    torch._dynamo.reset()
+    models = [zoo.build("dit", seed=i)[0] for i in range(2)]
+    compiled = [torch.compile(m, backend="fastcache", options={"warmup_steps": 2, "max_consecutive_approx": 5})
+                for m in models]
+    x, labels = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    for i, t in enumerate((900, 800, 700, 600)):
+        for m, c in zip(models, compiled):  # interleaved calls
+            out = c(x, timestep=torch.full((2,), t), class_labels=labels).sample
+            if i < 2:  # warmup: computed fully, each model with its own weights
+                assert rel_err(out, m(x, timestep=torch.full((2,), t), class_labels=labels).sample) < 1e-4
+    for m in models:
+        st = fastcache_fx.stats(m)
+        assert [t["step"] for t in st["trace"]] == [0, 1, 2, 3] and st["graphs"] == 1
+        assert [t["approx"] for t in st["trace"]] == [[False, False]] * 2 + [[True, True]] * 2

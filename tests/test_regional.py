@@ -102,3 +102,37 @@ def test_regional_refuses_token_passes():
     for opt in ("enable_spatial_approx", "enable_token_merge"):
         with pytest.raises(ValueError, match=opt):
             fastcache_fx.enable_fastcache(model, regional=True, **{opt: True})
+
+
+@pytest.mark.parametrize("opts", [{"approx": "linear"}, {"approx": "taylor", "decision": "error", "error_budget": 0.5}])
+def test_regional_options_equal_whole_graph(opts, tmp_path):
+    """Calibrated maps (loaded per block instance), the forecast and the error rule give the same
+    decisions and outputs per block as the whole-graph mode."""
+    torch._dynamo.reset()
+    whole, kw = zoo.build("dit")
+    regional, _ = zoo.build("dit")
+    x, labels = kw["hidden_states"], kw["class_labels"]
+    steps = [(x + 0.02 * i * torch.randn_like(x), t) for i, t in enumerate([900, 800, 700, 600, 500])]
+    opts = dict(opts, warmup_steps=1, max_consecutive_approx=10)
+    replay = None
+    if opts["approx"] == "linear":
+        path = tmp_path / "cal.safetensors"
+        fastcache_fx.calibrate(whole, lambda m: [m(xi, timestep=torch.full((2,), t), class_labels=labels)
+                                                 for xi, t in steps], out=path)
+        opts["calibration"] = str(path)
+        replay = [[True, True]] * len(steps)  # every block with an anchor approximated by its own map
+    whole_c = torch.compile(whole, backend=fastcache_fx.FastCacheBackend(**opts), dynamic=False)
+    fastcache_fx.enable_fastcache(regional, regional=True, **opts)
+    for fn, model in ((whole_c, whole), (regional, regional)):
+        fastcache_fx.reset(model)
+        outs = []
+        if replay is not None:
+            with fastcache_fx.replay_decisions(model, replay):
+                outs = [fn(xi, timestep=torch.full((2,), t), class_labels=labels).sample for xi, t in steps]
+        else:
+            outs = [fn(xi, timestep=torch.full((2,), t), class_labels=labels).sample for xi, t in steps]
+        model._outs = outs
+    for a, b in zip(whole._outs, regional._outs):
+        assert rel_err(b, a) < 1e-4
+    tw = [t["approx"] for t in fastcache_fx.stats(whole)["trace"]]
+    assert tw == [t["approx"] for t in fastcache_fx.stats(regional)["trace"]] and any(any(r) for r in tw)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 from contextvars import ContextVar
 
+import torch
+
 _CURRENT: ContextVar[str | None] = ContextVar("fastcache_fx_context", default=None)
 DEFAULT_CONTEXT = "default"
 HOOK_NAME = "fastcache_fx_context"
@@ -34,12 +36,21 @@ def cache_context(name: str):
         _CURRENT.reset(token)
 
 
-def attach_diffusers_context(module) -> bool:
+def attach_diffusers_context(module, on_reset=None) -> bool:
     """Follow diffusers' ``module.cache_context(name)`` calls; True if the hook was attached.
 
     Uses diffusers' own HookRegistry: a stateful ModelHook holding a StateManager subclass whose
-    ``set_context`` records the name here. Idempotent.
+    ``set_context`` records the name here. The hook sits on a child of ``module`` (diffusers sets
+    the context on every registry under the model), not on the model itself: a hook on the model
+    would wrap its ``forward`` in diffusers' ``new_forward``, one code object shared by every hooked
+    model, so Dynamo would share one recompile limit (and its remembered input sizes) across all of
+    them and see the blocks under a ``function_reference`` path. ``on_reset()`` is called when
+    diffusers resets stateful hooks (``maybe_free_model_hooks`` at the end of every pipeline call,
+    for models with diffusers' CacheMixin): the next call then starts a trajectory. Models without
+    CacheMixin (DiT, PixArt) get no hook: pipelines set no context on them. Idempotent.
     """
+    if not hasattr(module, "cache_context"):
+        return False  # no diffusers CacheMixin: pipelines never set a context on it
     try:
         from diffusers.hooks import HookRegistry, ModelHook
         from diffusers.hooks.hooks import BaseState, StateManager
@@ -58,10 +69,16 @@ def attach_diffusers_context(module) -> bool:
             super().__init__()
             self.relay = _ContextRelay(BaseState)
 
-        def reset_state(self, module):
-            return module
+        def reset_state(self, mod):
+            if on_reset is not None:
+                on_reset()
+            return mod
 
-    registry = HookRegistry.check_if_exists_or_initialize(module)
+    children = [m for m in module.children() if not isinstance(m, torch.nn.ModuleList)]
+    host = children[-1] if children else module
+    registry = HookRegistry.check_if_exists_or_initialize(host)
     if registry.get_hook(HOOK_NAME) is None:
         registry.register_hook(_ContextHook(), HOOK_NAME)
+        # the model's registry caches the list of child registries it found
+        HookRegistry.check_if_exists_or_initialize(module).invalidate_child_registries_cache()
     return True

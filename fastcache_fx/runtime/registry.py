@@ -38,6 +38,12 @@ class ModelEntry:
             self.last_run[b] = me
         return changed
 
+    def drop_state(self) -> None:
+        """Forget every graph's cache state (statistics stay): the next step starts a trajectory."""
+        for g in self.graphs:
+            g.drop_state()
+        self.last_run.clear()
+
     def reset(self) -> None:
         """Forget every graph's cache state and statistics."""
         for g in self.graphs:

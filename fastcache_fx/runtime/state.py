@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import collections
 import itertools
+import weakref
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from ..passes.block_cache import AccumSpec, BlockCacheResult, ControlSpec, StateSpec
 from . import decision as D
 from .context import current_context
+from . import registry
 from .registry import ModelEntry
 from .shapes import ShapeBinder
 
@@ -212,3 +215,41 @@ class FallbackRuntime:
             self.entry.note_call(self, ())
         self.calls += 1
         return self.compiled(*args)
+
+
+class SharedGraph:
+    """What Dynamo calls for one compiled whole-transformer graph.
+
+    Dynamo reuses a compiled graph for another model of the same class compiled with the same
+    backend (parameters are graph inputs, and ``backend="fastcache"`` is one function), so one
+    compiled graph can serve several models. Each model, told apart by the identity of the
+    parameter tensors a call passes, gets its own GraphRuntime (cache state, statistics) around
+    the shared compiled graph: two models never share state.
+
+    Args:
+        first: the runtime of the model the graph was compiled for.
+        param_at: positions of the parameter inputs in a call.
+        make: ``make(entry)`` builds the GraphRuntime of another model's entry.
+    """
+
+    def __init__(self, first: GraphRuntime, param_at: list[int], make: Callable[[ModelEntry], GraphRuntime]) -> None:
+        self.param_at = param_at
+        self.make = make
+        self.runtimes: dict[int, tuple[weakref.ref, GraphRuntime]] = {}
+        self.first = first
+
+    def _runtime(self, args) -> GraphRuntime:
+        if not self.param_at:
+            return self.first
+        p = args[self.param_at[0]]
+        hit = self.runtimes.get(id(p))
+        if hit is not None and hit[0]() is p:
+            return hit[1]
+        entry = registry.entry_for_params([args[i] for i in self.param_at])
+        rt = self.first if entry is self.first.entry else next(
+            (g for g in entry.graphs if getattr(g, "compiled", None) is self.first.compiled), None) or self.make(entry)
+        self.runtimes[id(p)] = (weakref.ref(p), rt)
+        return rt
+
+    def __call__(self, *args):
+        return self._runtime(args)(*args)
