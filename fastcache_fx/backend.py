@@ -85,7 +85,12 @@ def _token_merge(b: Build) -> None:
 def _block_cache(b: Build) -> None:
     """Every block becomes ``cond(approx?, approximation, full block)`` (adds anchors, counters,
     the ``force`` / ``q_ratio`` / clock controls and the calibrated-map inputs)."""
-    b.weights, b.approx = _approx_weights(b.config, b.regions)
+    if b.kind == "block" and b.config.approx in ("linear", "residual_linear") and b.config.calibration not in (None, "online"):
+        # one graph serves every block of the class: each instance's maps are loaded by the runtime
+        # (runtime.regional.BlockRuntime); the graph only gets the weight inputs
+        b.weights, b.approx = {}, b.config.approx
+    else:
+        b.weights, b.approx = _approx_weights(b.config, b.regions)
     b.gm, b.layout = apply_block_cache(b.gm, b.config, b.regions, approx=b.approx,
                                        clock="input" if b.kind == "block" else "graph")
     b.notes.append(f"block_cache({b.approx})")
@@ -132,9 +137,11 @@ def lower(b: Build):
             extra.append(_example_value(spec, b))
         elif isinstance(spec, AccumSpec):
             extra.append(b.online.accum[spec.name])
-        else:
+        elif spec.name in b.weights:
             b.weights[spec.name] = b.weights[spec.name].to(b.device)
             extra.append(b.weights[spec.name])
+        else:  # a block graph's maps come per instance at run time
+            extra.append(torch.zeros(spec.shape, dtype=spec.dtype, device=b.device))
     if b.config.lowering == "tensorrt" and not b.dynamic:
         from .lowering.tensorrt import compile_tensorrt
 
