@@ -1,7 +1,5 @@
 """The second bundled reference model: the flow-matching MMDiT, its SD3 pipeline sampler and demo."""
 
-import json
-
 import pytest
 import torch
 
@@ -92,19 +90,3 @@ def test_upsampled_held_out_digits_survive_the_classifier_path():
     back = M.to_classifier_space(M.upsample_digits(xte))
     assert back.shape == xte.shape
     assert R.class_accuracy(R.load_classifier(), back, yte) >= 0.95
-
-
-def test_demo_mmdit_writes_png_and_json(tmp_path):
-    from fastcache_fx.cli import main
-
-    png, js = tmp_path / "demo.png", tmp_path / "demo.json"
-    rc = main(["demo", "--model", "mmdit", "--steps", "4", "--seeds", "1", "--classes", "0,1,2", "--no-progress",
-               "--out-png", str(png), "--out-json", str(js)])
-    assert rc == 0 and png.stat().st_size > 1000 and (tmp_path / "demo_trace.png").stat().st_size > 1000
-    rec = json.loads(js.read_text())
-    for method in ("inductor", "fastcache"):
-        assert set(rec["results"][method]) == {"seconds_per_image", "speedup", "block_approx_ratio", "psnr_db",
-                                               "ssim", "class_accuracy", "digits_fid"}
-    assert rec["model"] == "mmdit" and rec["images"] == 3 and rec["steps"] == 4
-    assert rec["scheduler"] == "flow_euler"
-    assert len(rec["per_block_approx_ratio"]) == M.MMDIT_CONFIG["num_layers"]

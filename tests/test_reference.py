@@ -59,18 +59,20 @@ def test_digits_fid_separates_real_from_noise():
     assert real_real * 20 < real_noise
 
 
-def test_demo_writes_png_and_json(tmp_path):
+@pytest.mark.parametrize("model,scheduler,blocks", [("dit", "ddim", 6), ("mmdit", "flow_euler", 6)])
+def test_demo_writes_png_and_json(tmp_path, model, scheduler, blocks):
     from fastcache_fx.cli import main
 
     png, js = tmp_path / "demo.png", tmp_path / "demo.json"
-    rc = main(["demo", "--steps", "4", "--seeds", "1", "--classes", "0,1,2", "--no-progress",
+    rc = main(["demo", "--model", model, "--steps", "4", "--seeds", "1", "--classes", "0,1,2", "--no-progress",
                "--out-png", str(png), "--out-json", str(js)])
     assert rc == 0 and png.stat().st_size > 1000 and (tmp_path / "demo_trace.png").stat().st_size > 1000
     rec = json.loads(js.read_text())
     for method in ("inductor", "fastcache"):
         assert set(rec["results"][method]) == {"seconds_per_image", "speedup", "block_approx_ratio", "psnr_db",
                                                "ssim", "class_accuracy", "digits_fid"}
-    assert rec["images"] == 3 and rec["steps"] == 4
+    assert rec["model"] == model and rec["images"] == 3 and rec["steps"] == 4 and rec["scheduler"] == scheduler
+    assert len(rec["per_block_approx_ratio"]) == blocks
 
 
 def test_demo_bad_flag_is_a_clear_error(capsys):

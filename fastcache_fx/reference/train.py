@@ -78,6 +78,19 @@ def _lr_at(step: int, total: int, base: float, warmup: int = 200) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def optimizer_step(model, ema, opt, loss: torch.Tensor, step: int, ema_decay: float) -> None:
+    """One AdamW step with gradient clipping (norm 1.0), then the EMA update with the warmup decay
+    min(ema_decay, (1 + step) / (10 + step)) (both reference models train so)."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    d = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - d)
+
+
 def _v_loss(model, sched, x0, labels, gen) -> torch.Tensor:
     noise = torch.randn(x0.shape, generator=gen)
     t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=gen)
@@ -131,14 +144,7 @@ def train_dit(steps: int = 4000, batch_size: int = 128, lr: float = 1e-3, seed: 
         idx = torch.randint(0, len(ytr), (batch_size,), generator=gen)
         labels = torch.where(torch.rand(batch_size, generator=gen) < 0.1, NULL_CLASS, ytr[idx])
         loss = _v_loss(model, sched, xtr[idx], labels, gen)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        d = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - d)
+        optimizer_step(model, ema, opt, loss, step, ema_decay)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             with torch.no_grad():

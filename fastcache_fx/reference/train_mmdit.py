@@ -38,6 +38,7 @@ from .mmdit import (
 )
 from .mmdit_sampling import sample_mmdit
 from .model import WEIGHTS_DIR, load_classifier, save_model
+from .train import _lr_at, optimizer_step
 
 LABEL_DROPOUT = 0.1
 EVAL_STEPS = 28
@@ -79,12 +80,6 @@ def evaluate(transformer, embedder, guidance: float = DEFAULT_GUIDANCE, per_clas
     if fid:
         out["digits_fid"] = digits_fid(clf, small)
     return out, imgs
-
-
-def _lr_at(step: int, total: int, base: float, warmup: int = 200) -> float:
-    from .train import _lr_at as lr_at
-
-    return lr_at(step, total, base, warmup)
 
 
 def _record(training: dict, evaluation: dict | None = None) -> dict:
@@ -144,14 +139,7 @@ def train_mmdit(steps: int = 2400, batch_size: int = 128, lr: float = 1e-3, seed
         idx = torch.randint(0, len(ytr), (batch_size,), generator=gen)
         labels = torch.where(torch.rand(batch_size, generator=gen) < LABEL_DROPOUT, MMDIT_NULL_CLASS, ytr[idx])
         loss = flow_matching_loss(model["transformer"], model["embedder"], xtr[idx], labels, gen)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        d = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - d)
+        optimizer_step(model, ema, opt, loss, step, ema_decay)
         running.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % 50 == 0:
