@@ -22,7 +22,9 @@ class FastCacheConfig:
 
     Attributes:
         cache_ratio_threshold: tau, the relative change ||H - A||_F / ||A||_F of a block input
-            under which the block may be approximated (DESIGN.md "The block decision").
+            under which the block may be approximated (DESIGN.md "The block decision"); None: 0.05.
+            Giving it (or ``significance_level`` / ``adaptive_beta``) selects ``decision="chi2"``
+            unless ``decision`` is given.
         significance_level: alpha of the chi-square test; the bound is
             tau^2 * chi2.ppf(1 - alpha, ND) / ND (FastCache sec. 3.2, with tau made explicit).
         motion_threshold: relative saliency under which a token counts as static (token selection):
@@ -46,7 +48,11 @@ class FastCacheConfig:
             residuals of the block's last ``taylor_order`` + 1 full computations extrapolated to
             this step's timestep; TaylorSeer, arXiv 2503.06923, ``runtime.forecast``).
         taylor_order: 1 or 2, the order of the ``taylor`` forecast.
-        decision: "chi2" (the paper's test: approximate iff delta^2 <= tau^2 chi2.ppf(1 - alpha,
+        decision: None resolves to "chi2" when a chi-square knob (``cache_ratio_threshold``,
+            ``significance_level``, ``adaptive_beta``) is given, else to "error" (the default: it
+            measured the same speed / PSNR frontier as the paper's rule on both bundled models and
+            about the same PSNR on both at one knob value; benchmarks/RESULTS.md).
+            "chi2" (the paper's test: approximate iff delta^2 <= tau^2 chi2.ppf(1 - alpha,
             ND) / ND) or "error" (approximate iff the predicted error of the approximation,
             delta times the block's measured error per unit of delta, is at most
             ``error_budget``; ``runtime.forecast.update_error_estimate``).
@@ -78,8 +84,8 @@ class FastCacheConfig:
             a merge costs O(N * window^2).
     """
 
-    cache_ratio_threshold: float = 0.05
-    significance_level: float = 0.05
+    cache_ratio_threshold: float | None = None
+    significance_level: float | None = None
     motion_threshold: float = 0.1
     adaptive_beta: tuple[float, float, float, float] | None = None
     enable_block_approx: bool = True
@@ -87,8 +93,8 @@ class FastCacheConfig:
     max_consecutive_approx: int = 3
     approx: str = "residual"
     taylor_order: int = 1
-    decision: str = "chi2"
-    error_budget: float = 0.01
+    decision: str | None = None
+    error_budget: float = 0.05
     reference: str = "anchor"
     calibration: str | None = None
     rank: int | None = None
@@ -123,6 +129,13 @@ class FastCacheConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise bad(name, f"expected an integer >= {lo}")
 
+        if self.decision is None:  # the knob the user set picks its rule
+            chi2_knob = any(getattr(self, n) is not None for n in ("cache_ratio_threshold", "significance_level",
+                                                                     "adaptive_beta"))
+            object.__setattr__(self, "decision", "chi2" if chi2_knob else "error")
+        for name in ("cache_ratio_threshold", "significance_level"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, 0.05)
         if real("cache_ratio_threshold") <= 0:
             raise bad("cache_ratio_threshold", "expected > 0")
         if not 0 < real("significance_level") < 1:

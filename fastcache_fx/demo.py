@@ -36,7 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="classifier-free guidance scale (default: 2.0 dit, the model's recorded scale for mmdit)")
     p.add_argument("--scheduler", default=None,
                    help=f"dit: one of {R.sampling.SCHEDULERS} (default ddim); mmdit: flow_euler")
-    p.add_argument("--threshold", type=float, default=None, help="cache_ratio_threshold (default: library default)")
+    p.add_argument("--error-budget", type=float, default=None,
+                   help="error_budget of the default decision rule (default: library default)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="cache_ratio_threshold (selects the chi-square rule unless --decision says otherwise)")
+    p.add_argument("--decision", choices=("chi2", "error"), default=None, help="decision rule (default: library default)")
+    p.add_argument("--approx", choices=("residual", "taylor"), default=None, help="approximation (default: residual)")
     p.add_argument("--significance", type=float, default=None, help="significance_level")
     p.add_argument("--warmup", type=int, default=None, help="warmup_steps")
     p.add_argument("--max-consecutive", type=int, default=None, help="max_consecutive_approx")
@@ -48,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _options(a) -> dict:
-    opts = {"cache_ratio_threshold": a.threshold, "significance_level": a.significance,
+    opts = {"error_budget": a.error_budget, "cache_ratio_threshold": a.threshold, "decision": a.decision,
+            "approx": a.approx, "significance_level": a.significance,
             "warmup_steps": a.warmup, "max_consecutive_approx": a.max_consecutive}
     opts = {k: v for k, v in opts.items() if v is not None}
     FastCacheConfig.from_options(opts)  # ValueError naming the field, before any work

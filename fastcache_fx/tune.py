@@ -77,7 +77,7 @@ def _timed(fn, run_fn, repeats: int, reset) -> tuple[torch.Tensor, float]:
 
 
 def tune(model: torch.nn.Module, run_fn: Callable[[Callable], torch.Tensor], target_psnr: float, *,
-         knob: str = "cache_ratio_threshold", values: Sequence[float] | None = None, options: dict | None = None,
+         knob: str = "error_budget", values: Sequence[float] | None = None, options: dict | None = None,
          repeats: int = 1, progress: bool = True, out_json: str | Path | None = None,
          out_png: str | Path | None = None) -> TuneResult:
     """Sweep ``knob`` of the fastcache backend on ``run_fn`` and pick the options for a target PSNR.
@@ -187,7 +187,7 @@ def format_table(result: TuneResult) -> str:
 def add_arguments(p) -> None:
     p.add_argument("--model", default="dit", help="bundled reference model: dit or mmdit")
     p.add_argument("--target-psnr", type=float, required=True, help="dB against the uncached trajectory")
-    p.add_argument("--knob", default="cache_ratio_threshold", choices=sorted(KNOBS))
+    p.add_argument("--knob", default="error_budget", choices=sorted(KNOBS))
     p.add_argument("--values", default=None, help="comma-separated knob values (default: a built-in sweep)")
     p.add_argument("--samples", type=int, default=8, help="images per trajectory (classes 0.. in turn)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")

@@ -21,7 +21,8 @@ def _run_fn(kw):
 
 def test_tune_returns_options_and_writes_json(tmp_path):
     model, kw = zoo.build("dit")
-    res = fastcache_fx.tune(model, _run_fn(kw), target_psnr=20.0, values=[0.05, 5.0], repeats=1, progress=False,
+    res = fastcache_fx.tune(model, _run_fn(kw), target_psnr=20.0, knob="cache_ratio_threshold",
+                            values=[0.05, 5.0], repeats=1, progress=False,
                             options={"warmup_steps": 1}, out_json=tmp_path / "t.json", out_png=tmp_path / "t.png")
     assert [p.value for p in res.points] == [0.05, 5.0]
     # a huge threshold approximates after warmup; a small one on changing inputs less or not at all

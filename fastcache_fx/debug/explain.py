@@ -82,11 +82,16 @@ class ExplainReport:
         """Blocks rewritten into ``torch.cond`` over all graphs."""
         return sum(len(g.blocks) for g in self.graphs if g.graph_left_alone is None)
 
+    def _rule(self) -> str:
+        c = self.config
+        if c.decision == "error":
+            return f"decision=error, error_budget={c.error_budget}"
+        return f"decision=chi2, cache_ratio_threshold={c.cache_ratio_threshold}, significance_level={c.significance_level}"
+
     def text(self, diff: bool = True) -> str:
         """A human-readable report; ``diff=False`` leaves out the graph diffs."""
         out = [f"fastcache explain: {len(self.graphs)} graph(s), {self.num_blocks} block(s) rewritten "
-               f"(approx={self.approx}, cache_ratio_threshold={self.config.cache_ratio_threshold}, "
-               f"significance_level={self.config.significance_level})"]
+               f"(approx={self.approx}, {self._rule()})"]
         for g in self.graphs:
             out.append(f"\ngraph {g.index}: {g.num_nodes} nodes")
             if g.graph_left_alone:
@@ -94,7 +99,8 @@ class ExplainReport:
             thr = g.result.thresholds if g.result is not None else []
             for k, b in enumerate(g.blocks):
                 shapes = ", ".join(str(list(s)) for s in b.stream_shapes)
-                bound = f"  bound {thr[k]:.4g}" if k < len(thr) else ""
+                # None: the error rule (a per-block estimate) or a symbolic ND (a per-call bound)
+                bound = f"  bound {thr[k]:.4g}" if k < len(thr) and thr[k] is not None else ""
                 out.append(f"  block {b.name} ({b.module_type}): {b.num_nodes} nodes, streams {shapes}, "
                            f"context: {', '.join(b.context_inputs) or '-'}{bound}")
             for name, why in g.left_alone:
