@@ -55,15 +55,17 @@ HERE = Path(__file__).resolve().parent
 BASELINES = ("eager", "inductor")
 #: fastcache rows: the options each variant sets besides its swept knob
 FASTCACHE_VARIANTS = {
-    "fastcache": {},
-    "fastcache_taylor": {"approx": "taylor"},
-    "fastcache_taylor2": {"approx": "taylor", "taylor_order": 2},
+    "fastcache": {"decision": "chi2"},  # the paper's rule
+    "fastcache_taylor": {"approx": "taylor", "decision": "chi2"},
+    "fastcache_taylor2": {"approx": "taylor", "taylor_order": 2, "decision": "chi2"},
     "fastcache_error": {"decision": "error"},
     "fastcache_taylor_error": {"approx": "taylor", "decision": "error"},
+    "fastcache_error_mc6": {"decision": "error", "max_consecutive_approx": 6},  # above the 0.72 share cap
 }
-FASTCACHE_LABELS = {"fastcache": "fastcache", "fastcache_taylor": "fastcache taylor-1",
-                    "fastcache_taylor2": "fastcache taylor-2", "fastcache_error": "fastcache error rule",
-                    "fastcache_taylor_error": "fastcache taylor-1 + error rule"}
+FASTCACHE_LABELS = {"fastcache": "fastcache chi2", "fastcache_taylor": "fastcache taylor-1 chi2",
+                    "fastcache_taylor2": "fastcache taylor-2 chi2", "fastcache_error": "fastcache error rule",
+                    "fastcache_taylor_error": "fastcache taylor-1 + error rule",
+                    "fastcache_error_mc6": "fastcache error rule, max_consecutive_approx=6"}
 METHODS = BASELINES + tuple(FASTCACHE_VARIANTS) + P.PEERS
 DEFAULT_METHODS = ",".join(METHODS)
 PSNR_CAP = 100.0  # dB reported for identical images (MSE 0)
@@ -75,6 +77,7 @@ SWEEPS = {
     "fastcache_taylor2": ("cache_ratio_threshold", "0.05,0.1,0.2,0.3"),
     "fastcache_error": ("error_budget", "0.01,0.02,0.05,0.1"),
     "fastcache_taylor_error": ("error_budget", "0.01,0.02,0.05,0.1"),
+    "fastcache_error_mc6": ("error_budget", "0.05,0.1,0.2"),
     "fbcache": ("threshold", "0.05,0.1,0.2"),
     "taylorseer": ("cache_interval", "3,5"),
     "magcache": ("threshold", "0.06,0.12"),
@@ -565,7 +568,7 @@ def plot(s1: dict, path: Path) -> None:
         xs, ys = [r["psnr_db"] for r in rs], [r["speedup"] for r in rs]
         if m in FASTCACHE_VARIANTS:
             fc_rows += rs
-            ax.plot(xs, ys, ls="none", marker="os^Dv"[list(FASTCACHE_VARIANTS).index(m) % 5], ms=7,
+            ax.plot(xs, ys, ls="none", marker="os^DvP"[list(FASTCACHE_VARIANTS).index(m) % 6], ms=7,
                     color="black", mfc="white" if m != "fastcache" else "black", label=FASTCACHE_LABELS[m], zorder=6)
         else:
             name = {"eager": "eager"}.get(m) or P.LABELS[m]

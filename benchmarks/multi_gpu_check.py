@@ -393,53 +393,15 @@ class XDiT:
 
 
 def _import_xfuser(cpu: bool):
-    """``import xfuser``; with ``cpu`` first the shims xfuser 0.7.0 needs without CUDA
-    (docs/xdit_cpu_findings.md): without triton a stand-in for the one module that imports it,
-    envs.get_device_version raises without an accelerator,
-    has_long_ctx_attn is False without CUDA (no Ulysses/ring groups), usp.PROCESS_GROUP is None
-    without CUDA, and ring attention needs an attention function returning the LSE."""
-    import importlib.util
-    import types
-
+    """``import xfuser``; with ``cpu`` first the shims xfuser 0.7 needs without CUDA
+    (docs/xdit_cpu_findings.md), from the CPU test worker (one copy of them)."""
     if not cpu:
         import xfuser
         return xfuser
-    spec = importlib.util.find_spec("xfuser")
-    if spec is None:
-        raise ImportError("No module named 'xfuser'")
-    try:
-        import triton  # noqa: F401  (not a declared dependency of xfuser; CUDA torch wheels bring it)
-    except ImportError:
-        # its one unconditional import: xfuser/core/sparge_attention/block_mask.py, used by sparge attention only
-        shim = types.ModuleType("xfuser.core.sparge_attention.block_mask")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from xdit_worker import import_xfuser_on_cpu
 
-        def get_block_map_meansim(*a, **k):
-            raise RuntimeError("sparge attention needs triton")
-
-        shim.get_block_map_meansim = get_block_map_meansim
-        sys.modules[shim.__name__] = shim
-    stub = types.ModuleType("xfuser")  # load xfuser.envs without running xfuser/__init__.py, patch it, then import
-    stub.__path__ = list(spec.submodule_search_locations)
-    sys.modules["xfuser"] = stub
-    try:
-        import xfuser.envs as envs
-        envs.get_device_version = lambda: None
-        envs.PACKAGES_CHECKER.packages_info["has_long_ctx_attn"] = True
-    finally:
-        del sys.modules["xfuser"]
-    import xfuser
-    import yunchang.globals
-    import xfuser.model_executor.layers.usp as usp
-    from xfuser.core.distributed.attention_backend import ATTENTION_FUNCTION_REGISTRY, AttentionBackendType
-
-    usp.PROCESS_GROUP = yunchang.globals.PROCESS_GROUP
-
-    def cpu_flash(query, key, value, dropout_p, is_causal, attention_kwargs=None):
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, dropout_p=dropout_p, is_causal=is_causal)
-
-    ATTENTION_FUNCTION_REGISTRY[AttentionBackendType.SDPA_FLASH] = cpu_flash
-    return xfuser
+    return import_xfuser_on_cpu(ring=True)
 
 
 # ----------------------------------------------------------------------------- main

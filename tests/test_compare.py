@@ -58,7 +58,7 @@ def test_tiny_run_table_and_results_section(tiny_run):
     # only the compare section was rewritten
     assert "keep me" in md and "old text" not in md and md.rstrip().endswith("trailer")
     section = md.split(compare.BEGIN)[1].split(compare.END)[0]
-    assert "fastcache, cache_ratio_threshold=0.5" in section and "Target 1" in section
+    assert "fastcache chi2, cache_ratio_threshold=0.5" in section and "Target 1" in section
     assert "--samples 2 --steps 4" in section and "c.png" in section
 
 

@@ -15,7 +15,8 @@ by the sequence-parallel degree makes xDiT replicate the text on every rank (REA
 devices"); the tests do not use it.
 
 xfuser 0.7 assumes an accelerator in a few import-time checks. The shims below let its
-sequence-parallel path run on CPU/gloo; they belong to this test only (the library patches
+sequence-parallel path run on CPU/gloo; they belong to this test and to `benchmarks/multi_gpu_check.py --cpu`
+(which imports them from here; the library patches
 nothing), see docs/xdit_cpu_findings.md. Line numbers are xfuser 0.7.0's.
 """
 
