@@ -1,5 +1,13 @@
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # 2 workers on 2 cores: one thread each (OpenMP spin-waits otherwise)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -33,7 +33,7 @@ def test_tiny_run_json_is_well_formed(tiny_run):
     d, rec, _ = tiny_run
     s1 = rec["suite1"]
     assert (s1["samples"], s1["steps"]) == (2, 4)
-    assert [r["label"] for r in s1["rows"]] == ["torch.compile (Inductor)", "fastcache, cache_ratio_threshold=0.5",
+    assert [r["label"] for r in s1["rows"]] == ["torch.compile (Inductor)", "fastcache chi2, cache_ratio_threshold=0.5",
                                                 "fastcache taylor-1 + error rule, error_budget=0.5"]
     assert s1["rows"][2]["options"] == {"approx": "taylor", "decision": "error", "error_budget": 0.5}
     for r in s1["rows"]:

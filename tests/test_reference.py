@@ -64,7 +64,8 @@ def test_demo_writes_png_and_json(tmp_path, model, scheduler, blocks):
     from fastcache_fx.cli import main
 
     png, js = tmp_path / "demo.png", tmp_path / "demo.json"
-    rc = main(["demo", "--model", model, "--steps", "4", "--seeds", "1", "--classes", "0,1,2", "--no-progress",
+    rc = main(["demo", "--model", model, "--steps", "4", "--seeds", "1", "--repeats", "1", "--classes", "0,1,2",
+               "--no-progress",
                "--out-png", str(png), "--out-json", str(js)])
     assert rc == 0 and png.stat().st_size > 1000 and (tmp_path / "demo_trace.png").stat().st_size > 1000
     rec = json.loads(js.read_text())
