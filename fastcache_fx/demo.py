@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -94,16 +93,14 @@ def timed_sampling(j, transformer, labels, a, seeds, reset=None):
 
     Returns (images [B, 1, S, S] of the last trajectory, seconds). ``reset`` is called before
     every run after the warm-up (the trajectories are identical: fixed seeds)."""
-    j.sample(transformer, labels, steps=2, guidance=a.guidance, scheduler=a.scheduler, seeds=seeds)
-    best = float("inf")
-    for _ in range(a.repeats):
-        if reset is not None:
-            reset()
-        t0 = time.perf_counter()
-        imgs = j.sample(transformer, labels, steps=a.steps, guidance=a.guidance, scheduler=a.scheduler, seeds=seeds,
-                        progress=not a.no_progress)
-        best = min(best, time.perf_counter() - t0)
-    return imgs, best
+    from .tune import fastest_run
+
+    def trajectory(steps, progress=False):
+        return lambda fn: j.sample(fn, labels, steps=steps, guidance=a.guidance, scheduler=a.scheduler, seeds=seeds,
+                                   progress=progress)
+
+    return fastest_run(transformer, trajectory(a.steps, not a.no_progress), a.repeats, reset or (lambda: None),
+                       warmup=trajectory(2))
 
 
 def quality_row(j, clf, imgs, labels, reference=None) -> dict:

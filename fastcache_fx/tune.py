@@ -64,9 +64,13 @@ def psnr_db(output: torch.Tensor, reference: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(rng * rng / mse)
 
 
-def _timed(fn, run_fn, repeats: int, reset) -> tuple[torch.Tensor, float]:
+def fastest_run(fn, run_fn, repeats: int, reset, warmup=None) -> tuple[torch.Tensor, float]:
+    """Time ``run_fn(fn)`` ``repeats`` times after one untimed warm-up (``warmup(fn)``, default
+    ``run_fn(fn)``: compiles and fills the caches), calling ``reset()`` before each timed run.
+
+    Returns (the last run's output, the fastest run's seconds)."""
     with torch.no_grad():
-        run_fn(fn)  # compiles (and fills caches we then reset)
+        (warmup or run_fn)(fn)
         best, out = math.inf, None
         for _ in range(repeats):
             reset()
@@ -124,7 +128,7 @@ def tune(model: torch.nn.Module, run_fn: Callable[[Callable], torch.Tensor], tar
     FastCacheConfig.from_options(base)  # a bad option fails here, before any compile
 
     torch._dynamo.reset()
-    ref, ref_s = _timed(torch.compile(model, backend="inductor"), run_fn, repeats, lambda: None)
+    ref, ref_s = fastest_run(torch.compile(model, backend="inductor"), run_fn, repeats, lambda: None)
     result = TuneResult(knob, float(target_psnr), ref_s)
     for v in tqdm(values, desc=f"tune {knob}", disable=not progress):
         torch._dynamo.reset()
@@ -132,7 +136,7 @@ def tune(model: torch.nn.Module, run_fn: Callable[[Callable], torch.Tensor], tar
         if entry is not None:
             entry.graphs.clear()  # the previous value's graphs: stats() describe this one only
         fn = torch.compile(model, backend=FastCacheBackend(**{**base, knob: v}))
-        out, secs = _timed(fn, run_fn, repeats, lambda: fastcache_fx.reset(model))
+        out, secs = fastest_run(fn, run_fn, repeats, lambda: fastcache_fx.reset(model))
         st = fastcache_fx.stats(model)
         result.points.append(TunePoint(float(v), secs, ref_s / secs, psnr_db(out, ref), st["block_approx_ratio"]))
     ok = [p for p in result.points if p.psnr_db >= target_psnr]

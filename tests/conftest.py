@@ -30,3 +30,19 @@ def dynamo_graph(model, kwargs):
     torch._dynamo.reset()
     torch.compile(model, backend=backend, dynamic=False)(**kwargs)
     return cap["gm"], cap["inputs"]
+
+
+def assert_parallel_equals_one_process(par: dict, single: dict) -> None:
+    """The checks shared by the context-parallel and xDiT tests (``cp_worker.trajectories``):
+    approximation off, each step equals one process; approximation on, the same decisions as one
+    process on the whole sequence, on every rank, including step 4, where only rank 1's shard
+    changes (rank 0 alone would approximate), and the same outputs."""
+    assert not any(any(r) for r in par["off_trace"])
+    for a, b in zip(par["off"], single["off"]):
+        assert rel_err(a, b) < 1e-5
+    assert par["on_trace"] == single["on_trace"]
+    assert par["traces_of_ranks"][0] == par["traces_of_ranks"][1] == par["on_trace"]
+    assert any(all(r) for r in par["on_trace"]) and not any(par["on_trace"][4])
+    for a, b in zip(par["on"], single["on"]):
+        assert rel_err(a, b) < 1e-5
+

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import dynamo_graph, rel_err
+from conftest import assert_parallel_equals_one_process, dynamo_graph
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -29,17 +29,7 @@ def test_ulysses_decisions_equal_one_process(family, tmp_path):
     res = _run_worker(family, tmp_path)
     cp, single = res["cp"], res["single"]
     assert cp["groups"] == [["0"]]  # the decision sums are all-reduced over the CP group
-    # approximation off (every decision forced full): each step equals one process
-    assert not any(any(r) for r in cp["off_trace"])
-    for a, b in zip(cp["off"], single["off"]):
-        assert rel_err(a, b) < 1e-5
-    # approximation on: the same decisions as one process on the whole sequence, on every rank,
-    # including step 4, where only rank 1's shard changes (rank 0 alone would approximate)
-    assert cp["on_trace"] == single["on_trace"]
-    assert cp["traces_of_ranks"][0] == cp["traces_of_ranks"][1] == cp["on_trace"]
-    assert any(all(r) for r in cp["on_trace"]) and not any(cp["on_trace"][4])
-    for a, b in zip(cp["on"], single["on"]):
-        assert rel_err(a, b) < 1e-5
+    assert_parallel_equals_one_process(cp, single)
 
 
 def test_token_passes_refused_under_context_parallelism():

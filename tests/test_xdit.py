@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import rel_err
+from conftest import assert_parallel_equals_one_process
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,18 +53,8 @@ def test_xdit_decisions_equal_one_process(layout, tmp_path):
     kinds = {k for g in groups for k in g["is"]}
     assert ("ulysses" if layout == "ulysses" else "ring") in kinds and "sp" in kinds
     assert all(g["ranks"] == [0, 1] for g in groups)
-    # approximation off (every decision forced full): each step equals one process
-    assert not any(any(r) for r in sp["off_trace"])
-    for a, b in zip(sp["off"], single["off"]):
-        assert rel_err(a, b) < 1e-5
-    # approximation on: the same decisions as one process on the whole sequence, on every rank,
-    # including step 4, where only rank 1's shard changes (rank 0 alone would approximate)
-    assert sp["on_trace"] == single["on_trace"]
-    assert sp["traces_of_ranks"][0] == sp["traces_of_ranks"][1] == sp["on_trace"]
-    assert any(all(r) for r in sp["on_trace"]) and not any(sp["on_trace"][4])
+    assert_parallel_equals_one_process(sp, single)
     # and the same delta: the sums over the groups compose to the whole sequence (a stream
     # counted twice on some rank would shift delta without necessarily flipping a decision)
     for a, b in zip(sp["on_delta"], single["on_delta"]):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
-    for a, b in zip(sp["on"], single["on"]):
-        assert rel_err(a, b) < 1e-5
