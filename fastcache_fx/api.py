@@ -12,10 +12,12 @@ from .runtime.stats import collect
 
 def enable_fastcache(pipe_or_model, *, fullgraph: bool = False, mode: str | None = None, dynamic: bool | None = None,
                      regional: bool = False, **options):
-    """Compile a pipeline's transformer (or a transformer) with the fastcache backend.
+    """Compile every denoiser of a pipeline (or a transformer) with the fastcache backend.
 
-    Whole-graph mode (default): ``pipe.transformer`` is replaced by the compiled module (a bare
-    module is returned compiled); one graph with a guarded cond per block.
+    The denoisers are ``pipe.transformer`` and, where present, ``pipe.transformer_2`` (Wan 2.2's
+    low-noise expert): each gets its own cache state and statistics, so the switch between
+    experts never reuses the other's cache. Whole-graph mode (default): each is replaced by the
+    compiled module (a bare module is returned compiled); one graph with a guarded cond per block.
     ``regional=True``: every transformer block is compiled on its own, one graph per block class
     (diffusers' ``compile_repeated_blocks`` where the model defines ``_repeated_blocks``, else
     the block lists found by ``passes.blocks.block_lists``), each instance with its own cache
@@ -37,28 +39,45 @@ def enable_fastcache(pipe_or_model, *, fullgraph: bool = False, mode: str | None
             token selection or token merging, or on a model without recognisable blocks.
         TypeError: neither a module nor an object with ``.transformer``.
     """
-    from .backend import FastCacheBackend
-
     config = FastCacheConfig.from_options(options)
-    target = pipe_or_model.transformer if hasattr(pipe_or_model, "transformer") else pipe_or_model
-    if not isinstance(target, torch.nn.Module):
-        raise TypeError(f"expected a diffusers pipeline or an nn.Module, got {type(pipe_or_model).__name__}")
+    names = denoiser_names(pipe_or_model)
+    if not names:
+        if not isinstance(pipe_or_model, torch.nn.Module):
+            raise TypeError(f"expected a diffusers pipeline or an nn.Module, got {type(pipe_or_model).__name__}")
+        return _compile_module(pipe_or_model, config, fullgraph, mode, dynamic, regional)
     offload_device = _suspend_model_offload(pipe_or_model)
+    for name in names:
+        setattr(pipe_or_model, name,
+                _compile_module(getattr(pipe_or_model, name), config, fullgraph, mode, dynamic, regional))
+    if offload_device is not None:
+        pipe_or_model.enable_model_cpu_offload(device=offload_device)
+    return pipe_or_model
+
+
+#: pipeline attributes that hold a denoiser (Wan 2.2: ``transformer`` for high noise,
+#: ``transformer_2`` for low noise, switched at ``boundary_ratio``)
+DENOISER_ATTRIBUTES = ("transformer", "transformer_2")
+
+
+def denoiser_names(pipe) -> list[str]:
+    """The attributes of ``pipe`` (not an nn.Module) that hold a transformer module, in
+    ``DENOISER_ATTRIBUTES`` order; empty for a module or an object without one."""
+    if isinstance(pipe, torch.nn.Module):
+        return []
+    return [n for n in DENOISER_ATTRIBUTES if isinstance(getattr(pipe, n, None), torch.nn.Module)]
+
+
+def _compile_module(target: torch.nn.Module, config: FastCacheConfig, fullgraph: bool, mode, dynamic, regional: bool):
+    """One denoiser compiled (whole graph) or its blocks compiled in place (regional); each model
+    its own registry entry, so its own cache state and statistics."""
     module = registry.unwrap(target)
     entry = registry.entry_for_params(module.parameters())
     attach_diffusers_context(module, on_reset=entry.drop_state)
     backend = _backend_for(config, mode)
     if regional:
         _compile_regional(module, backend, fullgraph=fullgraph, dynamic=dynamic)
-        compiled = module
-    else:
-        compiled = torch.compile(module, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
-    if hasattr(pipe_or_model, "transformer"):
-        pipe_or_model.transformer = compiled
-        if offload_device is not None:
-            pipe_or_model.enable_model_cpu_offload(device=offload_device)
-        return pipe_or_model
-    return compiled
+        return module
+    return torch.compile(module, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
 
 
 _BACKENDS: dict = {}

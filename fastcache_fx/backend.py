@@ -9,7 +9,8 @@ Every graph Dynamo hands the backend goes through one pipeline (``FastCacheBacke
 
 1. classify (``plan``): the graph of a whole transformer (block regions found: "model"), the
    graph of one block from regional compilation ("block", ``passes.blocks.find_block_graph``),
-   or neither: a ``FallbackRuntime`` (plain Inductor, one warning, reported by ``stats()``);
+   or neither: a ``FallbackRuntime`` (plain Inductor, reported by ``stats()``: glue of a model split
+   by graph breaks, or, with one warning, a model without recognisable blocks);
 2. the passes of ``PASSES``, in order, each applied when its condition holds; each rewrites the
    graph and says what it adds to the graph's inputs and outputs (the state the runtime carries);
 3. one lowering (``lower``: Inductor, or TensorRT engines);
@@ -31,7 +32,8 @@ from torch import fx
 from .config import FastCacheConfig
 from .lowering.inductor import compile_graph
 from .passes.block_cache import AccumSpec, BlockCacheResult, ControlSpec, StateSpec, apply_block_cache
-from .passes.blocks import BlockRegion, collective_groups, find_block_graph, find_blocks, is_param, node_value
+from .passes.blocks import (BlockRegion, collective_groups, find_block_graph, find_blocks, find_timestep, is_param,
+                           node_value)
 from .runtime import registry
 from .runtime.shapes import ShapeBinder
 from .runtime.state import FallbackRuntime, GraphRuntime, SharedGraph
@@ -271,6 +273,7 @@ def runtime_for(b: Build, entry: registry.ModelEntry | None = None) -> GraphRunt
                            significance_level=b.config.significance_level)
     runtime.token_merge = b.merge
     runtime.online = b.online
+    runtime.timestep_at = next((i for i, p in enumerate(phs) if p.name == b.layout.timestep_input), None)
     return runtime
 
 
@@ -301,11 +304,14 @@ def _placeholders(gm: fx.GraphModule, n: int) -> list[fx.Node]:
 
 
 def _fallback(gm, example_inputs, mode, reason: str, blocks: list[str]) -> FallbackRuntime:
-    """Plain Inductor, one warning, registered so that ``stats()`` reports the reason."""
-    warnings.warn(f"fastcache: {reason}; compiled with plain Inductor", stacklevel=3)
-    params = [x for x, n in zip(example_inputs, _placeholders(gm, len(example_inputs)))
-              if isinstance(x, torch.Tensor) and is_param(n)]
-    return FallbackRuntime(registry.entry_for_params(params), compile_graph(gm, example_inputs, mode), reason, blocks)
+    """Plain Inductor, registered so that ``stats()`` reports it: glue of a model split by a graph
+    break, or (one warning, at its second call) a model without recognisable blocks."""
+    log.debug("fastcache: %s; compiled with plain Inductor", reason)
+    phs = _placeholders(gm, len(example_inputs))
+    params = [x for x, n in zip(example_inputs, phs) if isinstance(x, torch.Tensor) and is_param(n)]
+    ts = find_timestep(phs)
+    return FallbackRuntime(registry.entry_for_params(params), compile_graph(gm, example_inputs, mode), reason, blocks,
+                           timestep_at=phs.index(ts) if ts is not None else None)
 
 
 def _has_symbolic_shapes(gm: fx.GraphModule) -> bool:

@@ -97,3 +97,38 @@ def test_module_without_blocks_has_no_region():
     torch._dynamo.reset()
     torch.compile(model, backend=lambda gm, ex: (graphs.append(gm), gm.forward)[1])(torch.randn(2, 4, 8))
     assert find_blocks(graphs[0]).regions == []
+
+
+class _TransposedStreamModel(torch.nn.Module):
+    """A conv patch embedding ending in ``flatten(2).transpose(1, 2)`` (Wan's) feeds the first
+    block directly: the block's stream input is a [B, N, D] value laid out as [B, D, N]."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = torch.nn.Conv3d(4, 24, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.LayerNorm(24), torch.nn.Linear(24, 24))
+                                          for _ in range(2))
+
+    def forward(self, x, timestep):
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        for blk in self.blocks:
+            h = h + blk(h) * timestep.float().view(-1, 1, 1) / 1000
+        return h.sum(-1)
+
+
+def test_transposed_stream_input_compiles_and_matches_eager():
+    """Inductor keeps a fused ``.contiguous()`` in its input's transposed layout unless the cond
+    operand's layout is fixed: the branch's stride assertion failed at run time (Wan family)."""
+    model = _TransposedStreamModel().eval().requires_grad_(False)
+    x, t = torch.randn(1, 4, 2, 8, 8), torch.tensor([500])
+    gm, _ = __import__("conftest").dynamo_graph(model, dict(x=x, timestep=t))
+    region = find_blocks(gm).regions[0]
+    assert not region.stream_inputs[0].meta["example_value"].is_contiguous()
+    new, _ = apply_block_cache(gm, FastCacheConfig())
+    cond = next(n for n in new.graph.nodes if n.target is torch.ops.higher_order.cond)
+    assert all(getattr(o.target, "__name__", "") == "fixed_contiguous" for o in cond.args[3][:1])
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="fastcache")
+    for step, ts in enumerate((900, 800, 700, 600)):
+        t = torch.tensor([ts])
+        torch.testing.assert_close(compiled(x, t), model(x, t), rtol=1e-4, atol=1e-5)

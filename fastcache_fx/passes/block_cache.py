@@ -131,6 +131,15 @@ def _placeholder_value(shape, dtype: torch.dtype, placeholders: list[fx.Node]) -
         return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _contiguous_meta(v: torch.Tensor) -> torch.Tensor:
+    """The example value of ``v.contiguous()`` (fake or meta)."""
+    mode = getattr(v, "fake_mode", None)
+    if mode is None:
+        return torch.empty(v.shape, dtype=v.dtype, device="meta")
+    with mode:
+        return torch.empty(v.shape, dtype=v.dtype, device=v.device)
+
+
 def _meta(shape=(), dtype=torch.float32) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")
 
@@ -325,12 +334,10 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
 
         members = set(region.nodes)
         cur = _Cursor(graph, region.nodes[-1])
-        # cond operands must be contiguous (a non-contiguous one gave wrong results under
-        # AOTInductor, and Inductor asserts the strides it traced with); a graph input keeps its
-        # own (fixed) layout: Inductor lowered .contiguous() of a transposed input (DiT's patch
-        # embedding output, a block graph's input) to a copy with the input's strides, which the
-        # branch, traced contiguous, then rejected
-        contig = {op: cur.method("contiguous", op, val=node_value(op))
+        # cond operands must be contiguous with a layout Inductor keeps (a non-contiguous one gave
+        # wrong results under AOTInductor, and the branches assert the strides they were traced
+        # with; see decision.fixed_contiguous); a graph input keeps its own (fixed) layout
+        contig = {op: cur.call(D.fixed_contiguous, op, val=_contiguous_meta(node_value(op)))
                   for op in dict.fromkeys(region.stream_inputs + region.context_inputs)
                   if tensor_meta(op) is not None and op.op != "placeholder"}
         operands = [contig.get(o, o) for o in operands]

@@ -134,9 +134,15 @@ def _is_convex(nodes: list[fx.Node], members: set[fx.Node]) -> bool:
 def _shape_arithmetic(node: fx.Node) -> bool:
     """A scalar computed from graph inputs and scalars only (SymInt/SymFloat arithmetic of a
     dynamic-shape graph, such as the token count the output layer reads, or ``.item()`` of a float
-    attribute that ``dynamic=True`` passes as a 0-d tensor): glue wherever Dynamo recorded it."""
+    attribute that ``dynamic=True`` passes as a 0-d tensor): glue wherever Dynamo recorded it.
+    A data-dependent scalar (an unbacked symbol) is not: it belongs to the tensor it came from."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
     scalar = (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)
-    return isinstance(node_value(node), scalar) and all(
+    v = node_value(node)
+    if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)) and free_unbacked_symbols(v):
+        return False  # data-dependent (the size of a nonzero() in Mochi's attention): stays with its block
+    return isinstance(v, scalar) and all(
         a.op == "placeholder" or isinstance(node_value(a), scalar) for a in node.all_input_nodes)
 
 

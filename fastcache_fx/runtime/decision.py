@@ -140,6 +140,21 @@ def sum_over_groups(x: torch.Tensor, groups: Sequence[str]) -> torch.Tensor:
     return x
 
 
+def fixed_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with contiguous strides that Inductor may not change: a cond operand.
+
+    Inductor (torch 2.13, ``ir.Conditional.create``) realizes cond operands without requiring the
+    strides the branches were traced with (``while_loop`` does require them), so a ``.contiguous()``
+    fused into a neighbouring kernel can keep its input's transposed layout (Wan's patch embedding
+    ends in ``flatten(2).transpose(1, 2)``) and the branch's stride assertion fails at run time.
+    ``inductor_force_stride_order`` fixes the layout (a no-op for an already contiguous tensor in
+    eager, a copy otherwise). Shape and dtype: those of ``x``."""
+    import torch._inductor.inductor_prims  # noqa: F401  (registers the prim outside Inductor too)
+    from torch._prims_common import make_contiguous_strides_for
+
+    return torch.ops.prims.inductor_force_stride_order(x, make_contiguous_strides_for(x.shape))
+
+
 def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """[] bool: every element of every tensor is finite (amax propagates NaN)."""
     out = None

@@ -63,12 +63,24 @@ class StepClock:
         ctx = current_context()
         c = self._tick(ctx)
         t = None if timestep is None else float(torch.as_tensor(timestep).reshape(-1)[0])
-        new_traj = c.step < 0 or (t is not None and not t < c.prev_t)
+        # prev_t is -inf while only on_block counted steps (the driver came later): go on counting
+        new_traj = c.step < 0 or (t is not None and c.prev_t != float("-inf") and not t < c.prev_t)
         c.step = 0 if new_traj else c.step + 1
         c.t = 0.0 if t is None else t
         c.prev_t = c.t if t is not None else c.prev_t
         c.seen.clear()
         return ctx, c
+
+    def drive(self, timestep) -> tuple[str, _Tick, bool]:
+        """A graph of a model split by graph breaks saw the model's timestep: begin a step unless
+        this step already began (another graph of the same call saw the same timestep).
+        Returns (context, its tick, whether a step began)."""
+        c = self._tick(current_context())
+        t = float(torch.as_tensor(timestep).reshape(-1)[0])
+        if self.hooked and c.step >= 0 and t == c.t:
+            return current_context(), c, False
+        ctx, c = self.begin_step(timestep)
+        return ctx, c, True
 
     def on_block(self, name: str) -> tuple[str, _Tick, bool]:
         """Block ``name`` runs: (context, its tick, whether a new step began with this call;
@@ -103,6 +115,7 @@ class RegionalModel:
     def __init__(self, entry: registry.ModelEntry, trace_steps: int) -> None:
         self.entry = entry
         self.clock = StepClock()
+        self.hook_installed = False  # enable_fastcache(regional=True)'s pre-hook drives the clock
         self.names: dict[int, tuple[weakref.ref, str]] = {}
         self.blocks: list[str] = []
         self.states: dict[tuple[str, str], tuple[object, tuple, list[torch.Tensor]]] = {}
@@ -149,6 +162,8 @@ class RegionalModel:
         return st
 
     def drop_state(self) -> None:
+        for ctx, tick in self.clock.ticks.items():  # the open rows stay in the statistics
+            self._flush(ctx, tick)
         self.states.clear()
         self.clock.reset()
 
@@ -325,6 +340,21 @@ def build_block_runtime(b) -> BlockRuntime:
     return BlockRuntime(b, ShapeBinder(b.example_inputs) if b.dynamic else None)
 
 
+def drive_step_clock(entry: registry.ModelEntry, timestep: torch.Tensor) -> None:
+    """Advance the step clock of ``entry``'s block graphs from the model's timestep, read by
+    another graph of the model (glue, or a whole-graph fragment): a model that Dynamo split at
+    graph breaks, whose blocks Dynamo then compiled one frame each (HunyuanVideo 1.5), gets one
+    clock for all its graphs, with trajectories restarting as in the whole-graph rule. A no-op
+    without block graphs or when ``enable_fastcache(regional=True)``'s pre-hook drives the clock.
+    Reads the timestep's first element on the host (one device sync per step on a GPU)."""
+    model = entry.regional
+    if model is None or model.hook_installed or timestep is None:
+        return
+    ctx, tick, began = model.clock.drive(timestep)
+    if began:
+        model.new_step(ctx, tick)
+
+
 def install_step_hook(model: torch.nn.Module, regional: RegionalModel):
     """A forward pre-hook on the transformer that drives ``regional.clock`` from its timestep
     argument (keyword ``timestep``, or the positional parameter of that name). Idempotent."""
@@ -342,6 +372,7 @@ def install_step_hook(model: torch.nn.Module, regional: RegionalModel):
         ctx, tick = regional.clock.begin_step(t)
         regional.new_step(ctx, tick)
 
+    regional.hook_installed = True
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
     model._fastcache_step_hook = handle
     return handle

@@ -24,6 +24,7 @@ class ModelEntry:
         self.last_run: dict[str, tuple[object, tuple]] = {}  # block name -> (graph, shape key)
         self.replay = None  # a runtime.replay.DecisionReplay while replay_decisions() is active
         self.regional = None  # runtime.regional.RegionalModel in regional compilation
+        self.warned = False  # the one fallback warning of this model was given
 
     def note_call(self, graph, key: tuple = ()) -> bool:
         """Record that ``graph`` computes its blocks now for the call with shape ``key``; True

@@ -12,6 +12,7 @@ cache; it is registered too, so ``stats()`` says so.
 from __future__ import annotations
 
 import collections
+import warnings
 import itertools
 import weakref
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ class GraphRuntime:
         self._q_ratio: dict[tuple, torch.Tensor] = {}
         self.online = None  # runtime.online.OnlineCalibration with calibration="online" (AccumSpec inputs)
         self.token_merge = None  # passes.token_merge result, read by stats()
+        self.timestep_at = None  # position of the timestep input (drives block graphs' clock)
         entry.graphs.append(self)
 
     @property
@@ -138,6 +140,10 @@ class GraphRuntime:
 
     # call --------------------------------------------------------------------------------
     def __call__(self, *args):
+        if self.timestep_at is not None and self.entry.regional is not None:
+            from .regional import drive_step_clock
+
+            drive_step_clock(self.entry, args[self.timestep_at])
         key = self.binder.key(args) if self.binder is not None else ()
         if self.entry.note_call(self, key):
             self.drop_state()
@@ -181,25 +187,45 @@ class FallbackRuntime:
     """A graph of the model compiled with plain Inductor and no cache, registered so that
     ``stats()`` reports it: every call counts as computing each of its ``blocks`` fully.
 
+    A graph without blocks is often a fragment of a model that Dynamo split at a graph break
+    (Mochi's rotary embedding, HiDream's timestep embedding): the glue before or after the
+    fragments that hold the blocks. It is then of kind ``"glue"`` (no warning, no fallback
+    reason). A model none of whose graphs holds blocks is one the backend does not understand:
+    kind ``"fallback"``, one warning per model at the second call of such a graph (by then
+    every fragment of the first call has been compiled), and ``stats()["fallback"]`` says why.
+
     Args:
         entry: the model's registry entry. compiled: the lowered graph.
-        reason: why the cache was not applied (shown as ``stats()["fallback"]``).
+        reason: why the cache was not applied.
         blocks: names of the blocks the graph computes (empty for a graph without blocks).
+        timestep_at: position of the model's timestep among the inputs (it drives the step
+            clock of the model's block graphs, ``runtime.regional.drive_step_clock``), or None.
     """
 
-    kind = "fallback"
     dynamic = False
     online = None
     token_merge = None
 
-    def __init__(self, entry: ModelEntry, compiled, reason: str, blocks: list[str]) -> None:
+    def __init__(self, entry: ModelEntry, compiled, reason: str, blocks: list[str],
+                 timestep_at: int | None = None) -> None:
         self.entry = entry
+        self.timestep_at = timestep_at  # position of the model's timestep input, if the graph has it
         self.compiled = compiled
-        self.fallback = reason
+        self.reason = reason
         self.blocks = list(blocks)
         self.calls = 0
         self.trace: collections.deque = collections.deque(maxlen=0)
         entry.graphs.append(self)
+
+    @property
+    def kind(self) -> str:
+        """"glue" when another graph of the model carries the cache, else "fallback"."""
+        cached = any(not isinstance(g, FallbackRuntime) for g in self.entry.graphs)
+        return "glue" if cached and not self.blocks else "fallback"
+
+    @property
+    def fallback(self) -> str | None:
+        return self.reason if self.kind == "fallback" else None
 
     def drop_state(self) -> None:
         pass
@@ -211,8 +237,15 @@ class FallbackRuntime:
         return {}
 
     def __call__(self, *args):
+        if self.timestep_at is not None:
+            from .regional import drive_step_clock
+
+            drive_step_clock(self.entry, args[self.timestep_at])
         if self.blocks:
             self.entry.note_call(self, ())
+        if self.calls == 1 and not self.entry.warned and self.kind == "fallback":
+            self.entry.warned = True
+            warnings.warn(f"fastcache: {self.reason}; compiled with plain Inductor", stacklevel=2)
         self.calls += 1
         return self.compiled(*args)
 

@@ -24,7 +24,9 @@ def collect(entry: ModelEntry | None) -> dict:
         compiled without the cache (``fallback``) counts each call as computing its blocks fully;
         ``per_block`` {block name: ratio}; ``steps``: calls of all graphs; ``blocks``: names in
         graph order; ``graphs``: number of compiled graphs (fallbacks included);
-        ``per_graph``: one dict per graph: ``kind`` ("fastcache", "token_select" or "fallback"),
+        ``per_graph``: one dict per graph: ``kind`` ("fastcache", "token_select", "regional" (block
+        graphs), "glue" (a graph without blocks of a model whose other graphs carry the cache:
+        Dynamo split it at graph breaks) or "fallback"),
         ``fallback`` (the reason, or None), ``dynamic`` (traced with symbolic shapes, serving many
         shapes), ``blocks``, ``steps``, ``block_approx_ratio``, ``state_bytes``;
         ``fallback``: the reasons of the fallback graphs; ``state_bytes``: bytes of live cache
@@ -94,17 +96,23 @@ def collect(entry: ModelEntry | None) -> dict:
 
 
 def _trajectories(trace: list[dict]) -> dict:
-    """{context: steps and approximated share of the block-steps since its last step 0}."""
-    cur: dict[str, list[dict]] = {}
+    """{context: steps and approximated share of the block-steps since its last step 0}. A model
+    split by graph breaks has several graphs with blocks, each counting the same steps: each
+    graph's current trajectory is taken on its own, steps are the longest of them."""
+    cur: dict[tuple, list[dict]] = {}
     for t in trace:
+        key = (t["context"], tuple(t["blocks"]))
         if t["step"] == 0:
-            cur[t["context"]] = []
-        cur.setdefault(t["context"], []).append(t)
-    out = {}
-    for ctx, recs in cur.items():
-        n = sum(len(r["approx"]) for r in recs)
-        out[ctx] = {"steps": len(recs), "block_approx_ratio": sum(sum(r["approx"]) for r in recs) / n if n else 0.0}
-    return out
+            cur[key] = []
+        cur.setdefault(key, []).append(t)
+    out: dict[str, dict] = {}
+    for (ctx, _), recs in cur.items():
+        o = out.setdefault(ctx, {"steps": 0, "approx": 0, "n": 0})
+        o["steps"] = max(o["steps"], len(recs))
+        o["approx"] += sum(sum(r["approx"]) for r in recs)
+        o["n"] += sum(len(r["approx"]) for r in recs)
+    return {ctx: {"steps": o["steps"], "block_approx_ratio": o["approx"] / o["n"] if o["n"] else 0.0}
+            for ctx, o in out.items()}
 
 
 def _token_merge(entry: ModelEntry) -> dict | None:

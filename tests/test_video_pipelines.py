@@ -1,0 +1,146 @@
+"""Real diffusers video pipelines, built offline from tiny random parts (``zoo_video``), with
+``enable_fastcache``: Wan (cond and uncond as separate calls), Wan 2.2 (two experts switched at
+``boundary_ratio``), HunyuanVideo 1.5 (its guider's ``pred_cond`` / ``pred_uncond`` calls), LTX
+and CogVideoX (batched CFG). The checks of tests/test_pipelines.py: approximation off equals the
+uncompiled pipeline, blocks approximated with every call a new trajectory, a second frame count
+keeps the cache; and each expert of Wan 2.2 its own cache state.
+
+Compile budget: each family's two compiled pipelines are built once for the module.
+"""
+
+import pytest
+import torch
+
+import fastcache_fx
+from fastcache_fx import zoo_video
+from conftest import rel_err
+
+STEPS = 4
+# Inductor vs eager on these tiny fp32 models: ~1e-6 relative; a block computed wrongly or
+# skipped gives > 1e-2
+TOL = 1e-4
+# tiny random models move their block inputs far more per step than trained ones: tau = 10
+# approximates every block once warmup is over (these tests check the plumbing through the
+# pipelines, not the decision rule)
+APPROX = {"cache_ratio_threshold": 10.0}
+CONTEXTS = {"wan": ("cond", "uncond"), "wan22": ("cond", "uncond"), "hunyuanvideo15": ("pred_cond", "pred_uncond"),
+            "ltx": ("cond_uncond",), "cogvideox": ("cond_uncond",)}
+FAMILIES = ("wan", "hunyuanvideo15", "ltx", "cogvideox")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _dynamo():
+    # diffusers' hook wrapper and LoRA-scale wrapper are code objects shared by every model:
+    # their cache entries count against Dynamo's recompile_limit (README, "Many models")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=64):
+        yield
+    torch._dynamo.reset()
+
+
+class Family:
+    """A family's uncompiled pipeline and two compiled ones with the same weights."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.frames, self.sizes = zoo_video.VIDEO_SIZE[name]
+        self.size = self.sizes[-1]
+        self.eager, self.kwargs = zoo_video.video_pipeline(name, steps=STEPS)
+        self.off = fastcache_fx.enable_fastcache(zoo_video.video_pipeline(name, steps=STEPS)[0],
+                                                 enable_block_approx=False)
+        self.on = fastcache_fx.enable_fastcache(zoo_video.video_pipeline(name, steps=STEPS)[0], **APPROX)
+        self._refs = {}
+
+    def run(self, pipe, frames=None, **kw):
+        return zoo_video.run_video_pipeline(pipe, self.kwargs, frames or self.frames[0], self.size, **kw)
+
+    def ref(self, frames=None):
+        frames = frames or self.frames[0]
+        if frames not in self._refs:
+            self._refs[frames] = self.run(self.eager, frames)
+        return self._refs[frames]
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def fam(request):
+    torch._dynamo.reset_code_state()  # another family's sizes would make the first graph symbolic
+    if request.param not in _FAMILIES:
+        _FAMILIES[request.param] = Family(request.param)
+    return _FAMILIES[request.param]
+
+
+def trace_by_context(model, graphs: bool = False):
+    """{context: [(step, approx list)]}; ``graphs``: {(context, blocks): ...}, one list per graph
+    with blocks (HunyuanVideo 1.5 has two: its text refiner and, one frame per block, its stack)."""
+    out = {}
+    for r in fastcache_fx.stats(model)["trace"]:
+        key = (r["context"], tuple(r["blocks"])) if graphs else r["context"]
+        out.setdefault(key, []).append((r["step"], r["approx"]))
+    return out
+
+
+def test_without_approximation_equals_uncompiled(fam):
+    fastcache_fx.reset(fam.off)
+    out = fam.run(fam.off)
+    assert rel_err(out, fam.ref()) < TOL
+    st = fastcache_fx.stats(fam.off)
+    assert st["blocks"] and st["fallback"] == [] and st["block_approx_ratio"] == 0.0
+    assert {c: v["steps"] for c, v in st["trajectory"].items()} == {c: STEPS for c in CONTEXTS[fam.name]}
+
+
+def test_blocks_approximated_and_every_call_a_new_trajectory(fam):
+    fastcache_fx.reset(fam.on)
+    first = fam.run(fam.on)
+    second = fam.run(fam.on)
+    st = fastcache_fx.stats(fam.on)
+    n = len(st["blocks"])
+    assert n >= 2 and st["fallback"] == [] and st["block_approx_ratio"] > 0
+    trace = trace_by_context(fam.on, graphs=True)
+    assert {ctx for ctx, _ in trace} == set(CONTEXTS[fam.name])
+    for steps in trace.values():  # per context and call: warmup (2 steps) full, then approximated
+        assert [s for s, _ in steps] == [0, 1, 2, 3] * 2 and steps[:4] == steps[4:]
+        assert not any(steps[0][1]) and not any(steps[1][1]) and any(steps[2][1])
+    assert rel_err(second, first) < 1e-6  # nothing of the first call's cache reached the second
+    assert rel_err(first, fam.ref()) > 10 * max(rel_err(fam.run(fam.off), fam.ref()), 1e-7)
+
+
+def test_second_frame_count_keeps_the_cache(fam):
+    fam.run(fam.on)
+    frames = fam.frames[1]
+    fastcache_fx.reset(fam.on)
+    fam.run(fam.on, frames)
+    st = fastcache_fx.stats(fam.on)
+    live = [g for g in st["per_graph"] if g["steps"] and g["kind"] == "fastcache"]
+    assert live and all(g["dynamic"] for g in live) and st["fallback"] == []
+    assert all(v["block_approx_ratio"] > 0 for v in st["trajectory"].values())
+    with fastcache_fx.replay_decisions(fam.on, [[False]], then="full"):  # forced full equals eager
+        out = fam.run(fam.on, frames)
+    assert rel_err(out, fam.ref(frames)) < TOL
+
+
+def test_wan22_experts_keep_their_own_cache():
+    """Wan 2.2: ``transformer`` (high noise) until t < boundary_ratio x 1000, then
+    ``transformer_2``; enable_fastcache compiles both, each with its own state: the low-noise
+    expert starts a trajectory of its own (warmup, no anchor of the other expert)."""
+    torch._dynamo.reset_code_state()
+    eager, kwargs = zoo_video.video_pipeline("wan22", steps=STEPS)
+    pipe = fastcache_fx.enable_fastcache(zoo_video.video_pipeline("wan22", steps=STEPS)[0], **APPROX)
+    assert hasattr(pipe.transformer, "_orig_mod") and hasattr(pipe.transformer_2, "_orig_mod")
+    frames, sizes = zoo_video.VIDEO_SIZE["wan22"]
+    out = zoo_video.run_video_pipeline(pipe, kwargs, frames[0], sizes[-1])
+    high, low = trace_by_context(pipe.transformer), trace_by_context(pipe.transformer_2)
+    assert set(high) == set(low) == {"cond", "uncond"}
+    n_high = len(high["cond"])
+    assert n_high >= 1 and n_high + len(low["cond"]) == STEPS
+    for ctx in ("cond", "uncond"):  # each expert counts its own steps from 0: its own trajectory
+        assert [s for s, _ in high[ctx]] == list(range(n_high))
+        assert [s for s, _ in low[ctx]] == list(range(STEPS - n_high))
+        assert not any(low[ctx][0][1])  # the switch computes fully
+    with fastcache_fx.replay_decisions(pipe.transformer, [[False]], then="full"), \
+            fastcache_fx.replay_decisions(pipe.transformer_2, [[False]], then="full"):
+        forced = zoo_video.run_video_pipeline(pipe, kwargs, frames[0], sizes[-1])
+    assert rel_err(forced, zoo_video.run_video_pipeline(eager, kwargs, frames[0], sizes[-1])) < TOL
+    assert out.shape == forced.shape
