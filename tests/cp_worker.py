@@ -9,7 +9,11 @@ fastcache) as the reference. Both run two scripted trajectories:
   equivalent of ``enable_block_approx=False`` without a second compile;
 - ``on``: live decisions on a trajectory whose input is unchanged for 4 steps, then changes in
   the second half of the tokens only (rank 1's shard), then stays: without the all-reduce of
-  the decision sums, rank 0 would approximate the blocks that rank 1 computes, and hang.
+  the decision sums, rank 0 would approximate the blocks that rank 1 computes, and hang. With
+  ``near_bound`` (this worker; not xDiT's) a 7th step changes the input so that the first
+  block's delta lies between the chi-square bound of the whole sequence (one process: the
+  block is computed) and the bound of one rank's shard (half the elements: a looser bound,
+  which context parallelism used before the bound took ND of the whole sequence).
 
 Rank 0 saves {"cp": ..., "single": ...} with per-step outputs, decision traces and the graphs'
 process groups to OUT.pt. The test runs this under a timeout, so a hang fails instead of blocking.
@@ -31,7 +35,7 @@ def build(family: str):
 
     if family == "flux":
         model, kw = zoo.build("flux", batch=1)
-        return model, kw, [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
+        return model, kw, [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
     if family == "qwenimage":  # an MMDiT (joint text/image blocks) that diffusers can parallelise
         from diffusers import QwenImageTransformer2DModel
 
@@ -42,12 +46,45 @@ def build(family: str):
         kw = dict(hidden_states=torch.randn(1, 16, 8), encoder_hidden_states=torch.randn(1, 6, 12),
                   timestep=torch.full((1,), 0.9),
                   img_shapes=[(1, 4, 4)])
-        return model, kw, [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
+        return model, kw, [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
     raise ValueError(f"family: expected flux or qwenimage, got {family!r}")
 
 
-def trajectories(model, compiled, kw, timesteps) -> dict:
-    """Run the two scripted trajectories; returns outputs and decision traces."""
+def shifted(x: torch.Tensor) -> torch.Tensor:
+    """The ``on`` trajectory's input from step 4: only the second half of the tokens changes."""
+    x2 = x.clone()
+    x2[:, x.shape[1] // 2:] += 0.5 * x[:, x.shape[1] // 2:].std()  # only the second shard changes
+    return x2
+
+
+def near_bound_input(family: str, tau: float, world: int) -> tuple[torch.Tensor, tuple[float, float]]:
+    """(the 7th input of ``on``, (lo, hi)): x2 + s d, with s putting the first block's delta
+    against its anchor (the step-4 input x2) at sqrt(lo * hi), lo = tau sqrt(chi2.ppf(0.95, ND) /
+    ND) for ND of the whole sequence, hi the same for ND / ``world`` (one rank's shard). Found on
+    the plain model in eager mode (its stream inputs are affine in x, so delta is linear in s)."""
+    from fastcache_fx.runtime.decision import chi2_quantile_ratio
+
+    model, kw, _ = build(family)
+    got = []
+    hook = model.transformer_blocks[0].register_forward_pre_hook(
+        lambda m, a, k: got.append([v for v in list(a) + list(k.values())
+                                    if isinstance(v, torch.Tensor) and v.dim() == 3]), with_kwargs=True)
+    x2 = shifted(kw["hidden_states"])
+    d = torch.randn(x2.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for x in (x2, x2 + d):
+            model(**dict(kw, hidden_states=x), return_dict=False)
+    hook.remove()
+    (a, h) = got
+    delta1 = (sum((u - v).pow(2).sum() for u, v in zip(h, a)) / sum(v.pow(2).sum() for v in a)).sqrt().item()
+    nd = sum(v[0].numel() for v in a)
+    lo, hi = (tau * chi2_quantile_ratio(0.05, n) ** 0.5 for n in (nd, nd // world))
+    return x2 + ((lo * hi) ** 0.5 / delta1) * d, (lo, hi)
+
+
+def trajectories(model, compiled, kw, timesteps, near_bound: torch.Tensor | None = None) -> dict:
+    """Run the two scripted trajectories; returns outputs and decision traces (and the
+    per-block bounds). ``near_bound``: the input of a 7th ``on`` step (``near_bound_input``)."""
     import fastcache_fx
 
     out = {}
@@ -57,14 +94,14 @@ def trajectories(model, compiled, kw, timesteps) -> dict:
     out["off_trace"] = [t["approx"] for t in fastcache_fx.stats(model)["trace"]]
     fastcache_fx.reset(model)
     x = kw["hidden_states"]
-    x2 = x.clone()
-    x2[:, x.shape[1] // 2:] += 0.5 * x[:, x.shape[1] // 2:].std()  # only the second shard changes
-    xs = [x, x, x, x, x2, x2]
+    x2 = shifted(x)
+    xs = [x, x, x, x, x2, x2] + ([near_bound] if near_bound is not None else [])
     out["on"] = [compiled(**dict(kw, hidden_states=xi, timestep=torch.full((1,), t)), return_dict=False)[0]
                  for xi, t in zip(xs, timesteps)]
     st = fastcache_fx.stats(model)
     out["on_trace"] = [t["approx"] for t in st["trace"]]
     out["on_delta"] = [t["delta"] for t in st["trace"]]
+    out["on_threshold"] = [t["threshold"] for t in st["trace"]]
     return out
 
 
@@ -81,11 +118,12 @@ def worker(rank: int, world: int, family: str, path: str) -> None:
     from fastcache_fx.runtime import registry
 
     opts = {"cache_ratio_threshold": 0.05, "warmup_steps": 2, "max_consecutive_approx": 3}
+    x3, window = near_bound_input(family, opts["cache_ratio_threshold"], world)
     model, kw, ts = build(family)
     model.set_attention_backend("native")
     model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
     compiled = torch.compile(model, backend=fastcache_fx.FastCacheBackend(**opts))
-    res = {"cp": trajectories(model, compiled, kw, ts)}
+    res = {"cp": trajectories(model, compiled, kw, ts, near_bound=x3), "near_bound": window}
     res["cp"]["groups"] = [g.layout.groups for g in registry.lookup(model).graphs]
     res["cp"]["trace_rank"] = rank
     gathered = [None] * world
@@ -94,7 +132,7 @@ def worker(rank: int, world: int, family: str, path: str) -> None:
     if rank == 0:
         single, kw1, _ = build(family)
         res["single"] = trajectories(single, torch.compile(single, backend=fastcache_fx.FastCacheBackend(**opts)),
-                                     kw1, ts)
+                                     kw1, ts, near_bound=x3)
         torch.save(res, path)
     dist.barrier()
     dist.destroy_process_group()

@@ -26,7 +26,7 @@ from ..runtime import decision as D
 from ..runtime.calibration import weight_shapes
 from ..runtime import forecast as F
 from .blocks import (BlockRegion, clone_graph_module, collective_groups, find_blocks, find_timestep, graph_io,
-                     insert_placeholder, node_value, remap_region, tensor_meta)
+                     insert_placeholder, node_value, remap_region, tensor_meta, token_shards)
 from .branches import ACCUM_KEYS, Slots, approx_branch, fake_flat, full_branch, scalar_constants, set_val, symbolic
 
 
@@ -103,8 +103,9 @@ class BlockCacheResult:
     rank: int | None = None
     time_buckets: int = 1
     online: bool = False
-    dofs: list = field(default_factory=list)  # ND per block: int, or SymInt in a dynamic-shape graph
+    dofs: list = field(default_factory=list)  # ND per block (whole sequence): int, or SymInt in a dynamic-shape graph
     groups: list[str] = field(default_factory=list)  # process groups the decision sums are all-reduced over
+    shards: list[list[int]] = field(default_factory=list)  # per block and stream: ranks its tokens are split over
 
     @property
     def dynamic(self) -> bool:
@@ -244,10 +245,15 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
         step_node = control_input("step", (), torch.int64, 0)
         t_node = control_input("t", (), torch.float32, 0.0)
     force_in = control_input("force", (len(regions),), torch.int8, -1)
-    result.dofs = [sum(_numel(tensor_meta(h)[0][1:]) for h in r.stream_inputs) for r in regions]
+    # context parallelism: each rank holds 1/k of a stream's tokens (k = 1: the whole stream,
+    # replicated on every rank); ND and the decision sums are those of the whole sequence
+    result.groups = collective_groups(gm)
+    shards = token_shards(gm, result.groups) if result.groups else {}
+    result.shards = [[shards.get(h, 1) for h in r.stream_inputs] for r in regions]
+    result.dofs = [sum(_numel(tensor_meta(h)[0][1:]) * k for h, k in zip(r.stream_inputs, ks))
+                   for r, ks in zip(regions, result.shards)]
     q_in = (control_input("q_ratio", (len(regions),), torch.float32, float("nan"))
             if result.dynamic and config.decision == "chi2" else None)  # the bound depends on the call's shape
-    result.groups = collective_groups(gm)
     size_symbols = [p for p in placeholders if isinstance(node_value(p), torch.SymInt)
                     and getattr(node_value(p).node.expr, "is_Symbol", False)]
     ts = find_timestep(placeholders)
@@ -328,7 +334,12 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
         # inputs' sizes use (Inductor codegens a subgraph from its own inputs only)
         take([p for p in size_symbols if p not in operands])
 
-        full_gm = full_branch(region, operands, slots, approx, config, learn=approx if online else None, consts=consts)
+        # streams split over different numbers of ranks (the text replicated, the image sharded):
+        # each stream's local sums are scaled by its count k before the all-reduce, so that every
+        # stream enters the whole-sequence sums once (see decision.block_decision)
+        weights = tuple(result.shards[k]) if len(set(result.shards[k])) > 1 else None
+        full_gm = full_branch(region, operands, slots, approx, config, learn=approx if online else None, consts=consts,
+                              stream_weights=weights)
         gm.add_submodule(f"fc_{tag}_full", full_gm)
         gm.add_submodule(f"fc_{tag}_approx", approx_branch(region, operands, slots, approx, config, online))
 
@@ -346,7 +357,7 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
         kw = dict(q_ratio=q, tau=config.cache_ratio_threshold, beta=config.adaptive_beta,
                   timestep_max=config.timestep_max, min_step=min_step,
                   max_consecutive=config.max_consecutive_approx, enabled=config.enable_block_approx,
-                  groups=tuple(result.groups))
+                  groups=tuple(result.groups), stream_weights=weights)
         if q_in is not None:
             kw["q_ratio"] = cur.get(q_in, k, val=_meta())
         if hist is not None:

@@ -130,11 +130,13 @@ def _placeholders(g: fx.Graph, operands: list[fx.Node]) -> list[fx.Node]:
 
 
 def full_branch(region: BlockRegion, operands: list[fx.Node], slots: Slots, approx: str, config: FastCacheConfig,
-                *, learn: str | None = None, consts: dict | None = None) -> fx.GraphModule:
+                *, learn: str | None = None, consts: dict | None = None,
+                stream_weights: tuple[int, ...] | None = None) -> fx.GraphModule:
     """The block's own nodes as a GraphModule over ``operands`` (extra operands unused).
 
     With ``config.decision == "error"`` it also returns ``forecast.error_sums`` of the
-    approximation against the true outputs; with ``learn`` (online calibration: the kind) the
+    approximation against the true outputs (each output stream's sums times its entry of
+    ``stream_weights`` when given: context parallelism, ``decision.block_decision``); with ``learn`` (online calibration: the kind) the
     ridge statistic increments of each stream (``decision.ridge_increments``)."""
     g = fx.Graph()
     ph = _placeholders(g, operands)
@@ -152,7 +154,7 @@ def full_branch(region: BlockRegion, operands: list[fx.Node], slots: Slots, appr
     outs = [flat_if_symbolic(g, y) for y in ys]
     if config.decision == "error":
         y_hat = [_approximation(g, ph, slots, s, approx, config, learn is not None) for s in range(len(ys))]
-        sums = g.call_function(F.error_sums, (y_hat, ys))
+        sums = g.call_function(F.error_sums, (y_hat, ys), {"weights": stream_weights})
         outs += [g.call_function(operator.getitem, (sums, j)) for j in range(2)]
     if learn is not None:
         for s in range(len(region.stream_outputs)):

@@ -70,6 +70,7 @@ def block_decision(
     history_ok: torch.Tensor | None = None,
     error_per_delta: torch.Tensor | None = None,
     error_budget: float | None = None,
+    stream_weights: Sequence[float] | None = None,
 ):
     """Decide whether a block may be approximated this step (all its streams together).
 
@@ -88,7 +89,15 @@ def block_decision(
         groups: process-group names the graph's collectives use (context parallelism, where
             each rank holds a shard of the tokens): the per-sample sums are all-reduced over
             them (``sum_over_groups``), so every rank takes the branch one process would take
-            on the whole sequence.
+            on the whole sequence. ND (``q_ratio``) is then that of the whole sequence too
+            (``passes.block_cache``: the shard's elements times the ranks its tokens are split
+            over, ``passes.blocks.token_shards``).
+        stream_weights: context parallelism with streams split over different numbers of ranks
+            k_s (a text stream replicated on every rank, k = 1, beside a sharded image stream,
+            k = W): stream s's local sums are multiplied by k_s before the all-reduce. The sum
+            over the mesh counts a stream W / k_s times, so every stream is then counted W
+            times, a factor common to both sums that cancels; without the weights a replicated
+            stream would weigh W times its share. None: all 1 (all streams split alike).
         history_ok: [] bool (``approx="taylor"``): the stored residuals are finite; False forces a
             full computation (folded into the sums, so that all ranks agree).
         error_per_delta, error_budget: ``decision="error"``: the block's estimate k of e / delta
@@ -98,8 +107,9 @@ def block_decision(
     Returns:
         (approx [] bool, delta [] float32, threshold [] float32 = sqrt of the squared bound).
     """
-    diff2 = sum((h.float() - a.float()).pow(2).flatten(1).sum(1) for h, a in zip(streams, refs))
-    ref2 = sum(a.float().pow(2).flatten(1).sum(1) for a in refs)
+    diff2 = weighted_sum([(h.float() - a.float()).pow(2).flatten(1).sum(1) for h, a in zip(streams, refs)],
+                         stream_weights)
+    ref2 = weighted_sum([a.float().pow(2).flatten(1).sum(1) for a in refs], stream_weights)
     if history_ok is not None:
         diff2 = diff2 + torch.where(history_ok, 0.0, float("inf"))
     if groups:  # context parallelism: the sums over the whole sequence, identical on every rank
@@ -125,6 +135,13 @@ def block_decision(
     return ok, delta, thr2.sqrt()
 
 
+def weighted_sum(terms: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
+    """sum_s weights_s * terms_s (a plain sum when ``weights`` is None)."""
+    if weights is None:
+        return sum(terms)
+    return sum(k * t for k, t in zip(weights, terms))
+
+
 def sum_over_groups(x: torch.Tensor, groups: Sequence[str]) -> torch.Tensor:
     """All-reduce (sum) ``x`` over each process group in turn, as functional collectives traced
     into the graph (no graph break, no host sync).
@@ -133,7 +150,9 @@ def sum_over_groups(x: torch.Tensor, groups: Sequence[str]) -> torch.Tensor:
     ranks of the mesh) with the same c on every rank and for every element: over the axes of a
     device mesh (Ulysses x ring) the sums compose to the whole mesh, and a sum over a group whose
     ranks already hold equal values multiplies by the group size. The block decision divides two
-    such sums, so c cancels. Cost: one all-reduce of ``x.numel()`` float32 per group.
+    such sums, so c cancels. A stream replicated on some ranks enters that mesh sum once per
+    rank holding it: ``block_decision``'s ``stream_weights`` even the streams out. Cost: one
+    all-reduce of ``x.numel()`` float32 per group.
     """
     for g in groups:
         x = torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_reduce(x.contiguous(), "sum", g))

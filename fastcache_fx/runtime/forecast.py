@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from .decision import all_finite, sum_over_groups
+from .decision import all_finite, sum_over_groups, weighted_sum
 
 
 def taylor_weights(hist_t: torch.Tensor, hist_n: torch.Tensor, t: torch.Tensor, order: int) -> torch.Tensor:
@@ -107,10 +107,13 @@ def history_finite(history) -> torch.Tensor:
     return all_finite([r for hist in history for r in hist])
 
 
-def error_sums(y_hat: Sequence[torch.Tensor], y: Sequence[torch.Tensor]):
-    """Per-sample (||Y_hat - Y||^2, ||Y||^2) summed over the streams: two [B] float32."""
-    err = sum((a.float() - b.float()).pow(2).flatten(1).sum(1) for a, b in zip(y_hat, y))
-    ref = sum(b.float().pow(2).flatten(1).sum(1) for b in y)
+def error_sums(y_hat: Sequence[torch.Tensor], y: Sequence[torch.Tensor], weights: Sequence[float] | None = None):
+    """Per-sample (||Y_hat - Y||^2, ||Y||^2) summed over the streams: two [B] float32.
+
+    ``weights``: one factor per stream (context parallelism with streams split over different
+    numbers of ranks: ``decision.block_decision``); None: all 1."""
+    err = weighted_sum([(a.float() - b.float()).pow(2).flatten(1).sum(1) for a, b in zip(y_hat, y)], weights)
+    ref = weighted_sum([b.float().pow(2).flatten(1).sum(1) for b in y], weights)
     return err, ref
 
 
