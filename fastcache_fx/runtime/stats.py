@@ -28,7 +28,8 @@ def collect(entry: ModelEntry | None) -> dict:
         graphs), "glue" (a graph without blocks of a model whose other graphs carry the cache:
         Dynamo split it at graph breaks) or "fallback"),
         ``fallback`` (the reason, or None), ``dynamic`` (traced with symbolic shapes, serving many
-        shapes), ``blocks``, ``steps``, ``block_approx_ratio``, ``state_bytes``;
+        shapes), ``blocks``, ``streams`` (residual streams per block, e.g. 2 for a joint
+        text-image block; empty where the graph has no block cache), ``steps``, ``block_approx_ratio``, ``state_bytes``;
         ``fallback``: the reasons of the fallback graphs; ``state_bytes``: bytes of live cache
         state (all graphs and contexts), ``state_bytes_per_block`` {block name: bytes} (the
         trajectory counters under ``""``);
@@ -74,6 +75,7 @@ def collect(entry: ModelEntry | None) -> dict:
         for b, n in gb.items():
             bytes_per_block[b] = bytes_per_block.get(b, 0) + n
         per_graph.append({"kind": g.kind, "fallback": g.fallback, "dynamic": g.dynamic, "blocks": list(names),
+                          "streams": [len(x) for x in getattr(getattr(g, "layout", None), "stream_shapes", [])],
                           "steps": g.calls, "block_approx_ratio": approx_n / done if done else 0.0,
                           "state_bytes": sum(gb.values())})
     trace = [r for _, r in sorted(records, key=lambda x: x[0])]
