@@ -8,6 +8,7 @@ from .config import FastCacheConfig
 from .runtime import registry
 from .runtime.context import attach_diffusers_context
 from .runtime.stats import collect
+from .runtime.uncompiled import unskip, watch_calls
 
 
 def enable_fastcache(pipe_or_model, *, fullgraph: bool = False, mode: str | None = None, dynamic: bool | None = None,
@@ -23,6 +24,9 @@ def enable_fastcache(pipe_or_model, *, fullgraph: bool = False, mode: str | None
     the block lists found by ``passes.blocks.block_lists``), each instance with its own cache
     state; a forward pre-hook on the transformer counts steps from its ``timestep``
     (``runtime.regional``). The module is compiled in place and returned.
+
+    Whole-graph compiles trace under ``DYNAMO_CONFIG`` (data-dependent output shapes captured,
+    not split off by a graph break: Mochi's text mask).
 
     Options are FastCacheConfig fields (the reference code's names: cache_ratio_threshold,
     significance_level, motion_threshold, adaptive_beta, enable_block_approx).
@@ -77,7 +81,17 @@ def _compile_module(target: torch.nn.Module, config: FastCacheConfig, fullgraph:
     if regional:
         _compile_regional(module, backend, fullgraph=fullgraph, dynamic=dynamic)
         return module
-    return torch.compile(module, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+    compiled = torch.compile(module, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+    unskip(module)
+    compiled.forward = watch_calls(torch._dynamo.config.patch(**DYNAMO_CONFIG)(compiled.forward), entry, module)
+    return compiled
+
+
+#: Dynamo settings ``enable_fastcache`` traces under (direct ``torch.compile`` users set them
+#: themselves, README "Supported models"): Mochi's text mask selects tokens by value
+#: (``nonzero``), a data-dependent shape; without this Dynamo breaks the graph inside every block
+#: and no graph holds a whole block
+DYNAMO_CONFIG = {"capture_dynamic_output_shape_ops": True}
 
 
 _BACKENDS: dict = {}

@@ -25,6 +25,8 @@ class ModelEntry:
         self.replay = None  # a runtime.replay.DecisionReplay while replay_decisions() is active
         self.regional = None  # runtime.regional.RegionalModel in regional compilation
         self.warned = False  # the one fallback warning of this model was given
+        self.uncompiled_calls = 0  # calls no compiled graph served (runtime.uncompiled)
+        self.uncompiled_reason: str | None = None
 
     def note_call(self, graph, key: tuple = ()) -> bool:
         """Record that ``graph`` computes its blocks now for the call with shape ``key``; True
@@ -50,6 +52,7 @@ class ModelEntry:
         for g in self.graphs:
             g.reset()
         self.last_run.clear()
+        self.uncompiled_calls = 0
 
 
 def _forget(key: int) -> None:

@@ -11,7 +11,7 @@ from .registry import ModelEntry
 
 def _empty() -> dict:
     return {"block_approx_ratio": 0.0, "per_block": {}, "steps": 0, "blocks": [], "graphs": 0, "per_graph": [],
-            "fallback": [], "state_bytes": 0, "state_bytes_per_block": {}, "trajectory": {}, "trace": [],
+            "fallback": [], "uncompiled_calls": 0, "state_bytes": 0, "state_bytes_per_block": {}, "trajectory": {}, "trace": [],
             "token_merge": None, "spatial_approx_ratio": 0.0, "token_select": None}
 
 
@@ -30,7 +30,9 @@ def collect(entry: ModelEntry | None) -> dict:
         ``fallback`` (the reason, or None), ``dynamic`` (traced with symbolic shapes, serving many
         shapes), ``blocks``, ``streams`` (residual streams per block, e.g. 2 for a joint
         text-image block; empty where the graph has no block cache), ``steps``, ``block_approx_ratio``, ``state_bytes``;
-        ``fallback``: the reasons of the fallback graphs; ``state_bytes``: bytes of live cache
+        ``fallback``: the reasons of the fallback graphs, and a line for the calls Dynamo ran
+        uncompiled (``enable_fastcache`` models: ``runtime.uncompiled``); ``uncompiled_calls``:
+        those calls; ``state_bytes``: bytes of live cache
         state (all graphs and contexts), ``state_bytes_per_block`` {block name: bytes} (the
         trajectory counters under ``""``);
         ``trajectory``: {context: {"steps", "block_approx_ratio"}} of the current trajectory of
@@ -47,7 +49,7 @@ def collect(entry: ModelEntry | None) -> dict:
         over the model's token-selection graphs, else None.
     """
     if entry is None or not entry.graphs:
-        return _empty()
+        return dict(_empty(), **_uncompiled(entry))
     counts, totals, blocks, per_graph = {}, {}, [], []
     bytes_per_block: dict[str, int] = {}
     records = []
@@ -87,7 +89,8 @@ def collect(entry: ModelEntry | None) -> dict:
         "blocks": blocks,
         "graphs": len(entry.graphs),
         "per_graph": per_graph,
-        "fallback": [g.fallback for g in entry.graphs if g.fallback is not None],
+        "fallback": [g.fallback for g in entry.graphs if g.fallback is not None] + _uncompiled(entry)["fallback"],
+        "uncompiled_calls": entry.uncompiled_calls,
         "state_bytes": sum(bytes_per_block.values()),
         "state_bytes_per_block": bytes_per_block,
         "trajectory": _trajectories(trace),
@@ -95,6 +98,14 @@ def collect(entry: ModelEntry | None) -> dict:
         **_token_select(entry),
         "trace": trace,
     }
+
+
+def _uncompiled(entry: ModelEntry | None) -> dict:
+    """``uncompiled_calls`` and, when there were any, their reason as a ``fallback`` line."""
+    if entry is None or not entry.uncompiled_calls:
+        return {"uncompiled_calls": 0, "fallback": []}
+    return {"uncompiled_calls": entry.uncompiled_calls,
+            "fallback": [f"ran uncompiled ({entry.uncompiled_calls} calls): {entry.uncompiled_reason}"]}
 
 
 def _trajectories(trace: list[dict]) -> dict:
