@@ -7,6 +7,7 @@ import torch
 from .config import FastCacheConfig
 from .runtime import registry
 from .runtime.context import attach_diffusers_context
+from .runtime.opaque import make_opaque_moe
 from .runtime.stats import collect
 from .runtime.uncompiled import unskip, watch_calls
 
@@ -25,7 +26,8 @@ def enable_fastcache(pipe_or_model, *, fullgraph: bool = False, mode: str | None
     state; a forward pre-hook on the transformer counts steps from its ``timestep``
     (``runtime.regional``). The module is compiled in place and returned.
 
-    Whole-graph compiles trace under ``DYNAMO_CONFIG`` (data-dependent output shapes captured,
+    Mixture-of-experts layers that route on host values (HiDream) become one opaque op each
+    (``runtime.opaque``). Whole-graph compiles trace under ``DYNAMO_CONFIG`` (data-dependent output shapes captured,
     not split off by a graph break: Mochi's text mask).
 
     Options are FastCacheConfig fields (the reference code's names: cache_ratio_threshold,
@@ -78,6 +80,7 @@ def _compile_module(target: torch.nn.Module, config: FastCacheConfig, fullgraph:
     entry = registry.entry_for_params(module.parameters())
     attach_diffusers_context(module, on_reset=entry.drop_state)
     backend = _backend_for(config, mode)
+    make_opaque_moe(module)  # HiDream: its MoE routing would break the graph inside every block
     if regional:
         _compile_regional(module, backend, fullgraph=fullgraph, dynamic=dynamic)
         return module
