@@ -167,7 +167,11 @@ def fixed_contiguous(x: torch.Tensor) -> torch.Tensor:
     fused into a neighbouring kernel can keep its input's transposed layout (Wan's patch embedding
     ends in ``flatten(2).transpose(1, 2)``) and the branch's stride assertion fails at run time.
     ``inductor_force_stride_order`` fixes the layout (a no-op for an already contiguous tensor in
-    eager, a copy otherwise). Shape and dtype: those of ``x``."""
+    eager, a copy otherwise). The prim has no autograd formula: a graph traced with gradients
+    (parameters that require grad, outside ``torch.no_grad``) gets ``.contiguous()``. Shape and
+    dtype: those of ``x``."""
+    if x.requires_grad:
+        return x.contiguous()
     import torch._inductor.inductor_prims  # noqa: F401  (registers the prim outside Inductor too)
     from torch._prims_common import make_contiguous_strides_for
 
