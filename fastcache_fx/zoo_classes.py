@@ -103,7 +103,7 @@ def check(name: str, steps: int = 5, batch: int = 1, seed: int = 0) -> dict:
     spec = SPECS[name]
     model, _ = build(name, seed)
     traj = trajectory(name, steps, batch, seed)
-    with torch._dynamo.config.patch(**spec.dynamo):
+    with torch._dynamo.config.patch(**spec.dynamo), torch._inductor.config.patch(spec.inductor):
         refs = [output_tensor(model(**kw)) for kw in traj]
         if spec.enable:
             compiled = fastcache_fx.enable_fastcache(model, cache_ratio_threshold=10.0)
@@ -135,6 +135,3 @@ def check(name: str, steps: int = 5, batch: int = 1, seed: int = 0) -> dict:
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
-
-from .zoo_spec import register as _add, timesteps as _t  # noqa: E402  TEMP for helper-6, removed when it is done
-_r = randn

@@ -27,6 +27,7 @@ class ClassSpec:
         note: why the config differs from diffusers' test config, or what the class needs.
         dynamo: ``torch._dynamo.config`` settings a direct ``torch.compile`` needs
             (``enable_fastcache`` sets them itself).
+        inductor: ``torch._inductor.config`` settings the check compiles under.
         enable: the class needs ``enable_fastcache`` (it prepares the model before compiling).
     """
 
@@ -40,6 +41,7 @@ class ClassSpec:
     note: str = ""
     dynamo: dict = field(default_factory=dict)
     enable: bool = False
+    inductor: dict = field(default_factory=dict)
 
 
 def randn(g: torch.Generator, *shape: int) -> torch.Tensor:
