@@ -27,8 +27,8 @@ def enable_fastcache(pipe_or_model, *, fullgraph: bool = False, mode: str | None
     (``runtime.regional``). The module is compiled in place and returned.
 
     Mixture-of-experts layers that route on host values (HiDream) become one opaque op each
-    (``runtime.opaque``). Whole-graph compiles trace under ``DYNAMO_CONFIG`` (data-dependent output shapes captured,
-    not split off by a graph break: Mochi's text mask).
+    (``runtime.opaque``). Classes in ``DYNAMIC_OUTPUT_SHAPE_CLASSES`` (Mochi) are traced with
+    data-dependent output shapes captured, not split off by a graph break.
 
     Options are FastCacheConfig fields (the reference code's names: cache_ratio_threshold,
     significance_level, motion_threshold, adaptive_beta, enable_block_approx).
@@ -86,15 +86,19 @@ def _compile_module(target: torch.nn.Module, config: FastCacheConfig, fullgraph:
         return module
     compiled = torch.compile(module, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
     unskip(module)
-    compiled.forward = watch_calls(torch._dynamo.config.patch(**DYNAMO_CONFIG)(compiled.forward), entry, module)
+    forward = compiled.forward
+    if type(module).__name__ in DYNAMIC_OUTPUT_SHAPE_CLASSES:
+        forward = torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)(forward)
+    compiled.forward = watch_calls(forward, entry, module)
     return compiled
 
 
-#: Dynamo settings ``enable_fastcache`` traces under (direct ``torch.compile`` users set them
-#: themselves, README "Supported models"): Mochi's text mask selects tokens by value
-#: (``nonzero``), a data-dependent shape; without this Dynamo breaks the graph inside every block
-#: and no graph holds a whole block
-DYNAMO_CONFIG = {"capture_dynamic_output_shape_ops": True}
+#: classes ``enable_fastcache`` traces with ``capture_dynamic_output_shape_ops`` (direct
+#: ``torch.compile`` users set it themselves, README "Many models in one process"): Mochi's text
+#: mask selects tokens by value (``nonzero``), a data-dependent shape; without it Dynamo breaks the
+#: graph inside every block. Not for every class: HunyuanVideo 1.5's graph, traced with it, hides
+#: its main blocks from the block search (unbacked sizes)
+DYNAMIC_OUTPUT_SHAPE_CLASSES = frozenset({"MochiTransformer3DModel"})
 
 
 _BACKENDS: dict = {}
