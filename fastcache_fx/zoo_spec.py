@@ -16,8 +16,7 @@ class ClassSpec:
 
     Attributes:
         cls: the class name exported by ``diffusers``.
-        kind: "image" or "video" (a DiT denoiser), or "refused" (a class that is not a DiT
-            denoiser; the backend must say so in ``stats()["fallback"]``).
+        kind: "image" or "video".
         init: the constructor kwargs (a tiny config).
         inputs: (batch B, torch.Generator) -> forward kwargs, the timestep included.
         timestep: the name of the timestep input (a [B] tensor).

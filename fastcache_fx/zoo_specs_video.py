@@ -36,6 +36,17 @@ def _kandinsky5_inputs(b, g, f=2, hw=8, c=16, seq=8, dim=32, dim2=16):
                 text_rope_pos=torch.arange(seq))
 
 
+# Wan 2.1's tiny config and inputs (diffusers' test); SkyReels-V2 has the same constructor
+_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+            text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+
+
+def _wan_inputs(b, g):
+    return dict(hidden_states=randn(g, b, 4, 2, 16, 16), encoder_hidden_states=randn(g, b, 12, 16),
+                timestep=timesteps(g, b))
+
+
 register(
     ClassSpec(
         "SanaVideoTransformer3DModel", "video",
@@ -55,11 +66,7 @@ register(
         note="1 block and 1 VACE block (diffusers' test: 4 blocks, VACE at 0 and 2)"),
     ClassSpec(
         "SkyReelsV2Transformer3DModel", "video",
-        dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-             text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-             qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
-        lambda b, g: dict(hidden_states=randn(g, b, 4, 2, 16, 16), encoder_hidden_states=randn(g, b, 12, 16),
-                          timestep=timesteps(g, b))),
+        _WAN, _wan_inputs),
     ClassSpec(
         "ChronoEditTransformer3DModel", "video",
         dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=16, out_channels=16,
@@ -137,11 +144,7 @@ register(
 register(
     ClassSpec(
         "WanTransformer3DModel", "video",
-        dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-             text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-             qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
-        lambda b, g: dict(hidden_states=randn(g, b, 4, 2, 16, 16), encoder_hidden_states=randn(g, b, 12, 16),
-                          timestep=timesteps(g, b))),
+        _WAN, _wan_inputs),
     ClassSpec(
         "MochiTransformer3DModel", "video",
         dict(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,

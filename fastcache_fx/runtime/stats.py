@@ -11,8 +11,8 @@ from .registry import ModelEntry
 
 def _empty() -> dict:
     return {"block_approx_ratio": 0.0, "per_block": {}, "steps": 0, "blocks": [], "graphs": 0, "per_graph": [],
-            "fallback": [], "uncompiled_calls": 0, "state_bytes": 0, "state_bytes_per_block": {}, "trajectory": {}, "trace": [],
-            "token_merge": None, "spatial_approx_ratio": 0.0, "token_select": None}
+            "fallback": [], "uncompiled_calls": 0, "state_bytes": 0, "state_bytes_per_block": {}, "trajectory": {},
+            "trace": [], "token_merge": None, "spatial_approx_ratio": 0.0, "token_select": None}
 
 
 def collect(entry: ModelEntry | None) -> dict:
