@@ -185,3 +185,19 @@ def test_bad_forecast_options_raise():
         fastcache_fx.FastCacheConfig(decision="psnr")
     with pytest.raises(ValueError, match="error_budget"):
         fastcache_fx.FastCacheConfig(error_budget=0.0)
+
+
+def test_taylor_with_a_float32_timestep():
+    """A float32 timestep (flow-matching models pass one) used to reach the cond as a view of the
+    graph input (cond refused to compile aliased operands); the state never holds a view of it."""
+    torch._dynamo.reset()
+    model, kw = zoo.build("dit", batch=1)
+    compiled = torch.compile(model, backend=fastcache_fx.FastCacheBackend(
+        approx="taylor", warmup_steps=1, cache_ratio_threshold=10.0, decision="chi2"))
+    ts = [torch.tensor([900.0 - 100 * i]) for i in range(4)]
+    outs = [compiled(kw["hidden_states"], timestep=t, class_labels=kw["class_labels"]).sample for t in ts]
+    ts[-1].fill_(5000.0)  # the caller reuses its buffer: the cached prev_t must not follow it
+    assert fastcache_fx.stats(compiled)["block_approx_ratio"] > 0
+    assert all(torch.isfinite(o).all() for o in outs)
+    prev_t = registry.lookup(compiled).graphs[0].states["default"][1]
+    assert float(prev_t) == 600.0

@@ -46,7 +46,7 @@ def trajectory_step(timestep: torch.Tensor | None, prev_t: torch.Tensor, step: t
     """
     if timestep is None:
         return step + 1, prev_t.clone()
-    t = timestep.reshape(-1)[0].to(torch.float32)
+    t = timestep.reshape(-1)[0].to(torch.float32, copy=True)  # never a view of the input: cond refuses aliased operands
     new_traj = torch.logical_not(t < prev_t)
     return torch.where(new_traj, torch.zeros_like(step), step + 1), t
 
