@@ -19,7 +19,7 @@ class accuracy / digits-FID use the 2x2-pooled 8x8 images.
 3. Replay that trace for every variant on the eager model with forward hooks: at an
    approximated (block, step) the block is still computed (the true output Y, given the input
    H of *this* trajectory) and replaced by the approximation Yhat, exactly the tensor functions
-   the graph calls (``runtime.decision.approx_residual`` / ``approx_map``), with anchors updated
+   the graph calls (``ops.decision.approx_residual`` / ``approx_map``), with anchors updated
    at full computations as the runtime does. Recorded: ||Yhat - Y|| / ||Y|| and
    ||Yhat - Y|| / ||Y - H|| (error relative to the block's own contribution) per (step, block).
 4. End to end: PSNR / SSIM of each variant's images against the baseline (no approximation),
@@ -45,8 +45,8 @@ import torch
 import fastcache_fx
 from fastcache_fx import reference as R
 from fastcache_fx.reference.jobs import MODELS, job
-from fastcache_fx.runtime import decision as D
-from fastcache_fx.runtime.calibration import RidgeStats, _binder, block_modules, collect_stats, fit_calibration
+from fastcache_fx.ops import decision as D
+from fastcache_fx.calibration import RidgeStats, _binder, block_modules, collect_stats, fit_calibration
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKETS = 4
@@ -89,7 +89,7 @@ def _maps(stats, rank, buckets, prior):
 
 def _streams(named: dict, output) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """(output position, input H, output Y) of each stream of one block call, in the canonical
-    order of ``runtime.calibration.stream_pairs`` (most tokens first): DiT blocks have one stream,
+    order of ``calibration.stream_pairs`` (most tokens first): DiT blocks have one stream,
     SD3 joint blocks return (encoder_hidden_states, hidden_states), the last one (None, hidden_states)."""
     outs = list(output) if isinstance(output, (tuple, list)) else [output]
     found = []

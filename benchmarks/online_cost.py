@@ -30,7 +30,7 @@ import torch
 import fastcache_fx
 from fastcache_fx import zoo
 from fastcache_fx.runtime import registry
-from fastcache_fx.runtime.calibration import calibrate
+from fastcache_fx.calibration import calibrate
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -4,6 +4,7 @@
     fastcache_fx.stats(transformer); fastcache_fx.reset(transformer)
 """
 
+from ._version import __version__
 from .api import calibrate, enable_fastcache, reset, stats
 from .backend import FastCacheBackend, fastcache_backend
 from .config import FastCacheConfig
@@ -13,7 +14,6 @@ from .runtime.context import cache_context
 from .runtime.replay import replay_decisions
 from .tune import tune
 
-__version__ = "0.1.0"
 __all__ = [
     "FastCacheBackend", "FastCacheConfig", "cache_context", "calibrate", "enable_fastcache", "export",
     "fastcache_backend", "load_exported", "replay_decisions", "reset", "stats", "tune", "__version__",

@@ -182,7 +182,7 @@ def reset(model) -> None:
 
 def calibrate(model, run_fn, out: str | None = None, **kwargs):
     """Fit the linear block maps by ridge regression on the uncompiled model (see
-    ``fastcache_fx.runtime.calibration.calibrate``)."""
-    from .runtime.calibration import calibrate as _calibrate
+    ``fastcache_fx.calibration.calibrate``)."""
+    from .calibration import calibrate as _calibrate
 
     return _calibrate(model, run_fn, out=out, **kwargs)

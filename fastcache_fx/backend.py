@@ -31,9 +31,12 @@ from torch import fx
 
 from .config import FastCacheConfig
 from .lowering.inductor import compile_graph
-from .passes.block_cache import AccumSpec, BlockCacheResult, ControlSpec, StateSpec, apply_block_cache
-from .passes.blocks import (BlockRegion, collective_groups, find_block_graph, find_blocks, find_timestep, is_param,
-                           node_value)
+from . import approx as approx_kinds
+from .approx import Approximation
+from .contract import GraphContract
+from .passes.block_cache import BlockCacheResult, apply_block_cache
+from .passes.blocks import (BlockRegion, collective_groups, find_block_graph, find_blocks, find_timestep,
+                           has_symbolic_shapes, is_param, node_value)
 from .runtime import registry
 from .runtime.shapes import ShapeBinder
 from .runtime.state import FallbackRuntime, GraphRuntime, SharedGraph
@@ -45,9 +48,10 @@ log = logging.getLogger("fastcache_fx")
 class Build:
     """What the pipeline carries from pass to pass for one graph.
 
-    ``gm`` is the current graph; ``layout`` the block-cache contract (inputs/outputs the runtime
-    provides and reads); ``weights`` the tensors of its weight inputs; ``notes`` what each pass
-    did (``stats()``/logs)."""
+    ``gm`` is the current graph; ``contract`` its extra inputs and outputs so far (every pass
+    extends it); ``layout`` what the block-cache pass did (``layout.contract`` is the final
+    contract); ``approximation`` the approximation kind built; ``weights`` the tensors of its weight
+    inputs; ``notes`` what each pass did (``stats()``/logs)."""
 
     gm: fx.GraphModule
     example_inputs: list
@@ -58,8 +62,9 @@ class Build:
     dynamic: bool
     select: object = None  # token_select result of the variant being built
     merge: object = None
+    contract: GraphContract | None = None
     layout: BlockCacheResult | None = None
-    approx: str = "residual"
+    approximation: Approximation | None = None
     weights: dict = field(default_factory=dict)
     online: object = None
     compiled: object = None
@@ -78,7 +83,7 @@ def _token_merge(b: Build) -> None:
 
     gm, merge = apply_token_merge(b.gm, b.config, b.regions)
     if merge.applied:
-        b.gm, b.merge, b.regions = gm, merge, find_blocks(gm).regions
+        b.gm, b.merge, b.regions, b.contract = gm, merge, find_blocks(gm).regions, merge.contract
         b.notes.append("token_merge")
     else:
         warnings.warn(f"fastcache: token merge left alone: {merge.reason}", stacklevel=4)
@@ -87,22 +92,14 @@ def _token_merge(b: Build) -> None:
 def _block_cache(b: Build) -> None:
     """Every block becomes ``cond(approx?, approximation, full block)`` (adds anchors, counters,
     the ``force`` / ``q_ratio`` / clock controls and the calibrated-map inputs)."""
-    if b.kind == "block" and b.config.approx in ("linear", "residual_linear") and b.config.calibration not in (None, "online"):
-        # one graph serves every block of the class: each instance's maps are loaded by the runtime
-        # (runtime.regional.BlockRuntime); the graph only gets the weight inputs
-        b.weights, b.approx = {}, b.config.approx
-    else:
-        b.weights, b.approx = _approx_weights(b.config, b.regions)
-    b.gm, b.layout = apply_block_cache(b.gm, b.config, b.regions, approx=b.approx,
-                                       clock="input" if b.kind == "block" else "graph")
-    b.notes.append(f"block_cache({b.approx})")
-
-
-def _token_merge_state(b: Build) -> None:
-    """Move the token-merge state behind the block-cache state (one state list for the runtime)."""
-    from .passes.token_merge import attach_token_merge_state
-
-    b.gm, b.layout = attach_token_merge_state(b.gm, b.layout, b.merge)
+    b.approximation = approx_kinds.resolve(b.config)
+    # regional: one graph serves every block of the class, each instance's maps are loaded by the
+    # runtime (runtime.regional.BlockRuntime); the graph only gets the weight inputs
+    b.weights = {} if b.kind == "block" else b.approximation.weights(b.config, b.regions)
+    b.gm, b.layout = apply_block_cache(b.gm, b.config, b.regions, approx=b.approximation,
+                                       clock="input" if b.kind == "block" else "graph", contract=b.contract)
+    b.contract = b.layout.contract
+    b.notes.append(f"block_cache({b.approximation.name})")
 
 
 def _token_select_force(b: Build) -> None:
@@ -125,7 +122,6 @@ def _online_calibration(b: Build) -> None:
 PASSES: tuple[tuple[str, Callable[[Build], bool], Callable[[Build], None]], ...] = (
     ("token_merge", lambda b: b.config.enable_token_merge, _token_merge),
     ("block_cache", lambda b: True, _block_cache),
-    ("token_merge_state", lambda b: b.merge is not None, _token_merge_state),
     ("token_select_force", lambda b: b.select is not None, _token_select_force),
     ("online_calibration", lambda b: b.layout.online, _online_calibration),
 )
@@ -133,17 +129,13 @@ PASSES: tuple[tuple[str, Callable[[Build], bool], Callable[[Build], None]], ...]
 
 def lower(b: Build):
     """Lower the rewritten graph once: Inductor, or TensorRT engines (one per glue piece and branch)."""
-    extra = []
-    for spec in b.layout.extra_inputs:
-        if isinstance(spec, (StateSpec, ControlSpec)):
-            extra.append(_example_value(spec, b))
-        elif isinstance(spec, AccumSpec):
-            extra.append(b.online.accum[spec.name])
-        elif spec.name in b.weights:
-            b.weights[spec.name] = b.weights[spec.name].to(b.device)
-            extra.append(b.weights[spec.name])
-        else:  # a block graph's maps come per instance at run time
-            extra.append(torch.zeros(spec.shape, dtype=spec.dtype, device=b.device))
+    c = b.contract
+    for name in b.weights:
+        b.weights[name] = b.weights[name].to(b.device)
+    # a block graph's maps come per instance at run time: zeros of their shape to lower with
+    weights = {w.name: b.weights.get(w.name, torch.zeros(w.shape, dtype=w.dtype, device=b.device)) for w in c.weights}
+    extra = c.bind([_example_value(s, b) for s in c.state], {s.name: _example_value(s, b) for s in c.controls},
+                   weights, b.online.accum if b.online is not None else None)
     if b.config.lowering == "tensorrt" and not b.dynamic:
         from .lowering.tensorrt import compile_tensorrt
 
@@ -154,13 +146,12 @@ def lower(b: Build):
 def _example_value(spec, b: Build) -> torch.Tensor:
     """The example value of a state/control input: real for static shapes; in a dynamic graph a
     fake tensor of Dynamo's fake mode (its sizes are the graph's SymInts)."""
-    fill = spec.fill if spec.dtype.is_floating_point else int(spec.fill)
     if not any(isinstance(d, torch.SymInt) for d in spec.shape):
-        return torch.full(spec.shape, fill, dtype=spec.dtype, device=b.device)
+        return spec.initial(b.device)
     from torch._guards import detect_fake_mode
 
     with detect_fake_mode(b.example_inputs):
-        return torch.full(spec.shape, fill, dtype=spec.dtype, device=b.device)
+        return spec.initial(b.device)
 
 
 # the backend --------------------------------------------------------------------------------
@@ -212,7 +203,7 @@ def plan(gm: fx.GraphModule, example_inputs: list, config: FastCacheConfig, mode
             parallelism (the graph has collectives: each rank sees a shard of the tokens).
         RuntimeError: ``lowering="tensorrt"`` without CUDA / torch_tensorrt.
     """
-    dynamic = _has_symbolic_shapes(gm)
+    dynamic = has_symbolic_shapes(gm)
     search = find_blocks(gm)
     kind, regions = "model", search.regions
     if not regions:
@@ -253,8 +244,8 @@ def run_passes(b: Build) -> Build:
     for name, applies, rewrite in PASSES:
         if applies(b):
             rewrite(b)
-    log.info("fastcache: %s graph, %d blocks rewritten (%s), passes %s", b.kind, len(b.layout.blocks), b.approx,
-             b.notes)
+    log.info("fastcache: %s graph, %d blocks rewritten (%s), passes %s", b.kind, len(b.layout.blocks),
+             b.layout.approx, b.notes)
     b.compiled = lower(b)
     return b
 
@@ -312,32 +303,6 @@ def _fallback(gm, example_inputs, mode, reason: str, blocks: list[str]) -> Fallb
     ts = find_timestep(phs)
     return FallbackRuntime(registry.entry_for_params(params), compile_graph(gm, example_inputs, mode), reason, blocks,
                            timestep_at=phs.index(ts) if ts is not None else None)
-
-
-def _has_symbolic_shapes(gm: fx.GraphModule) -> bool:
-    for n in gm.graph.nodes:
-        if n.op != "placeholder":
-            continue
-        v = node_value(n)
-        if isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in v.shape)):
-            return True
-    return False
-
-
-def _approx_weights(config: FastCacheConfig, regions) -> tuple[dict, str]:
-    """Calibrated weights for ``config.approx`` and the kind actually used."""
-    if config.approx in ("residual", "taylor"):  # nothing calibrated
-        return {}, config.approx
-    if config.calibration is None:
-        warnings.warn(f"fastcache: approx={config.approx!r} needs a calibration (calibration=path); "
-                      "falling back to approx='residual'", stacklevel=3)
-        return {}, "residual"
-    if config.calibration == "online":
-        return {}, config.approx  # the runtime's OnlineCalibration provides the weights
-    from .runtime.calibration import load_calibration
-
-    return load_calibration(config.calibration, regions, kind=config.approx, rank=config.rank,
-                            time_buckets=config.time_buckets), config.approx
 
 
 def fastcache_backend(gm: fx.GraphModule, example_inputs: list, *, options=None, mode=None, **kwargs):

@@ -6,7 +6,6 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-APPROX_KINDS = ("residual", "linear", "residual_linear", "taylor")
 DECISIONS = ("chi2", "error")
 REFERENCES = ("anchor", "previous")
 LOWERINGS = ("inductor", "tensorrt")
@@ -46,7 +45,7 @@ class FastCacheConfig:
         approx: "residual" (H + R_anchor), "linear" (W H + b, the paper's rule),
             "residual_linear" (H + R_anchor + W (H - H_anchor)) or "taylor" (H + R_hat(t): the
             residuals of the block's last ``taylor_order`` + 1 full computations extrapolated to
-            this step's timestep; TaylorSeer, arXiv 2503.06923, ``runtime.forecast``).
+            this step's timestep; TaylorSeer, arXiv 2503.06923, ``ops.forecast``).
         taylor_order: 1 or 2, the order of the ``taylor`` forecast.
         decision: None resolves to "chi2" when a chi-square knob (``cache_ratio_threshold``,
             ``significance_level``, ``adaptive_beta``) is given, else to "error" (the default: it
@@ -55,7 +54,7 @@ class FastCacheConfig:
             "chi2" (the paper's test: approximate iff delta^2 <= tau^2 chi2.ppf(1 - alpha,
             ND) / ND) or "error" (approximate iff the predicted error of the approximation,
             delta times the block's measured error per unit of delta, is at most
-            ``error_budget``; ``runtime.forecast.update_error_estimate``).
+            ``error_budget``; ``ops.forecast.update_error_estimate``).
         error_budget: the "error" rule's bound on the predicted relative error
             ||Y_hat - Y||_F / ||Y||_F of an approximated block output (> 0).
         reference: "anchor" compares with the input at the last full computation, "previous"
@@ -170,8 +169,10 @@ class FastCacheConfig:
         object.__setattr__(self, "token_buckets", tuple(sorted({float(x) for x in tb})))
         if self.static_approx not in STATIC_APPROX_KINDS:
             raise bad("static_approx", f"expected one of {STATIC_APPROX_KINDS}")
-        if self.approx not in APPROX_KINDS:
-            raise bad("approx", f"expected one of {APPROX_KINDS}")
+        from .approx import KINDS  # one module per kind; the registry is the list
+
+        if self.approx not in KINDS:
+            raise bad("approx", f"expected one of {tuple(KINDS)}")
         if isinstance(self.taylor_order, bool) or self.taylor_order not in (1, 2):
             raise bad("taylor_order", "expected 1 or 2")
         if self.decision not in DECISIONS:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .contract import GraphContract, TensorSpec
 from .lowering import export as E
 
 
@@ -41,7 +42,7 @@ def read_manifest(out_dir) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _refuse(out_dir, f"{E.MANIFEST} is not valid JSON ({e})") from None
     required = ("format_id", "manifest_version", "format", "versions", "inputs", "outputs", "state", "controls",
-                "blocks", "files", "num_graph_outputs", "config")
+                "blocks", "files", "num_graph_outputs", "outputs_extra", "config")
     if not isinstance(m, dict) or m.get("format_id") != E.MANIFEST_FORMAT:
         raise _refuse(out_dir, f"{E.MANIFEST} is not a fastcache_fx export manifest")
     missing = [k for k in required if k not in m]
@@ -49,7 +50,7 @@ def read_manifest(out_dir) -> dict:
         raise _refuse(out_dir, f"{E.MANIFEST} is corrupted: missing field(s) {missing}")
     if m["manifest_version"] != E.MANIFEST_VERSION:
         raise _refuse(out_dir, f"manifest version {m['manifest_version']!r}, this fastcache-fx reads {E.MANIFEST_VERSION}")
-    from . import __version__
+    from ._version import __version__
 
     theirs = (m.get("versions") or {}).get("fastcache_fx")
     if theirs != __version__:
@@ -67,6 +68,12 @@ def read_manifest(out_dir) -> dict:
 
 def _fill(x) -> float:
     return float(x)  # "-inf" strings too
+
+
+def _contract(m: dict) -> GraphContract:
+    """The exported graph's contract, as far as the loader needs it (state, extra outputs)."""
+    state = [TensorSpec("state", s["name"], s["shape"], E.parse_dtype(s["dtype"]), _fill(s["fill"])) for s in m["state"]]
+    return GraphContract(len(m["inputs"]), m["num_graph_outputs"], True, state, [tuple(o) for o in m["outputs_extra"]])
 
 
 class ExportedTransformer:
@@ -87,6 +94,7 @@ class ExportedTransformer:
         self.input_specs = [(i["name"], tuple(i["shape"]), E.parse_dtype(i["dtype"])) for i in manifest["inputs"]]
         self.static_kwargs = dict(manifest.get("static_kwargs") or {})
         self.blocks = list(manifest["blocks"])
+        self.contract = _contract(manifest)
         self.controls = {c["name"]: torch.full(tuple(c["shape"]), _fill(c["fill"]), dtype=E.parse_dtype(c["dtype"]),
                                                device=self.device) for c in manifest["controls"]}
         out = manifest["outputs"]
@@ -125,8 +133,7 @@ class ExportedTransformer:
         self.branches = {p["name"]: {"approx": 0, "full": 0} for p in prog["pieces"] if p["kind"] == "block"}
 
     def _initial_state(self) -> list[torch.Tensor]:
-        return [torch.full(tuple(s["shape"]), _fill(s["fill"]), dtype=E.parse_dtype(s["dtype"]), device=self.device)
-                for s in self.manifest["state"]]
+        return self.contract.initial_state(self.device)
 
     # call -------------------------------------------------------------------------------------
     def _bind(self, args, kwargs) -> list[torch.Tensor]:
@@ -210,11 +217,9 @@ class ExportedTransformer:
             if isinstance(outs, torch.Tensor):
                 outs = (outs,)
             env.update(zip(p["outputs"], outs))
-        outs = [env[n] for n in self._program["outputs"]]
-        ng, ns = self.manifest["num_graph_outputs"], len(self.manifest["state"])
-        self._state = [t.contiguous() for t in outs[ng:ng + ns]]
-        delta, thr, ok = outs[ng + ns:ng + ns + 3]
-        return outs[:ng], self._state[0], delta, thr, ok
+        got = self.contract.split([env[n] for n in self._program["outputs"]])
+        self._state = [t.contiguous() for t in got.state]
+        return (got.user, self._state[self.contract.step_index], *got.trace)
 
     # state and statistics ---------------------------------------------------------------------
     def reset(self) -> None:

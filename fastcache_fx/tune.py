@@ -106,9 +106,9 @@ def tune(model: torch.nn.Module, run_fn: Callable[[Callable], torch.Tensor], tar
         ValueError: ``target_psnr`` not a finite number > 0, an unknown ``knob``, empty or
             non-positive ``values``, ``repeats`` < 1, or a bad option (named).
     """
-    import fastcache_fx
     from tqdm.auto import tqdm
 
+    from .api import reset, stats
     from .backend import FastCacheBackend
     from .runtime import registry
 
@@ -136,8 +136,8 @@ def tune(model: torch.nn.Module, run_fn: Callable[[Callable], torch.Tensor], tar
         if entry is not None:
             entry.graphs.clear()  # the previous value's graphs: stats() describe this one only
         fn = torch.compile(model, backend=FastCacheBackend(**{**base, knob: v}))
-        out, secs = fastest_run(fn, run_fn, repeats, lambda: fastcache_fx.reset(model))
-        st = fastcache_fx.stats(model)
+        out, secs = fastest_run(fn, run_fn, repeats, lambda: reset(model))
+        st = stats(model)
         result.points.append(TunePoint(float(v), secs, ref_s / secs, psnr_db(out, ref), st["block_approx_ratio"]))
     ok = [p for p in result.points if p.psnr_db >= target_psnr]
     if ok:

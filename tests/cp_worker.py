@@ -62,7 +62,7 @@ def near_bound_input(family: str, tau: float, world: int) -> tuple[torch.Tensor,
     against its anchor (the step-4 input x2) at sqrt(lo * hi), lo = tau sqrt(chi2.ppf(0.95, ND) /
     ND) for ND of the whole sequence, hi the same for ND / ``world`` (one rank's shard). Found on
     the plain model in eager mode (its stream inputs are affine in x, so delta is linear in s)."""
-    from fastcache_fx.runtime.decision import chi2_quantile_ratio
+    from fastcache_fx.ops.decision import chi2_quantile_ratio
 
     model, kw, _ = build(family)
     got = []

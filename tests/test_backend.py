@@ -137,10 +137,10 @@ def test_two_models_never_share_state(dit_compiled):
 
 def test_linear_without_calibration_falls_back_to_residual():
     with pytest.warns(UserWarning, match="falling back to approx='residual'"):
-        from fastcache_fx.backend import _approx_weights
+        from fastcache_fx import approx
         from fastcache_fx.config import FastCacheConfig
 
-        assert _approx_weights(FastCacheConfig(approx="linear"), [])[1] == "residual"
+        assert approx.resolve(FastCacheConfig(approx="linear")).name == "residual"
 
 
 def test_backend_is_registered_as_entry_point():

@@ -8,9 +8,9 @@ import torch
 import fastcache_fx
 from fastcache_fx import zoo
 from fastcache_fx.passes.blocks import find_blocks
-from fastcache_fx.runtime.calibration import (RidgeStats, calibrate, load, load_calibration, model_info,
+from fastcache_fx.calibration import (RidgeStats, calibrate, load, load_calibration, model_info,
                                               stream_pairs)
-from fastcache_fx.runtime.decision import approx_linear, approx_residual_linear
+from fastcache_fx.ops.decision import approx_linear, approx_residual_linear
 
 
 def _synthetic(n=4000, d_in=5, d_out=6, noise=1e-4):

@@ -88,7 +88,7 @@ def test_token_shards_and_stream_weights(monkeypatch):
     """ND and the weights of the decision sums follow how each stream is split over the ranks:
     the sharded image counts its shard twice (2 ranks), the replicated text once."""
     from fastcache_fx.passes.blocks import find_blocks, token_shards
-    from fastcache_fx.runtime.decision import block_decision
+    from fastcache_fx.ops.decision import block_decision
 
     gm, _ = dynamo_graph(_ShardedImageReplicatedText(), dict(x=torch.randn(1, 8, 8), txt=torch.randn(1, 6, 8),
                                                              temb=torch.randn(1, 8)))
@@ -103,7 +103,7 @@ def test_token_shards_and_stream_weights(monkeypatch):
     assert all(shards[n] == 1 for n in gm.graph.nodes if n.op == "placeholder")
     # two ranks, each with half of the image (h, anchor a) and all of the text (t, anchor u): the
     # all-reduce (here: rank 1's sums added to rank 0's) of the weighted sums gives one process's delta
-    from fastcache_fx.runtime import decision as D
+    from fastcache_fx.ops import decision as D
 
     h, a, t, u = torch.randn(1, 8, 8), torch.randn(1, 8, 8), torch.randn(1, 6, 8), torch.randn(1, 6, 8)
     kw = dict(q_ratio=1.0, tau=1.0, beta=None, timestep_max=1.0, min_step=1, max_consecutive=3, enabled=True)

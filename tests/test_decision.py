@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-from fastcache_fx.runtime import decision as D
+from fastcache_fx.ops import decision as D
 
 
 @pytest.mark.parametrize("alpha,nd", [(0.05, 16), (0.01, 1024), (0.2, 295_000)])

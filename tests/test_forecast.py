@@ -5,7 +5,7 @@ import torch
 
 import fastcache_fx
 from fastcache_fx import zoo
-from fastcache_fx.runtime import forecast as F
+from fastcache_fx.ops import forecast as F
 from fastcache_fx.runtime import registry
 from conftest import rel_err
 

@@ -7,8 +7,8 @@ import torch
 import fastcache_fx
 from fastcache_fx import zoo
 from fastcache_fx.runtime import registry
-from fastcache_fx.runtime.calibration import RidgeStats, calibrate, collect_stats, fit_calibration, load
-from fastcache_fx.runtime.decision import accumulate, approx_map, ridge_increments
+from fastcache_fx.calibration import RidgeStats, calibrate, collect_stats, fit_calibration, load
+from fastcache_fx.ops.decision import accumulate, approx_map, ridge_increments
 
 TS = (900, 800, 700, 600, 400, 300)
 

@@ -154,8 +154,7 @@ def dit_graph():
 
 
 def _run(gm, ex, result):
-    state = [torch.full(s.shape, s.fill, dtype=s.dtype) for s in result.state]
-    return gm(*ex, *state)
+    return gm(*ex, *result.contract.bind(result.contract.initial_state("cpu")))
 
 
 def test_pass_merge_ratio_one_is_identity_and_shapes_follow(dit_graph):

@@ -136,7 +136,7 @@ def test_sd3_variant_matches_its_blocks_on_the_same_token_subset():
 def test_changed_token_set_forces_full_blocks():
     # a block-cache anchor holds the tokens of the step it was computed at: reused for another
     # token set it would be stale, so a changed set overrides "force approximation" with "full"
-    from fastcache_fx.passes.block_cache import ControlSpec, apply_block_cache
+    from fastcache_fx.passes.block_cache import apply_block_cache
     from fastcache_fx.passes.token_select import attach_token_select
 
     model, kw = zoo.build("dit", "tiny")
@@ -154,7 +154,7 @@ def test_changed_token_set_forces_full_blocks():
         torch.manual_seed(4)  # the same finite anchors in every run, so a forced approximation is taken
         extra = []
         for spec in layout.extra_inputs:
-            if isinstance(spec, ControlSpec):
+            if spec.role == "control":
                 extra.append(torch.full(spec.shape, force, dtype=spec.dtype))
             elif spec.name == "step":
                 extra.append(torch.tensor(0))

@@ -1,5 +1,5 @@
 """Token selection's linear static approximations (static_approx "linear" / "cached_linear"):
-the block-stack map fitter (runtime/calibration.py calibrate_stack) against an offline least-
+the block-stack map fitter (calibration/ calibrate_stack) against an offline least-
 squares fit on a tiny DiT, the in-graph approximation of the static tokens (pass-level, and in a
 compiled trajectory with a fitted calibration), and the fallback to "cached" without a stack map."""
 
@@ -11,7 +11,7 @@ import fastcache_fx
 from fastcache_fx import FastCacheConfig, zoo
 from fastcache_fx.passes.blocks import find_blocks
 from fastcache_fx.passes.token_select import apply_token_select, complement_tokens
-from fastcache_fx.runtime import calibration as C
+from fastcache_fx import calibration as C
 from fastcache_fx.runtime import registry
 from fastcache_fx.runtime.token_select import _stack_map
 from conftest import dynamo_graph

@@ -22,14 +22,13 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from ..backend import _has_symbolic_shapes
+from .. import approx as approx_kinds
 from ..config import FastCacheConfig
 from ..passes.block_cache import BlockCacheResult, apply_block_cache
 from ..passes.blocks import clone_graph_module, find_blocks
 from .dump import block_dot, graph_text, tag_canonical_names
 
 NO_BLOCKS = "no transformer blocks, compiled with plain Inductor"
-DYNAMIC = "graph has dynamic shapes, compiled with plain Inductor and no cache"
 
 
 @dataclass
@@ -108,7 +107,7 @@ class ExplainReport:
             if g.result is not None and g.result.state:
                 out.append(f"  state inputs: {len(g.result.state)} (fc_*), timestep input: {g.timestep_input}")
             if diff and g.diff:
-                out.append(f"  graph diff (before -> after apply_block_cache):")
+                out.append("  graph diff (before -> after apply_block_cache):")
                 out.append(g.diff.rstrip("\n"))
         return "\n".join(out) + "\n"
 
@@ -170,8 +169,6 @@ def explain_graph(gm: fx.GraphModule, config: FastCacheConfig, index: int = 0, a
     whole = None
     if not search.regions:
         whole = NO_BLOCKS
-    elif _has_symbolic_shapes(gm):
-        whole = DYNAMIC
     after, result = before, None
     if whole is None:
         try:
@@ -215,8 +212,7 @@ def explain(model: torch.nn.Module, *example_args, config: FastCacheConfig | dic
         ValueError: a bad config option (named in the message).
     """
     config = FastCacheConfig.from_options(config)
-    # the backend falls back to "residual" when a linear approximation has no calibration
-    approx = "residual" if config.approx != "residual" and config.calibration is None else config.approx
+    approx = approx_kinds.resolve(config).name  # the kind the backend builds (its fallback too)
     graphs: list[GraphExplanation] = []
 
     def recorder(gm: fx.GraphModule, example_inputs, **kwargs):

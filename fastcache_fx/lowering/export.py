@@ -8,7 +8,8 @@ How: Dynamo traces the transformer once (a capturing backend, ``fullgraph=True``
 ``dynamic=False``), ``passes.block_cache`` rewrites the graph exactly as the backend does, then
 
 - ``format="aotinductor"``: ``CachedGraphModule`` wraps the rewritten graph as an ``nn.Module``
-  whose cache state (``BlockCacheResult.state``) lives in buffers updated in ``forward``;
+  whose cache state (the graph contract's state, ``contract.GraphContract``) lives in buffers
+  updated in ``forward``;
   ``torch.export`` traces it (one ``torch.cond`` per block, mutable buffers) and
   ``torch._inductor.aoti_compile_and_package`` writes ``model.pt2``;
 - ``format="tensorrt"``: ``lowering.split`` cuts the graph into glue and per-block branch pieces,
@@ -33,8 +34,10 @@ import torch
 from torch import fx
 
 from ..config import FastCacheConfig
-from ..passes.block_cache import BlockCacheResult, StateSpec, WeightSpec, apply_block_cache
+from .. import approx as approx_kinds
+from ..passes.block_cache import BlockCacheResult, apply_block_cache
 from ..passes.blocks import find_blocks
+from .engine_format import EngineFormat
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "fastcache_fx.export"
@@ -43,18 +46,6 @@ FORMATS = ("aotinductor", "tensorrt")
 WEIGHTS_FILE = "weights.safetensors"
 PACKAGE_FILE = "model.pt2"
 PROGRAM_FILE = "program.json"
-
-
-def spec_kind(spec) -> str:
-    """"state", "weight" or "control" (every other spec kind of ``extra_inputs``, e.g. the
-    per-block decision override ``force``: fed with its ``fill`` value, i.e. live decisions)."""
-    if isinstance(spec, StateSpec):
-        return "state"
-    if isinstance(spec, WeightSpec):
-        return "weight"
-    if type(spec).__name__ == "AccumSpec":  # online-calibration accumulators: not exportable
-        return "accum"
-    return "control"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -186,8 +177,6 @@ def rewrite(captured: CapturedGraph, config: FastCacheConfig):
     Raises:
         ValueError: no transformer block was recognised (nothing to cache).
     """
-    from ..backend import _approx_weights
-
     if getattr(config, "enable_token_merge", False):
         raise ValueError("FastCacheConfig.enable_token_merge: export does not support the token-merge pass yet")
     if getattr(config, "enable_spatial_approx", False):
@@ -199,22 +188,19 @@ def rewrite(captured: CapturedGraph, config: FastCacheConfig):
     if not search.regions:
         raise ValueError("export: no transformer blocks recognised in the model's graph"
                          + (f" (left alone: {search.left_alone})" if search.left_alone else ""))
-    weights, approx = _approx_weights(config, search.regions)
-    gm, layout = apply_block_cache(captured.gm, config, search.regions, approx=approx)
-    if any(spec_kind(s) == "accum" for s in layout.extra_inputs):
+    kind = approx_kinds.resolve(config)
+    weights = kind.weights(config, search.regions)
+    gm, layout = apply_block_cache(captured.gm, config, search.regions, approx=kind)
+    if layout.accums:
         raise ValueError("FastCacheConfig.calibration: export needs fixed maps, the graph has online accumulators")
-    return gm, layout, weights, approx
+    return gm, layout, weights, kind.name
 
 
 def extra_values(layout: BlockCacheResult, weights: Mapping[str, torch.Tensor], device) -> list[torch.Tensor]:
-    """Initial values of ``layout.extra_inputs``: fills for state and controls, the weights."""
-    out = []
-    for spec in layout.extra_inputs:
-        if spec_kind(spec) == "weight":
-            out.append(weights[spec.name].to(device).contiguous())
-        else:
-            out.append(torch.full(tuple(spec.shape), spec.fill, dtype=spec.dtype, device=device))
-    return out
+    """Initial values of the graph's extra inputs: fills for state and controls, the weights."""
+    c = layout.contract
+    return c.bind(c.initial_state(device), {s.name: s.initial(device) for s in c.controls},
+                  {s.name: weights[s.name].to(device).contiguous() for s in c.weights})
 
 
 # ------------------------------------------------------------------------------------------
@@ -245,23 +231,14 @@ class CachedGraphModule(torch.nn.Module):
             else:
                 self.register_buffer(f"const_{i}", x.detach().to(device).contiguous())
                 self.slots.append(("const", f"const_{i}"))
-        self.fills: list[float] = []
-        ns = nc = 0
-        for i, spec in enumerate(layout.extra_inputs):
-            kind = spec_kind(spec)
-            if kind == "state":
-                self.register_buffer(f"state_{ns}", torch.full(tuple(spec.shape), spec.fill, dtype=spec.dtype, device=device))
-                self.fills.append(spec.fill)
-                self.slots.append(("state", ns))
-                ns += 1
-            elif kind == "weight":
-                self.register_buffer(f"weight_{i}", weights[spec.name].detach().to(device).contiguous())
-                self.slots.append(("const", f"weight_{i}"))
-            else:
-                self.slots.append(("control", nc))
-                nc += 1
-        self.num_state = ns
-        self.num_controls = nc
+        c = layout.contract
+        self.fills = [s.fill for s in c.state]
+        for i, s in enumerate(c.state):
+            self.register_buffer(f"state_{i}", s.initial(device))
+        for i, s in enumerate(c.weights):
+            self.register_buffer(f"weight_{i}", weights[s.name].detach().to(device).contiguous())
+        self.controls = [s.name for s in c.controls]
+        self.num_state = len(c.state)
 
     def forward(self, *args):
         nu = len(self.input_names)
@@ -270,29 +247,19 @@ class CachedGraphModule(torch.nn.Module):
         for i in range(self.num_state):
             buf = getattr(self, f"state_{i}")
             state.append(torch.where(reset, torch.full_like(buf, self.fills[i]), buf).contiguous())
-        full = []
-        for kind, ref in self.slots:
-            if kind == "input":
-                full.append(user[ref])
-            elif kind == "const":
-                full.append(getattr(self, ref))
-            elif kind == "state":
-                full.append(state[ref])
-            else:
-                full.append(controls[ref])
-        outs = self.gm(*full)
-        no, ns = self.layout.num_user_outputs, self.num_state
-        new_state = outs[no:no + ns]
-        for i, v in enumerate(new_state):
+        c = self.layout.contract
+        graph_inputs = [user[ref] if kind == "input" else getattr(self, ref) for kind, ref in self.slots]
+        weights = {s.name: getattr(self, f"weight_{i}") for i, s in enumerate(c.weights)}
+        outs = self.gm(*graph_inputs, *c.bind(state, dict(zip(self.controls, controls)), weights))
+        got = c.split(outs)
+        for i, v in enumerate(got.state):
             getattr(self, f"state_{i}").copy_(v)
-        delta, thr, ok = outs[no + ns:no + ns + 3]
-        return (*outs[:no], new_state[0], delta, thr, ok)
+        return (*got.user, got.state[c.step_index], *got.trace)
 
 
 def _call_args(captured: CapturedGraph, layout: BlockCacheResult, device) -> tuple:
     user = [captured.inputs[k] for k in captured.inputs]
-    controls = [torch.full(tuple(s.shape), s.fill, dtype=s.dtype, device=device)
-                for s in layout.extra_inputs if spec_kind(s) == "control"]
+    controls = [s.initial(device) for s in layout.contract.controls]
     return (*user, torch.tensor(True, device=device), *controls)
 
 
@@ -307,29 +274,6 @@ def _export_aotinductor(captured, gm, layout, weights, device, out_dir: Path) ->
 
 # ------------------------------------------------------------------------------------------
 # split pieces (TensorRT, or another engine compiler)
-
-
-class EngineFormat:
-    """How split pieces are lowered, saved and loaded back (``format="tensorrt"``).
-
-    ``compile(gm, example_inputs, name)`` -> engine; ``save(engine, gm, example_inputs, path)``;
-    the loader calls ``torch.export.load(path).module()`` after importing ``requires``.
-    """
-
-    name = "torch.export"
-    requires: tuple[str, ...] = ()
-
-    def compile(self, gm: fx.GraphModule, example_inputs: list, name: str):
-        ep = torch.export.export(gm, tuple(example_inputs), strict=False)
-        engine = ep.module()
-        engine._fastcache_program = ep  # saved as is (no second export)
-        return engine
-
-    def save(self, engine, gm: fx.GraphModule, example_inputs: list, path: Path) -> None:
-        ep = getattr(engine, "_fastcache_program", None)
-        if ep is None:
-            ep = torch.export.export(gm, tuple(example_inputs), strict=False)
-        torch.export.save(ep, str(path))
 
 
 def _export_split(captured, gm, layout, weights, device, out_dir: Path, engine_format: EngineFormat) -> tuple[list[str], dict]:
@@ -369,7 +313,7 @@ def _export_split(captured, gm, layout, weights, device, out_dir: Path, engine_f
             roles.append(None if name is None else {"value": name, "role": role, "arg": arg})
         else:
             spec = layout.extra_inputs[i - nu]
-            roles.append({"value": name, "role": spec_kind(spec), "arg": spec.name})
+            roles.append({"value": name, "role": spec.role, "arg": spec.name})
     prog = {"engine_format": engine_format.name, "requires": list(engine_format.requires),
             "inputs": [r for r in roles if r is not None], "outputs": program.output_names, "pieces": pieces}
     (out_dir / PROGRAM_FILE).write_text(json.dumps(prog, indent=1) + "\n")
@@ -391,7 +335,7 @@ def sha256(path: Path) -> str:
 def _versions() -> dict:
     import diffusers
 
-    from .. import __version__
+    from .._version import __version__
 
     return {"fastcache_fx": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
 
@@ -401,7 +345,8 @@ def export(transformer: torch.nn.Module, example_inputs, out_dir, format: str = 
     """Export ``transformer`` with FastCache's block cache in its graph, for serving without Dynamo.
 
     The graph is the backend's: every block a ``torch.cond(approx?, approximation, full block)``
-    with the chi-square decision inside (FastCache, arXiv 2505.20353, sec. 3.2), the cache state
+    with the configured decision rule inside (the measured-error rule by default, or the paper's
+    chi-square test, FastCache arXiv 2505.20353 sec. 3.2), the cache state
     carried between calls. Shapes and dtypes are fixed to ``example_inputs`` (one export per
     resolution/batch size; batched CFG = one context).
 
@@ -468,9 +413,10 @@ def export(transformer: torch.nn.Module, example_inputs, out_dir, format: str = 
         "state": [{"name": s.name, "shape": list(s.shape), "dtype": dtype_name(s.dtype), "fill": _json_fill(s.fill)}
                   for s in layout.state],
         "controls": [{"name": s.name, "shape": list(s.shape), "dtype": dtype_name(s.dtype), "fill": _json_fill(s.fill)}
-                     for s in layout.extra_inputs if spec_kind(s) == "control"],
-        "weights": [{"name": s.name, "block": s.block, "stream": s.stream, "kind": getattr(s, "kind", None),
+                     for s in layout.controls],
+        "weights": [{"name": s.name, "block": s.block, "stream": s.stream, "kind": s.key,
                      "shape": list(s.shape)} for s in layout.weights],
+        "outputs_extra": [list(o) for o in layout.contract.outputs],
         "files": {f: sha256(out_dir / f) for f in files},
     }
     path = out_dir / MANIFEST

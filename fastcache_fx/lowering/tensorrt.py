@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from .export import EngineFormat
+from .engine_format import EngineFormat
 
 
 def require_tensorrt(what: str = "lowering='tensorrt'"):

@@ -370,20 +370,20 @@ def root_module_class(gm: fx.GraphModule) -> str | None:
     return None
 
 
-def find_block_graph(gm: fx.GraphModule, block_classes=()) -> BlockRegion | str:
+def find_block_graph(gm: fx.GraphModule) -> BlockRegion | str:
     """The whole of ``gm`` as one block region, when ``gm`` is the graph of one transformer block
     compiled on its own (regional compilation: ``compile_repeated_blocks``, one graph per block
     class, parameters as inputs). Pure: ``gm`` is not modified.
 
-    A graph is a block graph when the module Dynamo traced is a block class (its name is in
-    ``block_classes`` or ends with ``Block``, as every diffusers transformer block does) and its
+    A graph is a block graph when the module Dynamo traced is a block class (its class
+    name ends with ``Block``, as every diffusers transformer block's does) and its
     outputs are [B, N, D] tensors computed from inputs of the same shapes (the streams).
 
     Returns:
         the BlockRegion (named after the class), or the reason it is not a block graph.
     """
     cls = root_module_class(gm)
-    if cls is None or not (cls in set(block_classes) or cls.endswith("Block")):
+    if cls is None or not cls.endswith("Block"):
         return f"the compiled module ({cls or 'unknown'}) is not a transformer block class"
     nodes = [n for n in gm.graph.nodes if n.op.startswith("call_") and not _shape_arithmetic(n)]
     if not nodes:
@@ -495,3 +495,14 @@ def remap_region(region: BlockRegion, val_map: dict[fx.Node, fx.Node]) -> BlockR
     return BlockRegion(region.name, region.list_name, region.index, region.module_type, m(region.nodes),
                        m(region.stream_inputs), m(region.stream_outputs), m(region.context_inputs),
                        m(region.param_inputs))
+
+
+def has_symbolic_shapes(gm: fx.GraphModule) -> bool:
+    """Some placeholder of ``gm`` has a symbolic size (Dynamo traced dynamic shapes)."""
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        v = node_value(n)
+        if isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in v.shape)):
+            return True
+    return False

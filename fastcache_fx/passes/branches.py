@@ -7,51 +7,25 @@ in place of the full branch's extra outputs). Both return the same number of out
 same shapes, as cond requires. ``Slots`` says where each operand sits.
 
 Branch output layout: one [B, N, D] output per stream (flat [B N D] when the shape is symbolic,
-see ``flat_if_symbolic``), then, with ``decision="error"``, (err2 [B], ref2 [B]), then, online,
-``ACCUM_KEYS`` increments per stream.
+see ``flat_if_symbolic``), then, with ``decision="error"``, (err2 [B], ref2 [B]), then the
+approximation kind's extras (``Approximation.full_extras``: online, the ridge statistic
+increments per stream). What the approximation computes is the kind's (``fastcache_fx.approx``).
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
+from ..approx import Approximation, Slots
 from ..config import FastCacheConfig
-from ..runtime import decision as D
-from ..runtime import forecast as F
+from ..ops import forecast
 from .blocks import BlockRegion, node_value
+from .extra_io import set_val, symbolic
 
-ACCUM_KEYS = ("n", "sx", "sy", "xtx", "xty", "yty")
 _OPERAND_SCALARS = (int, torch.SymInt)  # what cond accepts besides tensors
-
-
-@dataclass
-class Slots:
-    """Positions of the operands in the cond's operand list, per stream where a list."""
-
-    stream: list[int]
-    res: list[int]
-    anchor_in: list[int]
-    maps: list[list[int]] = field(default_factory=list)  # calibrated map tensors per stream
-    history: list[list[int]] = field(default_factory=list)  # taylor: R_1 .. R_m per stream
-    hist_t: int | None = None
-    hist_n: int | None = None
-    t: int | None = None
-    ready: int | None = None
-
-
-def set_val(node: fx.Node, val) -> fx.Node:
-    """Set the example value of a node a pass created (``meta["val"]``, Dynamo's ``example_value``)."""
-    node.meta["val"] = val
-    node.meta["example_value"] = val
-    return node
-
-
-def symbolic(shape) -> bool:
-    return any(isinstance(d, torch.SymInt) for d in shape)
 
 
 def fake_flat(v: torch.Tensor) -> torch.Tensor:
@@ -105,39 +79,19 @@ def scalar_constants(graph: fx.Graph, region: BlockRegion) -> tuple[BlockRegion,
                        region.stream_inputs, region.stream_outputs, context, region.param_inputs), consts
 
 
-def _approximation(g: fx.Graph, ph: list[fx.Node], slots: Slots, s: int, approx: str, config: FastCacheConfig,
-                   online: bool) -> fx.Node:
-    """The node computing the approximated output of stream ``s`` (``runtime.decision`` /
-    ``runtime.forecast`` functions)."""
-    h = ph[slots.stream[s]]
-    if approx == "residual":
-        return g.call_function(D.approx_residual, (h, ph[slots.res[s]]))
-    if approx == "taylor":
-        residuals = [ph[slots.res[s]]] + [ph[i] for i in slots.history[s]]
-        return g.call_function(F.approx_taylor, (h, residuals, ph[slots.hist_t], ph[slots.hist_n], ph[slots.t]),
-                               {"order": config.taylor_order})
-    if approx == "linear" and config.rank is None and config.time_buckets == 1 and not online:
-        return g.call_function(D.approx_linear, (h, ph[slots.maps[s][0]], ph[slots.maps[s][1]]))
-    ready = ph[slots.ready] if online else None
-    return g.call_function(D.approx_map, (h, ph[slots.res[s]], ph[slots.anchor_in[s]], [ph[i] for i in slots.maps[s]],
-                                          ph[slots.t], ready),
-                           {"kind": approx, "rank": config.rank, "buckets": config.time_buckets,
-                            "timestep_max": config.timestep_max})
-
-
 def _placeholders(g: fx.Graph, operands: list[fx.Node]) -> list[fx.Node]:
     return [set_val(g.placeholder(f"arg{i}_{op.name}"), node_value(op)) for i, op in enumerate(operands)]
 
 
-def full_branch(region: BlockRegion, operands: list[fx.Node], slots: Slots, approx: str, config: FastCacheConfig,
-                *, learn: str | None = None, consts: dict | None = None,
+def full_branch(region: BlockRegion, operands: list[fx.Node], slots: Slots, kind: Approximation,
+                config: FastCacheConfig, *, consts: dict | None = None,
                 stream_weights: tuple[int, ...] | None = None) -> fx.GraphModule:
     """The block's own nodes as a GraphModule over ``operands`` (extra operands unused).
 
     With ``config.decision == "error"`` it also returns ``forecast.error_sums`` of the
     approximation against the true outputs (each output stream's sums times its entry of
-    ``stream_weights`` when given: context parallelism, ``decision.block_decision``); with ``learn`` (online calibration: the kind) the
-    ridge statistic increments of each stream (``decision.ridge_increments``)."""
+    ``stream_weights`` when given: context parallelism, ``decision.block_decision``), then the
+    kind's ``full_extras`` (online calibration: the ridge statistic increments per stream)."""
     g = fx.Graph()
     ph = _placeholders(g, operands)
     env: dict[fx.Node, object] = dict(zip(operands, ph))
@@ -153,34 +107,27 @@ def full_branch(region: BlockRegion, operands: list[fx.Node], slots: Slots, appr
                           node_value(o)))
     outs = [flat_if_symbolic(g, y) for y in ys]
     if config.decision == "error":
-        y_hat = [_approximation(g, ph, slots, s, approx, config, learn is not None) for s in range(len(ys))]
-        sums = g.call_function(F.error_sums, (y_hat, ys), {"weights": stream_weights})
+        y_hat = [kind.node(g, ph, slots, s, config) for s in range(len(ys))]
+        sums = g.call_function(forecast.error_sums, (y_hat, ys), {"weights": stream_weights})
         outs += [g.call_function(operator.getitem, (sums, j)) for j in range(2)]
-    if learn is not None:
-        for s in range(len(region.stream_outputs)):
-            inc = g.call_function(D.ridge_increments, (ph[slots.stream[s]], ys[s], ph[slots.anchor_in[s]],
-                                                       ph[slots.res[s]]), {"kind": learn})
-            outs += [g.call_function(operator.getitem, (inc, j)) for j in range(len(ACCUM_KEYS))]
+    outs += kind.full_extras(g, ph, slots, ys)
     g.output(tuple(outs))
     return fx.GraphModule(torch.nn.Module(), g)
 
 
-def approx_branch(region: BlockRegion, operands: list[fx.Node], slots: Slots, approx: str, config: FastCacheConfig,
-                  online: bool) -> fx.GraphModule:
+def approx_branch(region: BlockRegion, operands: list[fx.Node], slots: Slots, kind: Approximation,
+                  config: FastCacheConfig) -> fx.GraphModule:
     """Approximation of the block's outputs from its stream inputs and the cached state (zeros
     in place of the full branch's error sums and statistic increments)."""
     g = fx.Graph()
     ph = _placeholders(g, operands)
     outs = []
     for s, o in enumerate(region.stream_outputs):
-        y = _approximation(g, ph, slots, s, approx, config, online)
+        y = kind.node(g, ph, slots, s, config)
         outs.append(flat_if_symbolic(g, set_val(y, node_value(o))))
     if config.decision == "error":
-        z = g.call_function(F.zero_error_sums, (ph[slots.stream[0]],))
+        z = g.call_function(forecast.zero_error_sums, (ph[slots.stream[0]],))
         outs += [g.call_function(operator.getitem, (z, j)) for j in range(2)]
-    if online:
-        for s in range(len(region.stream_outputs)):
-            z = g.call_function(D.zero_increments, (ph[slots.stream[s]],))
-            outs += [g.call_function(operator.getitem, (z, j)) for j in range(len(ACCUM_KEYS))]
+    outs += kind.approx_extras(g, ph, slots, len(region.stream_outputs))
     g.output(tuple(outs))
     return fx.GraphModule(torch.nn.Module(), g)

@@ -1,7 +1,7 @@
 """Token-merge pyramid: k-NN density merging of tokens between stages, unmerged at the end.
 
-FastCache (arXiv 2505.20353 v3, its multi-stage spatial-temporal token merging; the issue-#6
-formulas) as a pure graph pass with static shapes. The blocks are split into ``num_stages`` contiguous stages; before every
+FastCache (arXiv 2505.20353 v3, its multi-stage spatial-temporal token merging) as a pure graph
+pass with static shapes. The blocks are split into ``num_stages`` contiguous stages; before every
 stage but the first, the stream tokens are merged (``merge_tokens``), and after the last block
 they are unmerged and the stage changes are added back (``unmerge_add``). Everything is tensor
 ops inside the compiled graph: no Python loop over tokens, windows or clusters.
@@ -26,28 +26,26 @@ owned by the runtime); on the first step of a trajectory rho_tm = 0 for every to
 = density alone). At the second and later merge points token i is the i-th cluster of the
 previous merge: the same token across steps only while the assignments stay the same.
 
-Graph layout added by ``apply_token_merge`` (the block-cache pass then sees merged shapes):
-    inputs  = original inputs + state (``TokenMergeResult.state``: step, prev_t, and the
-              previous step's tokens at every merge point)
-    outputs = original outputs + new state (same order)
-``attach_token_merge_state`` moves these behind the block-cache inputs/outputs once that pass
-has run, so ``GraphRuntime`` owns them like any other ``StateSpec``.
+Graph contract (``contract.GraphContract``, ``TokenMergeResult.contract``): the trajectory clock
+(state "step", "prev_t", which the block-cache pass then shares) and the previous step's tokens
+at every merge point ("token_merge.previous.<s>"); the block-cache pass extends the same
+contract, and the runtime binds and splits both passes' inputs and outputs through it.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
 from ..config import FastCacheConfig
-from .block_cache import BlockCacheResult, StateSpec, insert_trajectory_step
-from .blocks import (BlockRegion, clone_graph_module, find_blocks, find_timestep, graph_io, insert_placeholder,
-                     node_value, recompile_with_values, remap_region, tensor_meta)
+from ..contract import GraphContract
+from .blocks import (BlockRegion, clone_graph_module, find_blocks, find_timestep, node_value, recompile_with_values,
+                     remap_region, tensor_meta)
+from .extra_io import ExtraIO
 
 # mean k-NN distance (normalised) is clamped here so that exp(-x) stays a normal float32
 _MAX_EXPONENT = 50.0
@@ -200,8 +198,8 @@ class TokenMergeResult:
 
     ``applied`` is False (graph unchanged) with ``reason`` when the blocks do not fit. Stage s
     holds the blocks ``stages[s]`` and ``tokens_per_stage[s]`` tokens per sample; ``grid`` is
-    (h, w) and ``window`` (wh, ww) the token windows; ``state`` the extra inputs in placeholder
-    order (their new values are the last ``len(state)`` outputs).
+    (h, w) and ``window`` (wh, ww) the token windows; ``contract`` the graph's extra inputs and
+    outputs (the clock and the previous tokens at every merge point).
     """
 
     applied: bool
@@ -210,10 +208,7 @@ class TokenMergeResult:
     tokens_per_stage: list[int] = field(default_factory=list)
     grid: tuple[int, int] | None = None
     window: tuple[int, int] | None = None
-    state: list[StateSpec] = field(default_factory=list)
-    num_user_inputs: int = 0
-    num_user_outputs: int = 0
-    output_is_tuple: bool = True
+    contract: GraphContract | None = None
 
 
 def _largest_divisor(n: int, cap: int) -> int:
@@ -239,11 +234,6 @@ def _stage_split(n_blocks: int, n_stages: int) -> list[list[int]]:
         i += s
     return out
 
-
-def _set_val(node: fx.Node, val) -> fx.Node:
-    node.meta["val"] = val
-    node.meta["example_value"] = val
-    return node
 
 
 def apply_token_merge(gm: fx.GraphModule, config: FastCacheConfig,
@@ -302,25 +292,10 @@ def apply_token_merge(gm: fx.GraphModule, config: FastCacheConfig,
     gm, val_map = clone_graph_module(gm)
     regions = [remap_region(r, val_map) for r in regions]
     graph = gm.graph
-    placeholders, out_node, orig_outs, result.output_is_tuple = graph_io(graph)
-    result.num_user_inputs, result.num_user_outputs = len(placeholders), len(orig_outs)
-
-    last_ph = placeholders[-1]
-
-    def state_input(name: str, shape: tuple, dt: torch.dtype, fill: float) -> fx.Node:
-        nonlocal last_ph
-        p = last_ph = insert_placeholder(graph, last_ph, "fc_tm_" + re.sub(r"\W", "_", name),
-                                         torch.empty(shape, dtype=dt, device="meta"))
-        result.state.append(StateSpec("token_merge." + name, tuple(shape), dt, fill))
-        return p
-
-    step_in = state_input("step", (), torch.int64, -1)
-    prev_t_in = state_input("prev_t", (), torch.float32, float("-inf"))
-    ts = find_timestep(placeholders)
-    prev_in = [state_input(f"previous.{s}", (bsz, result.tokens_per_stage[s - 1], d), dtype, 0.0)
+    io = ExtraIO(graph)
+    step_node, _ = io.clock(find_timestep(io.placeholders))
+    prev_in = [io.state(f"token_merge.previous.{s}", (bsz, result.tokens_per_stage[s - 1], d), dtype, 0.0)
                for s in range(1, n_stages)]
-    step_node, t_node = insert_trajectory_step(graph, last_ph.next, ts, prev_t_in, step_in)
-    new_state = [step_node, t_node]
 
     zs, xs, assigns, layouts = [], [], [], []
     for s in range(1, n_stages):
@@ -339,7 +314,7 @@ def apply_token_merge(gm: fx.GraphModule, config: FastCacheConfig,
         xs.append(x_s)
         assigns.append(a_s)
         layouts.append(layout)
-        new_state.append(p_s)
+        io.output("state", io.name(prev_in[s - 1]), p_s)
 
     last = regions[-1]
     y_last = last.stream_outputs[0]
@@ -350,7 +325,7 @@ def apply_token_merge(gm: fx.GraphModule, config: FastCacheConfig,
             hcur = graph.call_function(unmerge_add, (zs[s - 1], hcur, xs[s - 1], assigns[s - 1]), layouts[s - 1])
     for u in users:
         u.replace_input_with(y_last, hcur)
-    out_node.args = (tuple(orig_outs) + tuple(new_state),)
+    result.contract = io.finish()
     why = recompile_with_values(gm)
     if why is not None:
         return orig_gm, TokenMergeResult(False, f"blocks are not token-count generic: {why}")
@@ -361,43 +336,3 @@ def apply_token_merge(gm: fx.GraphModule, config: FastCacheConfig,
                 return orig_gm, TokenMergeResult(False, f"{regions[i].name} output keeps {got[1]} tokens after merging "
                                                         f"(expected {result.tokens_per_stage[s]})")
     return gm, result
-
-
-def attach_token_merge_state(gm: fx.GraphModule, layout: BlockCacheResult,
-                             tm: TokenMergeResult) -> tuple[fx.GraphModule, BlockCacheResult]:
-    """After the block-cache pass: move the token-merge state behind the block-cache inputs and
-    outputs, so the runtime sees ``user inputs + layout.extra_inputs`` and ``user outputs +
-    layout.state + trace`` (``GraphRuntime``'s contract). Edits ``gm`` and ``layout`` in place.
-
-    Raises:
-        ValueError: ``layout`` does not match a graph with ``tm``'s state (a pass-order bug).
-    """
-    ns = len(tm.state)
-    if not tm.applied or ns == 0:
-        return gm, layout
-    graph = gm.graph
-    phs = [p for p in graph.nodes if p.op == "placeholder"]
-    first = tm.num_user_inputs
-    if layout.num_user_inputs != first + ns:
-        raise ValueError("token-merge state: block-cache layout does not follow the token-merge pass")
-    mine = phs[first:first + ns]
-    anchor = phs[-1]
-    for p in mine:
-        if p is anchor:
-            continue
-        anchor.append(p)
-        anchor = p
-    out_node = next(x for x in graph.nodes if x.op == "output")
-    outs = list(out_node.args[0])
-    nu = tm.num_user_outputs
-    nbc = len(layout.state)
-    user, tm_out, rest = outs[:nu], outs[nu:nu + ns], outs[nu + ns:]
-    out_node.args = (tuple(user + rest[:nbc] + tm_out + rest[nbc:]),)
-    graph.lint()
-    gm.recompile()
-    layout.num_user_inputs -= ns
-    layout.num_user_outputs -= ns
-    layout.output_is_tuple = tm.output_is_tuple
-    layout.state.extend(tm.state)
-    layout.extra_inputs.extend(tm.state)
-    return gm, layout

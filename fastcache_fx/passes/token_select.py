@@ -27,7 +27,7 @@ tokens, N - k of them):
     "linear":        Y[S] = X[S] W^T + b (FastCache sec. 3.1, W_static X + b_static);
     "cached_linear": Y[S] = Y_ref[S] + (X[S] - X_ref[S]) W^T + b (the issue's
                      Y_{t-1} + W_s (X_t - X_{t-1}), with X_ref the reference above),
-W [D, D], b [D] the block-stack map of the calibration (``runtime.calibration.calibrate_stack``,
+W [D, D], b [D] the block-stack map of the calibration (``calibration.calibrate_stack``,
 fitted with the identity-plus-residual prior). Y_ref keeps the *computed* stack outputs of
 static tokens under ``reference="anchor"`` (matching X_ref, so Y_ref + W (X - X_ref) never
 chains approximations), the approximated ones under ``"previous"``. The motion tokens' outputs
@@ -59,7 +59,8 @@ import torch
 from torch import fx
 
 from ..config import FastCacheConfig
-from .block_cache import StateSpec, WeightSpec, insert_trajectory_step
+from ..contract import TensorSpec, state_spec, weight_spec
+from .extra_io import insert_trajectory_step, set_val
 from .blocks import (BlockRegion, clone_graph_module, find_blocks, find_timestep, graph_io, insert_placeholder,
                      node_value, recompile_with_values, remap_region, tensor_meta)
 
@@ -190,23 +191,18 @@ class TokenSelectResult:
     contexts: list[str] = field(default_factory=list)
     stream_shape: tuple = ()
     dtype: torch.dtype = torch.float32
-    state: list[StateSpec] = field(default_factory=list)
+    state: list[TensorSpec] = field(default_factory=list)
     num_user_inputs: int = 0
     num_user_outputs: int = 0
     output_is_tuple: bool = True
     static_approx: str = "cached"
-    weights: list[WeightSpec] = field(default_factory=list)
+    weights: list[TensorSpec] = field(default_factory=list)
 
 
 def bucket_sizes(n: int, buckets) -> list[int]:
     """Token counts of the variants: ceil(f N) for f in ``buckets`` (clamped to [1, N]), plus N."""
     return sorted({min(n, max(1, math.ceil(f * n - 1e-9))) for f in buckets} | {n})
 
-
-def _set_val(node: fx.Node, val) -> fx.Node:
-    node.meta["val"] = val
-    node.meta["example_value"] = val
-    return node
 
 
 def _image_stream(regions: list[BlockRegion]) -> tuple[int, int] | str:
@@ -299,7 +295,7 @@ def apply_token_select(gm: fx.GraphModule, config: FastCacheConfig, k: int,
     def state_input(name: str, shp: tuple, dt: torch.dtype, fill: float) -> fx.Node:
         nonlocal last_ph
         p = last_ph = insert_placeholder(graph, last_ph, "fc_ts_" + name, torch.empty(shp, dtype=dt, device="meta"))
-        result.state.append(StateSpec("token_select." + name, tuple(shp), dt, fill))
+        result.state.append(state_spec("token_select." + name, shp, dt, fill))
         return p
 
     x_ref_in = state_input("x_ref", shape, dtype, 0.0)
@@ -314,7 +310,7 @@ def apply_token_select(gm: fx.GraphModule, config: FastCacheConfig, k: int,
             p = last_ph = insert_placeholder(graph, last_ph, "fc_ts_stack_" + key,
                                              torch.empty(shp, dtype=torch.float32, device="meta"))
             stack_in.append(p)
-            result.weights.append(WeightSpec("token_select.stack." + key, "stack", 0, key, shp, torch.float32))
+            result.weights.append(weight_spec("token_select.stack." + key, "stack", 0, key, shp, torch.float32))
         w_in, b_in = stack_in
 
     x = regions[0].stream_inputs[si]
@@ -450,7 +446,7 @@ def attach_token_select(gm: fx.GraphModule) -> fx.GraphModule:
         return gm
     with graph.inserting_after(changed):
         eff = graph.call_function(force_full_if, (changed, force))
-    _set_val(eff, node_value(force))
+    set_val(eff, node_value(force))
     force.replace_all_uses_with(eff, delete_user_cb=lambda u: u is not eff)
     graph.lint()
     gm.recompile()

@@ -82,14 +82,15 @@ class ReferenceJob:
     def fastcache(self, model: torch.nn.Module, options: dict | None = None):
         """``model`` under ``backend="fastcache"`` with ``options``, in the form ``sample`` takes: the
         compiled module (DiT) or a ``StableDiffusion3Pipeline`` after ``enable_fastcache(pipe)`` (MMDiT)."""
-        import fastcache_fx
+        from ..api import enable_fastcache
+        from ..backend import FastCacheBackend
 
         options = dict(options or {})
         if self.pipeline:
             from .mmdit_sampling import build_pipeline
 
-            return fastcache_fx.enable_fastcache(build_pipeline(model), **options)
-        return torch.compile(model, backend=fastcache_fx.FastCacheBackend(**options), dynamic=False)
+            return enable_fastcache(build_pipeline(model), **options)
+        return torch.compile(model, backend=FastCacheBackend(**options), dynamic=False)
 
 
 def _sample_dit(transformer, labels, *, steps, guidance, seeds, scheduler, progress, callback):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data
+from .optim import lr_at, optimizer_step
 from .model import (
     CLASSIFIER_NAME, DIT_CONFIG, DIT_NAME, NULL_CLASS, SCHEDULER_CONFIG, WEIGHTS_DIR,
     DigitClassifier, build_dit, save_model,
@@ -69,26 +69,6 @@ def train_classifier(epochs: int = 60, seed: int = 0, out_dir: Path = WEIGHTS_DI
     }, out_dir)
     print(f"classifier held-out accuracy: {acc:.4f}")
     return acc
-
-
-def _lr_at(step: int, total: int, base: float, warmup: int = 200) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    p = (step - warmup) / max(1, total - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-def optimizer_step(model, ema, opt, loss: torch.Tensor, step: int, ema_decay: float) -> None:
-    """One AdamW step with gradient clipping (norm 1.0), then the EMA update with the warmup decay
-    min(ema_decay, (1 + step) / (10 + step)) (both reference models train so)."""
-    opt.zero_grad()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    d = min(ema_decay, (1 + step) / (10 + step))
-    with torch.no_grad():
-        for pe, pm in zip(ema.parameters(), model.parameters()):
-            pe.lerp_(pm, 1 - d)
 
 
 def _v_loss(model, sched, x0, labels, gen) -> torch.Tensor:
@@ -140,7 +120,7 @@ def train_dit(steps: int = 4000, batch_size: int = 128, lr: float = 1e-3, seed: 
     bar = tqdm(range(steps), desc="dit")
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, lr)
+            g["lr"] = lr_at(step, steps, lr)
         idx = torch.randint(0, len(ytr), (batch_size,), generator=gen)
         labels = torch.where(torch.rand(batch_size, generator=gen) < 0.1, NULL_CLASS, ytr[idx])
         loss = _v_loss(model, sched, xtr[idx], labels, gen)

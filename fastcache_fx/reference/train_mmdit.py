@@ -38,7 +38,7 @@ from .mmdit import (
 )
 from .mmdit_sampling import sample_mmdit
 from .model import WEIGHTS_DIR, load_classifier, save_model
-from .train import _lr_at, optimizer_step
+from .optim import lr_at, optimizer_step
 
 LABEL_DROPOUT = 0.1
 EVAL_STEPS = 28
@@ -135,7 +135,7 @@ def train_mmdit(steps: int = 2400, batch_size: int = 128, lr: float = 1e-3, seed
     bar = tqdm(range(start, steps), desc="mmdit", initial=start, total=steps)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, lr)
+            g["lr"] = lr_at(step, steps, lr)
         idx = torch.randint(0, len(ytr), (batch_size,), generator=gen)
         labels = torch.where(torch.rand(batch_size, generator=gen) < LABEL_DROPOUT, MMDIT_NULL_CLASS, ytr[idx])
         loss = flow_matching_loss(model["transformer"], model["embedder"], xtr[idx], labels, gen)

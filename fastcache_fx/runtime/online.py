@@ -19,8 +19,9 @@ import time
 import torch
 
 from ..config import FastCacheConfig
-from ..passes.block_cache import ACCUM_KEYS, BlockCacheResult
-from .calibration import RidgeStats
+from ..ops.maps import ACCUM_KEYS
+from ..passes.block_cache import BlockCacheResult
+from ..calibration import RidgeStats
 
 
 def _size(d) -> int:
@@ -31,13 +32,13 @@ class OnlineCalibration:
     """Accumulators and refits of one compiled graph.
 
     Args:
-        layout: the block-cache result (``layout.accums``: AccumSpec per block, stream, key;
+        layout: the block-cache result (``layout.accums``: accumulator specs per block, stream, key;
             ``layout.weights``: the map inputs, including "<block>.ready").
         config: ``approx``, ``rank``, ``time_buckets``, ``refit_every``, ``online_min_samples``.
         device: where the accumulators live (float64; on Apple MPS, float64 is unavailable).
 
     Attributes:
-        accum: {AccumSpec.name: tensor} current statistics.
+        accum: {accumulator spec name: tensor} current statistics.
         refits: number of (block, bucket) refits done; refit_seconds: host time spent in them.
     """
 

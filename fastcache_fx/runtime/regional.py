@@ -29,10 +29,10 @@ import weakref
 import torch
 
 from ..passes.blocks import is_param
-from . import decision as D
+from ..ops import decision as D
 from . import registry
 from .context import current_context
-from .state import StepRecord
+from .records import StepRecord
 
 
 class _Tick:
@@ -156,8 +156,7 @@ class RegionalModel:
         hit = self.states.get((name, ctx))
         if hit is not None and hit[0] is graph and hit[1] == key:
             return hit[2]
-        st = [torch.full(graph.shape(s.shape, key), s.fill, dtype=s.dtype, device=graph.device)
-              for s in graph.layout.state]
+        st = graph.layout.contract.initial_state(graph.device, lambda s: graph.shape(s, key))
         self.states[(name, ctx)] = (graph, key, st)
         return st
 
@@ -231,8 +230,7 @@ class BlockRuntime:
         phs = [p for p in b.gm.graph.nodes if p.op == "placeholder"][:len(b.example_inputs)]
         self.param_at = next(i for i, (p, x) in enumerate(zip(phs, b.example_inputs))
                              if isinstance(x, torch.Tensor) and is_param(p))
-        self.approx = b.approx
-        self.weight_template = b.weights
+        self.kind = b.approximation
         self._q: dict[tuple, torch.Tensor] = {}
         self._models: dict[int, tuple[weakref.ref, RegionalModel]] = {}
 
@@ -252,7 +250,7 @@ class BlockRuntime:
         self._models[id(param)] = (weakref.ref(param), model)
         return model
 
-    def _weights(self, model: RegionalModel, name: str, args) -> dict[str, torch.Tensor]:
+    def _weights(self, model: RegionalModel, name: str) -> dict[str, torch.Tensor]:
         w = model.weights.get(name)
         if w is None:
             w = model.weights[name] = self._load_weights(model, name)
@@ -269,13 +267,9 @@ class BlockRuntime:
             return oc.initial_weights(self.device)
         from types import SimpleNamespace
 
-        from .calibration import load_calibration
-
         shapes = [tuple(int(d.node.hint) if isinstance(d, torch.SymInt) else d for d in s)
                   for s in self.layout.stream_shapes[0]]
-        region = SimpleNamespace(name=name, stream_shapes=shapes)
-        got = load_calibration(self.config.calibration, [region], kind=self.approx, rank=self.config.rank,
-                               time_buckets=self.config.time_buckets)
+        got = self.kind.weights(self.config, [SimpleNamespace(name=name, stream_shapes=shapes)])
         return {self.cls + k[len(name):]: v.to(self.device) for k, v in got.items()}
 
     def _q_ratio(self, key: tuple) -> torch.Tensor:
@@ -303,34 +297,21 @@ class BlockRuntime:
                               else torch.full((1,), -1, dtype=torch.int8)).to(self.device)}
         if self.binder is not None and any(c.name == "q_ratio" for c in self.layout.controls):
             controls["q_ratio"] = self._q_ratio(key)
-        weights = self._weights(model, name, args)
+        weights = self._weights(model, name)
         online = model.online.get(name)
-        extra, si = [], 0
-        for spec in self.layout.extra_inputs:
-            kind = type(spec).__name__
-            if kind == "StateSpec":
-                extra.append(state[si])
-                si += 1
-            elif kind == "ControlSpec":
-                extra.append(controls[spec.name])
-            elif kind == "AccumSpec":
-                extra.append(online.accum[spec.name])
-            else:
-                extra.append(weights[spec.name])
+        contract = self.layout.contract
+        extra = contract.bind(state, controls, weights, online.accum if online is not None else None)
         try:
             outs = self.compiled(*args, *extra)
         except BaseException:
             model.states.pop((name, ctx), None)
             raise
-        nu, ns = self.layout.num_user_outputs, len(self.layout.state)
-        model.states[(name, ctx)] = (self, key, list(outs[nu:nu + ns]))
-        delta, thr, ok = outs[nu + ns:nu + ns + 3]
-        model.record(tick, name, tick.step, delta, thr, ok)
+        got = contract.split(outs)
+        model.states[(name, ctx)] = (self, key, got.state)
+        model.record(tick, name, tick.step, *got.trace)
         if online is not None:
-            na = len(self.layout.accums)
-            online.after_step(list(outs[len(outs) - na:]), weights)
-        user = outs[:nu]
-        return tuple(user) if self.layout.output_is_tuple else user[0]
+            online.after_step(got.accums, weights)
+        return contract.user_result(got.user)
 
 
 def build_block_runtime(b) -> BlockRuntime:

@@ -3,7 +3,7 @@
 Benchmarks compare approximation kinds (or models with random weights, whose live decisions
 mean nothing) at the *same* set of approximated (block, step) pairs: record the trace once
 (``stats(model)["trace"]``), then replay it. The rewritten graph has a ``force`` control input
-(int8 [L]: -1 decide live, 0 full, 1 approximate, see ``runtime.decision.block_decision``);
+(int8 [L]: -1 decide live, 0 full, 1 approximate, see ``ops.decision.block_decision``);
 while a replay is active every call of a compiled graph of the model consumes one row.
 """
 

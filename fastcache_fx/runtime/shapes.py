@@ -2,7 +2,7 @@
 
 A dynamic-shape graph (the default ``torch.compile`` after the second distinct input shape,
 ``dynamic=True``, ``mark_dynamic``) serves many resolutions and batch sizes. Its cache state is
-sized with SymInts (``StateSpec.shape``); at call time the runtime binds every size symbol to the
+sized with SymInts (``contract.TensorSpec.shape``); at call time the runtime binds every size symbol to the
 call's value (from the SymInt arguments Dynamo passes, and from tensor sizes that are a bare
 symbol) and evaluates the state shapes, so the state always matches the call. The bound values
 form the *shape key*: cache state is never reused across a change of key.

@@ -1,6 +1,7 @@
 """GraphRuntime: calls one rewritten, compiled graph and owns its cache state between calls.
 
-State is a list of tensors laid out by ``BlockCacheResult.state``; there is one list per CFG
+State is a list of tensors laid out by the graph contract's state specs
+(``contract.GraphContract.state``, via ``BlockCacheResult.contract``); there is one list per CFG
 context, created lazily (diffusers StateManager style), sized for the call's shape (a graph
 traced with symbolic shapes serves many shapes: ``runtime.shapes.ShapeBinder``), and dropped on
 ``reset()``, when the call's shape differs from the one the state was built for, or when another
@@ -13,34 +14,18 @@ from __future__ import annotations
 
 import collections
 import warnings
-import itertools
 import weakref
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from ..passes.block_cache import AccumSpec, BlockCacheResult, ControlSpec, StateSpec
-from . import decision as D
+from ..passes.block_cache import BlockCacheResult
+from ..ops import decision as D
 from .context import current_context
+from .records import StepRecord
 from . import registry
 from .registry import ModelEntry
 from .shapes import ShapeBinder
-
-
-@dataclass
-class StepRecord:
-    """One step of one context: tensors as the graph returned them (read lazily by stats())."""
-
-    context: str
-    step: torch.Tensor
-    delta: torch.Tensor
-    threshold: torch.Tensor
-    approx: torch.Tensor
-    seq: int = field(default_factory=lambda: next(_SEQ))  # call order across the model's graphs
-
-
-_SEQ = itertools.count()
 
 
 class GraphRuntime:
@@ -76,11 +61,11 @@ class GraphRuntime:
         self.keys: dict[str, tuple] = {}  # the shape key each context's state was built for
         self.trace: collections.deque[StepRecord] = collections.deque(maxlen=trace_steps)
         self.calls = 0
-        # -1 everywhere: every block decides live (ControlSpec "force")
-        self.live = {c.name: torch.full(c.shape, c.fill if c.dtype.is_floating_point else int(c.fill), dtype=c.dtype,
-                                       device=device) for c in layout.controls}
+        self.contract = layout.contract
+        # -1 everywhere: every block decides live (the "force" control)
+        self.live = {c.name: c.initial(device) for c in self.contract.controls}
         self._q_ratio: dict[tuple, torch.Tensor] = {}
-        self.online = None  # runtime.online.OnlineCalibration with calibration="online" (AccumSpec inputs)
+        self.online = None  # runtime.online.OnlineCalibration with calibration="online" (accumulator inputs)
         self.token_merge = None  # passes.token_merge result, read by stats()
         self.timestep_at = None  # position of the timestep input (drives block graphs' clock)
         entry.graphs.append(self)
@@ -117,9 +102,8 @@ class GraphRuntime:
     def _state_for(self, ctx: str, key: tuple) -> list[torch.Tensor]:
         st = self.states.get(ctx)
         if st is None or self.keys.get(ctx) != key:
-            shape = (lambda s: s) if self.binder is None else (lambda s: self.binder.evaluate(s, key))
-            st = self.states[ctx] = [torch.full(shape(s.shape), s.fill, dtype=s.dtype, device=self.device)
-                                     for s in self.layout.state]
+            shape = tuple if self.binder is None else (lambda s: tuple(self.binder.evaluate(s, key)))
+            st = self.states[ctx] = self.contract.initial_state(self.device, shape)
             self.keys[ctx] = key
         return st
 
@@ -150,37 +134,23 @@ class GraphRuntime:
         ctx = current_context()
         state = self._state_for(ctx, key)
         controls = self._controls(key)
-        extra = []
-        si = 0
-        for spec in self.layout.extra_inputs:
-            if isinstance(spec, StateSpec):
-                extra.append(state[si])
-                si += 1
-            elif isinstance(spec, ControlSpec):
-                extra.append(controls[spec.name])
-            elif isinstance(spec, AccumSpec):
-                extra.append(self.online.accum[spec.name])
-            else:
-                extra.append(self.weights[spec.name])
+        extra = self.contract.bind(state, controls, self.weights, self.online.accum if self.online else None)
         try:
             outs = self.compiled(*args, *extra)  # Dynamo's convention for backend results: positional args
         except BaseException:
             self.states.pop(ctx, None)  # nothing half-updated survives a failed call
             raise
-        nu, ns = self.layout.num_user_outputs, len(self.layout.state)
-        new_state = list(outs[nu:nu + ns])
-        delta, thr, ok = outs[nu + ns:nu + ns + 3]
+        got = self.contract.split(outs)
+        new_state, (delta, thr, ok) = got.state, got.trace
         if self.clone_outputs:
             new_state = [t.clone() for t in new_state]
             delta, thr, ok = delta.clone(), thr.clone(), ok.clone()
         self.states[ctx] = new_state
-        self.trace.append(StepRecord(ctx, new_state[0], delta, thr, ok))
-        if self.online is not None:  # new accumulators come last; may refit and swap self.weights
-            na = len(self.layout.accums)
-            self.online.after_step(list(outs[len(outs) - na:]), self.weights, clone=self.clone_outputs)
+        self.trace.append(StepRecord(ctx, new_state[self.contract.step_index], delta, thr, ok))
+        if self.online is not None:  # may refit and swap self.weights
+            self.online.after_step(got.accums, self.weights, clone=self.clone_outputs)
         self.calls += 1
-        user = outs[:nu]
-        return tuple(user) if self.layout.output_is_tuple else user[0]
+        return self.contract.user_result(got.user)
 
 
 class FallbackRuntime:

@@ -10,7 +10,7 @@ new trajectory starts while a smaller variant was picked (the graph detects it f
 timestep), the step is run again with the 100 % variant.
 
 ``static_approx`` "linear" / "cached_linear" need the block-stack map (W [D, D], b [D]) of the
-calibration file (``runtime.calibration.calibrate_stack``); it is loaded once here and passed to
+calibration file (``calibration.calibrate_stack``); it is loaded once here and passed to
 every variant with k < N as two constant inputs. Without a calibration, with
 ``calibration="online"`` or with a file that holds no stack map, a warning is issued and the
 static tokens get "cached".
@@ -280,14 +280,14 @@ def _stack_map(config, regions, device) -> tuple[str, tuple | None]:
     else:
         from ..passes.blocks import tensor_meta
         from ..passes.token_select import _image_stream
-        from .calibration import load_stack_map
+        from ..calibration import load_stack_map
 
         si, _ = _image_stream(regions)  # image_tokens() succeeded: unambiguous
         width = tensor_meta(regions[0].stream_inputs[si])[0][-1]
         pair = load_stack_map(config.calibration, want, int(width))
         if pair is not None:
             return want, tuple(t.to(device) for t in pair)
-        why = f"{config.calibration} holds no stack map (fastcache_fx.runtime.calibration.calibrate_stack)"
+        why = f"{config.calibration} holds no stack map (fastcache_fx.calibration.calibrate_stack)"
     warnings.warn(f"fastcache: static_approx={want!r} needs the block-stack map of a calibration, but {why}; "
                   "falling back to static_approx='cached'", stacklevel=4)
     return "cached", None

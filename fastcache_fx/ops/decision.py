@@ -102,7 +102,7 @@ def block_decision(
             full computation (folded into the sums, so that all ranks agree).
         error_per_delta, error_budget: ``decision="error"``: the block's estimate k of e / delta
             ([] float32, NaN before its first measurement) and the budget; the bound on delta is
-            then error_budget / k (``runtime.forecast``), replacing tau and the chi-square test.
+            then error_budget / k (``ops.forecast``), replacing tau and the chi-square test.
 
     Returns:
         (approx [] bool, delta [] float32, threshold [] float32 = sqrt of the squared bound).
@@ -222,7 +222,7 @@ def approx_residual_linear(h, residual, anchor_in, weight, bias) -> torch.Tensor
     return (h + residual + torch.nn.functional.linear(dh, weight.to(h.dtype), bias.to(h.dtype))).contiguous()
 
 
-# learned maps: low rank, time buckets, online statistics (issue #4) ------------------------------
+# learned maps: low rank, time buckets, online statistics ------------------------------------------
 
 def pick_bucket(w: torch.Tensor, t: torch.Tensor, buckets: int, timestep_max: float) -> torch.Tensor:
     """The map of this step's time bucket: w [K, ...] -> w[k], k = clamp(floor(K t / timestep_max),
@@ -262,7 +262,7 @@ def approx_map(h, residual, anchor_in, maps: Sequence[torch.Tensor], t, ready, *
 def ridge_increments(h, y, anchor_in, anchor_res, *, kind: str):
     """The ridge sufficient-statistic increments of one full computation of one stream (online
     calibration): x, target pairs are (H, Y) for ``linear`` and (H - H_anchor, (Y - H) - R_anchor)
-    for ``residual_linear`` (see ``runtime.calibration``). float32 matmuls, O(B N D^2).
+    for ``residual_linear`` (see ``calibration``). float32 matmuls, O(B N D^2).
 
     Returns:
         (n [], sum x [D], sum y [D], X^T X [D, D], X^T Y [D, D], sum ||y||^2 []), float32.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .calibration import KINDS, STACK_KINDS, calibrate
+from . import KINDS, STACK_KINDS, calibrate
 
 MODELS = ("reference",)
 
