@@ -50,7 +50,7 @@ def _case(name: str, **options) -> dict:
     return _run(compiled, name)
 
 
-def _dit_cases(out: dict) -> None:
+def _dit_cases(out: dict) -> dict:
     base = {"decision": "chi2", "cache_ratio_threshold": 0.5}
     for label, opts in {
         "token_merge": dict(base, enable_token_merge=True),
@@ -75,16 +75,25 @@ def _dit_cases(out: dict) -> None:
         fc.export(Z.build(DIT)[0], kws[0], Path(d) / "aoti", config={"decision": "chi2", "cache_ratio_threshold": 0.5})
         loaded = fc.load_exported(Path(d) / "aoti")
         out["DiT/aoti"] = {"out": torch.stack([Z.output_tensor(loaded(**kw)).clone() for kw in kws])}
+    return out
+
+
+def _guarded(out: dict, key: str, fn) -> None:
+    """``out[key] = fn()``; an exception is recorded as its message (it must recur the same way)."""
+    try:
+        out[key] = fn()
+    except Exception as e:  # noqa: BLE001  (recorded, compared)
+        out[key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    print(key, "error" if "error" in out[key] else "ok", flush=True)
 
 
 def record() -> dict:
     out: dict = {}
     for name in CLASSES:
         for label, opts in OPTIONS.items():
-            out[f"{name}/{label}"] = _case(name, **opts)
-            print(name, label, flush=True)
-        out[f"{name}/regional"] = _case(name, regional=True, error_budget=0.5)
-    _dit_cases(out)
+            _guarded(out, f"{name}/{label}", lambda: _case(name, **opts))
+        _guarded(out, f"{name}/regional", lambda: _case(name, regional=True, error_budget=0.5))
+    _guarded(out, "DiT", lambda: _dit_cases({}))
     return out
 
 
@@ -116,6 +125,10 @@ def main(argv=None) -> int:
             bad += 1
             continue
         x, y = before[k], now[k]
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            print(f"{k}: {'same' if x == y else 'differs'}: {x!r} / {y!r}")
+            bad += x != y
+            continue
         same = x.shape == y.shape and torch.equal(x, y)
         diff = (x.double() - y.double()).abs().max().item() if x.shape == y.shape else float("inf")
         print(f"{k}: {'identical' if same else f'max |diff| {diff:.3g}'}")

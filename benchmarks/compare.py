@@ -45,6 +45,8 @@ os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")
 import numpy as np
 import torch
 
+from fastcache_fx.reference.metrics import PSNR_CAP  # dB reported for identical images
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers as P  # noqa: E402
 
@@ -68,7 +70,6 @@ FASTCACHE_LABELS = {"fastcache": "fastcache chi2", "fastcache_taylor": "fastcach
                     "fastcache_error_mc6": "fastcache error rule, max_consecutive_approx=6"}
 METHODS = BASELINES + tuple(FASTCACHE_VARIANTS) + P.PEERS
 DEFAULT_METHODS = ",".join(METHODS)
-PSNR_CAP = 100.0  # dB reported for identical images (MSE 0)
 
 #: The knob each method is swept over, and its default values (a flag per method overrides them).
 SWEEPS = {
@@ -97,7 +98,7 @@ def psnr_db(images: torch.Tensor, reference: torch.Tensor) -> float:
     image [1, H, W] against the reference of the same seed; identical images count as ``PSNR_CAP``."""
     from fastcache_fx import reference as R
 
-    return float(R.psnr(images, reference).clamp_max(PSNR_CAP).mean())
+    return R.psnr_db(images, reference)
 
 
 def ssim_mean(images: torch.Tensor, reference: torch.Tensor) -> float:

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from fastcache_fx.reference.metrics import psnr_db
+
 
 def build(tokens: int, seed: int = 0):
     """(model, kwargs) of a Flux-type model with ``tokens`` image tokens (a square grid)."""
@@ -107,9 +109,7 @@ def worker(rank: int, world: int, a, path: str) -> None:
             groups = len(registry.lookup(model).graphs[0].layout.groups)
             row.update(approx_ratio=st["block_approx_ratio"], blocks=blocks, groups=groups,
                        allreduce_bytes_per_step=2 * 4 * x.shape[0] * blocks * groups)
-            mse = float((x - ref).pow(2).mean())
-            peak = float(ref.abs().max())
-            row["psnr_db_vs_inductor"] = 10 * torch.log10(torch.tensor(peak * peak / max(mse, 1e-20))).item()
+            row["psnr_db_vs_inductor"] = psnr_db(x, ref, data_range=None)
         rows.append(row)
     if rank == 0:
         torch.save(rows, path)

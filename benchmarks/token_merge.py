@@ -107,7 +107,7 @@ def _rows(methods, best, images_of, labels, clf, steps) -> dict:
         timed = st["trace"][-steps:] if st else []
         ratio = sum(sum(t["approx"]) for t in timed) / max(1, sum(len(t["approx"]) for t in timed))
         rows[name] = {"seconds_per_image": best[name] / n, "speed_ratio": best["inductor"] / best[name],
-                      "psnr_db": float(R.psnr(imgs, base).clamp_max(100).mean()),
+                      "psnr_db": R.psnr_db(imgs, base),
                       "digits_fid": R.digits_fid(clf, imgs), "class_accuracy": R.class_accuracy(clf, imgs, labels),
                       "block_approx_ratio": ratio,
                       "tokens_per_stage": ((st or {}).get("token_merge") or {}).get("tokens_per_stage", [64])}

@@ -107,7 +107,7 @@ def quality_row(j, clf, imgs, labels, reference=None) -> dict:
     """PSNR / SSIM against ``reference`` (same seeds; none: inf / 1), class accuracy and digits-FID
     on the classifier's 8x8 view of ``imgs``."""
     small = j.to_classifier(imgs)
-    return {"psnr_db": float("inf") if reference is None else float(R.psnr(imgs, reference).clamp_max(100).mean()),
+    return {"psnr_db": float("inf") if reference is None else R.psnr_db(imgs, reference),
             "ssim": 1.0 if reference is None else float(R.ssim(imgs, reference).mean()),
             "class_accuracy": R.class_accuracy(clf, small, labels), "digits_fid": R.digits_fid(clf, small)}
 

@@ -57,11 +57,12 @@ class TuneResult:
 
 
 def psnr_db(output: torch.Tensor, reference: torch.Tensor) -> float:
-    """10 log10(range^2 / MSE) with range = max - min of ``reference`` (inf when equal)."""
-    ref = reference.detach().float()
-    mse = float((output.detach().float() - ref).pow(2).mean())
-    rng = float(ref.max() - ref.min()) or 1.0
-    return math.inf if mse == 0 else 10.0 * math.log10(rng * rng / mse)
+    """``reference.metrics.psnr_db`` with the reference's own range (model outputs of any range)."""
+    from .reference.metrics import psnr_db as _psnr_db
+
+    out, ref = output.detach().float(), reference.detach().float()
+    return _psnr_db(out.reshape(1, -1) if out.dim() < 2 else out, ref.reshape(1, -1) if ref.dim() < 2 else ref,
+                    data_range=None, cap=math.inf)
 
 
 def fastest_run(fn, run_fn, repeats: int, reset, warmup=None) -> tuple[torch.Tensor, float]:

@@ -18,6 +18,21 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> torch.Ten
     return 10 * torch.log10(data_range ** 2 / mse)
 
 
+#: dB reported for identical samples (MSE 0)
+PSNR_CAP = 100.0
+
+
+def psnr_db(images: torch.Tensor, reference: torch.Tensor, data_range: float | None = 2.0,
+            cap: float = PSNR_CAP) -> float:
+    """The PSNR every table of this project reports: the mean over samples of ``psnr`` (dB), each
+    capped at ``cap`` (identical samples count as ``cap``). ``images``, ``reference``: [B, ...]
+    (one sample per row, same seeds). ``data_range`` R: 2 for images in [-1, 1]; None: the
+    reference's max - min (model outputs of any range)."""
+    if data_range is None:
+        data_range = float(reference.max() - reference.min()) or 1.0
+    return float(psnr(images, reference, data_range).clamp_max(cap).mean())
+
+
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0, window: int = 7) -> torch.Tensor:
     """Structural similarity per image (Wang et al. 2004, eq. 13) with a uniform ``window`` x
     ``window`` window and K1=0.01, K2=0.03, as scikit-image's default; [B].
