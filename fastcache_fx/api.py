@@ -142,11 +142,9 @@ def _compile_regional(module: torch.nn.Module, backend, **compile_kw) -> None:
     from .passes.blocks import block_lists
     from .runtime.regional import RegionalModel, install_step_hook
 
-    config = backend.config
-    for name in ("enable_spatial_approx", "enable_token_merge"):
-        if getattr(config, name):
-            raise ValueError(f"FastCacheConfig.{name}: not available with regional=True (one graph per block "
-                             "class): token selection and token merging change the token count across blocks")
+    from .compat import Target, check
+
+    config = check(backend.config, Target(block_graph=True))
     repeated = set(getattr(module, "_repeated_blocks", None) or ())
     if repeated:
         blocks = {n: m for n, m in module.named_modules() if type(m).__name__ in repeated}

@@ -32,11 +32,13 @@ from torch import fx
 from .config import FastCacheConfig
 from .lowering.inductor import compile_graph
 from . import approx as approx_kinds
+from . import compat
 from .approx import Approximation
 from .contract import GraphContract
 from .passes.block_cache import BlockCacheResult, apply_block_cache
-from .passes.blocks import (BlockRegion, collective_groups, find_block_graph, find_blocks, find_timestep,
-                           has_symbolic_shapes, is_param, node_value)
+from .passes.blocks import BlockRegion, find_block_graph, find_blocks, find_timestep, is_param
+from .passes.shards import collective_groups
+from .passes.graph_utils import has_symbolic_shapes, node_value
 from .runtime import registry
 from .runtime.shapes import ShapeBinder
 from .runtime.state import FallbackRuntime, GraphRuntime, SharedGraph
@@ -117,14 +119,41 @@ def _online_calibration(b: Build) -> None:
     b.weights = b.online.initial_weights(b.device)
 
 
-#: The passes in order: (name, applies to the build, rewrite). Token selection is not listed: it
-#: builds one graph per token bucket (``runtime.token_select``), each through this same list.
-PASSES: tuple[tuple[str, Callable[[Build], bool], Callable[[Build], None]], ...] = (
-    ("token_merge", lambda b: b.config.enable_token_merge, _token_merge),
-    ("block_cache", lambda b: True, _block_cache),
-    ("token_select_force", lambda b: b.select is not None, _token_select_force),
-    ("online_calibration", lambda b: b.layout.online, _online_calibration),
+@dataclass(frozen=True)
+class Pass:
+    """One step of the pipeline (the torch.fx pass-infra style: ``requires`` / ``ensures``).
+
+    ``applies(b)``: whether it runs on this build; ``run(b)``: the rewrite (a new graph, an
+    extended contract); ``requires``: passes that must have run before it; ``before``: passes
+    that must not have run yet (it changes what they would see)."""
+
+    name: str
+    applies: Callable[[Build], bool]
+    run: Callable[[Build], None]
+    requires: tuple[str, ...] = ()
+    before: tuple[str, ...] = ()
+
+
+#: The passes in order. Token selection is not listed: it builds one graph per token bucket
+#: (``runtime.token_select``), each through this same list.
+PASSES: tuple[Pass, ...] = (
+    Pass("token_merge", lambda b: b.config.enable_token_merge, _token_merge, before=("block_cache",)),
+    Pass("block_cache", lambda b: True, _block_cache),
+    Pass("token_select_force", lambda b: b.select is not None, _token_select_force, requires=("block_cache",)),
+    Pass("online_calibration", lambda b: b.layout.online, _online_calibration, requires=("block_cache",)),
 )
+
+
+def check_order(passes: tuple[Pass, ...]) -> None:
+    """Raise ``ValueError`` naming the passes when ``passes`` breaks a ``requires`` / ``before``."""
+    seen: list[str] = []
+    for p in passes:
+        missing = [r for r in p.requires if r not in seen]
+        late = [r for r in p.before if r in seen]
+        if missing or late:
+            why = f"needs {missing} before it" if missing else f"must run before {late}"
+            raise ValueError(f"fastcache pipeline: pass {p.name!r} {why} (order: {[q.name for q in passes]})")
+        seen.append(p.name)
 
 
 def lower(b: Build):
@@ -183,11 +212,11 @@ class FastCacheBackend:
             from .runtime.regional import build_block_runtime
 
             return build_block_runtime(run_passes(b))
-        if config.enable_spatial_approx and not b.dynamic:  # one graph per token bucket
+        if b.config.enable_spatial_approx:  # one graph per token bucket (compat.check: static shapes)
             from .runtime.token_select import build_token_select
 
-            runtime = build_token_select(lambda g, ex, sel: build_variant(g, ex, config, mode, sel),
-                                         gm, example_inputs, config, b.regions, b.device,
+            runtime = build_token_select(lambda g, ex, sel: build_variant(g, ex, b.config, mode, sel),
+                                         gm, example_inputs, b.config, b.regions, b.device,
                                          clone_outputs=mode == "reduce-overhead")
             if runtime is not None:
                 return runtime
@@ -198,9 +227,8 @@ def plan(gm: fx.GraphModule, example_inputs: list, config: FastCacheConfig, mode
     """Classify a Dynamo graph: a Build for the pipeline, or the reason for a plain-Inductor fallback.
 
     Raises:
-        ValueError: token selection / token merge asked for in regional compilation (they change
-            the token count across blocks, which one block's graph cannot do) or under context
-            parallelism (the graph has collectives: each rank sees a shard of the tokens).
+        ValueError: an option this graph cannot run (``compat.check``: token selection / token
+            merge in regional compilation or under context parallelism).
         RuntimeError: ``lowering="tensorrt"`` without CUDA / torch_tensorrt.
     """
     dynamic = has_symbolic_shapes(gm)
@@ -212,38 +240,24 @@ def plan(gm: fx.GraphModule, example_inputs: list, config: FastCacheConfig, mode
             left = f" (left alone: {search.left_alone})" if search.left_alone else ""
             return f"no transformer blocks recognised in this graph{left}: {block}"
         kind, regions = "block", [block]
-        for name in ("enable_spatial_approx", "enable_token_merge"):
-            if getattr(config, name):
-                raise ValueError(f"FastCacheConfig.{name}: not available in regional compilation (one graph per "
-                                 "block class): token selection and token merging change the token count across "
-                                 "blocks; compile the whole transformer instead")
-    if collective_groups(gm):  # context parallelism: every rank holds a shard of the tokens
-        for name, why in (("enable_spatial_approx", "the motion-token count and the token set are per rank"),
-                          ("enable_token_merge", "the merge windows would cut across the ranks' shards")):
-            if getattr(config, name):
-                raise ValueError(f"FastCacheConfig.{name}: not available under context parallelism ({why}); "
-                                 "the block cache is")
     if config.lowering == "tensorrt":
         from .lowering.tensorrt import require_tensorrt
 
         require_tensorrt()
-        if dynamic:
-            warnings.warn("fastcache: lowering='tensorrt' needs static shapes; this dynamic-shape graph is lowered "
-                          "by Inductor", stacklevel=3)
-    if dynamic:
-        for name, what in (("enable_spatial_approx", "token selection"), ("enable_token_merge", "token merging")):
-            if getattr(config, name) and kind == "model":
-                warnings.warn(f"fastcache: {what} needs static shapes; this dynamic-shape graph keeps the block "
-                              f"cache only (pass dynamic=False to torch.compile for {what})", stacklevel=3)
-        config = config.replace(enable_spatial_approx=False, enable_token_merge=False)
+    config = compat.check(config, compat.Target(block_graph=kind == "block", dynamic=dynamic,
+                                                collectives=bool(collective_groups(gm))), stacklevel=4)
     return Build(gm, list(example_inputs), config, mode, regions, kind, dynamic)
 
 
-def run_passes(b: Build) -> Build:
-    """Run ``PASSES`` on ``b`` in order (each pass whose condition holds) and lower the result."""
-    for name, applies, rewrite in PASSES:
-        if applies(b):
-            rewrite(b)
+def run_passes(b: Build, passes: tuple[Pass, ...] = PASSES) -> Build:
+    """Run ``passes`` on ``b`` in order (each whose condition holds) and lower the result.
+
+    Raises:
+        ValueError: ``passes`` in an order that breaks a pass's ``requires`` / ``before``."""
+    check_order(passes)
+    for p in passes:
+        if p.applies(b):
+            p.run(b)
     log.info("fastcache: %s graph, %d blocks rewritten (%s), passes %s", b.kind, len(b.layout.blocks),
              b.layout.approx, b.notes)
     b.compiled = lower(b)

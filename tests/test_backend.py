@@ -212,3 +212,15 @@ def test_models_sharing_a_compiled_graph_keep_their_own_state():
         st = fastcache_fx.stats(m)
         assert [t["step"] for t in st["trace"]] == [0, 1, 2, 3] and st["graphs"] == 1
         assert [t["approx"] for t in st["trace"]] == [[False, False]] * 2 + [[True, True]] * 2
+
+
+def test_pass_order_is_checked():
+    """A pipeline in the wrong order fails with a message naming the passes, before any rewrite."""
+    from fastcache_fx.backend import PASSES, check_order
+
+    check_order(PASSES)
+    by = {p.name: p for p in PASSES}
+    with pytest.raises(ValueError, match="'token_merge' must run before \\['block_cache'\\]"):
+        check_order((by["block_cache"], by["token_merge"]))
+    with pytest.raises(ValueError, match="'online_calibration' needs \\['block_cache'\\]"):
+        check_order((by["online_calibration"], by["block_cache"]))

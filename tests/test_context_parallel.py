@@ -87,7 +87,8 @@ class _ShardedImageReplicatedText(torch.nn.Module):
 def test_token_shards_and_stream_weights(monkeypatch):
     """ND and the weights of the decision sums follow how each stream is split over the ranks:
     the sharded image counts its shard twice (2 ranks), the replicated text once."""
-    from fastcache_fx.passes.blocks import find_blocks, token_shards
+    from fastcache_fx.passes.blocks import find_blocks
+    from fastcache_fx.passes.shards import token_shards
     from fastcache_fx.ops.decision import block_decision
 
     gm, _ = dynamo_graph(_ShardedImageReplicatedText(), dict(x=torch.randn(1, 8, 8), txt=torch.randn(1, 6, 8),

@@ -8,7 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fastcache_fx
 from fastcache_fx import FastCacheConfig, zoo
-from fastcache_fx.passes.blocks import find_blocks, node_value
+from fastcache_fx.passes.blocks import find_blocks
+from fastcache_fx.passes.graph_utils import node_value
 from fastcache_fx.passes.token_merge import (
     apply_token_merge, from_windows, local_ctm, merge_tokens, to_windows, unmerge_add)
 

@@ -27,7 +27,8 @@ import torch
 from torch import fx
 from torch.fx.node import _get_qualified_name
 
-from ..passes.blocks import block_of, find_blocks, is_param, node_value
+from ..passes.blocks import block_of, find_blocks, is_param
+from ..passes.graph_utils import node_value
 
 NAME_KEY = "fastcache_debug_name"
 

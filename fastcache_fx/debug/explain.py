@@ -25,7 +25,8 @@ from torch import fx
 from .. import approx as approx_kinds
 from ..config import FastCacheConfig
 from ..passes.block_cache import BlockCacheResult, apply_block_cache
-from ..passes.blocks import clone_graph_module, find_blocks
+from ..passes.blocks import find_blocks
+from ..passes.graph_utils import clone_graph_module
 from .dump import block_dot, graph_text, tag_canonical_names
 
 NO_BLOCKS = "no transformer blocks, compiled with plain Inductor"

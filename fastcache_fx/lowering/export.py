@@ -177,13 +177,9 @@ def rewrite(captured: CapturedGraph, config: FastCacheConfig):
     Raises:
         ValueError: no transformer block was recognised (nothing to cache).
     """
-    if getattr(config, "enable_token_merge", False):
-        raise ValueError("FastCacheConfig.enable_token_merge: export does not support the token-merge pass yet")
-    if getattr(config, "enable_spatial_approx", False):
-        raise ValueError("FastCacheConfig.enable_spatial_approx: export does not support token selection yet "
-                         "(its variants are chosen per step by the Python runtime)")
-    if config.calibration == "online":
-        raise ValueError("FastCacheConfig.calibration: export needs fixed maps (a calibration file), not 'online'")
+    from ..compat import Target, check
+
+    config = check(config, Target(export=True))
     search = find_blocks(captured.gm)
     if not search.regions:
         raise ValueError("export: no transformer blocks recognised in the model's graph"

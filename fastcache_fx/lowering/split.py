@@ -24,7 +24,8 @@ from typing import Callable, Sequence
 import torch
 from torch import fx
 
-from ..passes.blocks import is_param, node_value
+from ..passes.blocks import is_param
+from ..passes.graph_utils import node_value
 
 #: ``engine_compiler(gm, example_inputs, name) -> callable``: lowers one piece.
 EngineCompiler = Callable[[fx.GraphModule, list, str], Callable]

@@ -91,7 +91,7 @@ def block_decision(
             them (``sum_over_groups``), so every rank takes the branch one process would take
             on the whole sequence. ND (``q_ratio``) is then that of the whole sequence too
             (``passes.block_cache``: the shard's elements times the ranks its tokens are split
-            over, ``passes.blocks.token_shards``).
+            over, ``passes.shards.token_shards``).
         stream_weights: context parallelism with streams split over different numbers of ranks
             k_s (a text stream replicated on every rank, k = 1, beside a sharded image stream,
             k = W): stream s's local sums are multiplied by k_s before the all-reduce. The sum

@@ -25,8 +25,9 @@ from ..config import FastCacheConfig
 from ..contract import GraphContract
 from ..ops import decision as D
 from ..ops import forecast
-from .blocks import (BlockRegion, clone_graph_module, collective_groups, find_blocks, find_timestep, node_value,
-                     remap_region, tensor_meta, token_shards)
+from .blocks import BlockRegion, find_blocks, find_timestep, remap_region, tensor_meta
+from .shards import collective_groups, token_shards
+from .graph_utils import clone_graph_module, node_value
 from .branches import approx_branch, fake_flat, full_branch, scalar_constants
 from .extra_io import ExtraIO, set_val, symbolic
 

@@ -18,22 +18,18 @@ A region that does not fit (no stream, outputs that are not streams, not convex)
 
 from __future__ import annotations
 
-import operator
 import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
+from .graph_utils import graph_io, node_value
+
 # "...['transformer_blocks'].3" or "transformer_blocks.3" (plain module paths)
 _INDEXED = re.compile(r"^(?P<list>.*?)(?:'\])?\.(?P<idx>\d+)$")
 _PARAM_NAME = re.compile(r"_(parameters|buffers)_")
 _TIMESTEP = re.compile(r"timestep", re.IGNORECASE)
-
-
-def node_value(node: fx.Node):
-    """The example value of a node (FakeTensor or real), whichever meta key Dynamo/make_fx set."""
-    return node.meta.get("val", node.meta.get("example_value"))
 
 
 def tensor_meta(node) -> tuple[tuple, torch.dtype] | None:
@@ -256,105 +252,6 @@ def block_lists(module: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList]
     return out
 
 
-def collective_groups(gm: fx.GraphModule) -> list[str]:
-    """Names of the process groups the graph's functional collectives use (``_c10d_functional``
-    ops: diffusers context parallelism's Ulysses all-to-all, ring all-gather, the output
-    gather), in graph order; empty for a single-process graph."""
-    groups: list[str] = []
-    for n in gm.graph.nodes:
-        if n.op != "call_function" or "_c10d_functional" not in str(n.target) or "wait_tensor" in str(n.target):
-            continue
-        name = n.kwargs.get("group_name", n.args[-1] if n.args else None)
-        if isinstance(name, str) and name not in groups:
-            groups.append(name)
-    return groups
-
-
-def group_size(name: str) -> int | None:
-    """World size of the process group ``name`` (as the graph's collectives name it), or None
-    when it cannot be resolved here (no process group of that name in this process)."""
-    try:
-        from torch.distributed.distributed_c10d import _resolve_process_group
-
-        return int(_resolve_process_group(name).size())
-    except Exception:
-        return None
-
-
-#: ops that cut a tensor into pieces, whose getitem is one rank's shard when a context-parallel
-#: sharder (diffusers' ``EquipartitionSharder``: ``x.chunk(world, dim)[rank]``; xDiT:
-#: ``torch.chunk(x, sp_world_size, dim=-2)[rank]``) runs them on a value every rank holds whole
-_CUTS = {"chunk", "tensor_split", "split"}
-
-
-def _cut_count(cut: fx.Node) -> int | None:
-    """Pieces a ``chunk`` / ``tensor_split`` / ``split`` node cuts along a token dimension (not
-    the batch dimension of a >= 3-D value, not the feature dimension), or None."""
-    x = cut.args[0] if cut.args else None
-    v = node_value(x) if isinstance(x, fx.Node) else None
-    if not isinstance(v, torch.Tensor) or v.dim() < 2:
-        return None
-    name = getattr(cut.target, "__name__", str(cut.target))
-    dim = cut.kwargs.get("dim", cut.args[2] if len(cut.args) > 2 else 0)
-    arg = cut.kwargs.get("chunks", cut.kwargs.get("sections", cut.kwargs.get(
-        "split_size_or_sections", cut.kwargs.get("split_size", cut.args[1] if len(cut.args) > 1 else None))))
-    if not isinstance(dim, int) or not isinstance(arg, int):
-        return None
-    dim %= v.dim()
-    if dim == v.dim() - 1 or (v.dim() >= 3 and dim == 0):
-        return None
-    if name == "split":  # split(size): pieces of ``arg`` tokens
-        size = v.shape[dim]
-        return size // arg if isinstance(size, int) and arg > 0 and size % arg == 0 else None
-    return arg
-
-
-def token_shards(gm: fx.GraphModule, groups: list[str] | None = None, sizes: dict[str, int] | None = None
-                 ) -> dict[fx.Node, int]:
-    """Into how many shards, one per rank, the token dimension of each value of a
-    context-parallel graph is cut: 1 where every rank holds the whole sequence (graph inputs,
-    temb, a value all-gathered again), k where each rank holds 1/k of it.
-
-    Forward data flow: a getitem of a ``chunk`` / ``tensor_split`` / ``split`` along a token
-    dimension of a whole value into as many pieces as one of the graph's process groups has
-    ranks (or all of them together) is a shard; an all-gather over a group of g ranks divides
-    the count by g; every other op keeps the largest count of its inputs (Ulysses' all-to-all
-    keeps the tokens sharded, a block maps its sharded stream to a sharded stream). A split the
-    graph does not show (sharded outside it) reads as whole: the count it gives is then 1.
-
-    Args:
-        groups: the graph's process groups (``collective_groups(gm)`` when None).
-        sizes: group name -> ranks (resolved with ``torch.distributed`` when None).
-
-    Returns:
-        {node: count} for every node of ``gm`` (all 1 when the graph has no collectives).
-    """
-    groups = collective_groups(gm) if groups is None else groups
-    if sizes is None:
-        sizes = {g: n for g in groups if (n := group_size(g)) is not None}
-    counts = {n for n in sizes.values() if n > 1}
-    if counts:
-        total = 1
-        for n in sizes.values():
-            total *= n
-        counts.add(total)
-    out: dict[fx.Node, int] = {}
-    for node in gm.graph.nodes:
-        ins = [out.get(a, 1) for a in node.all_input_nodes]
-        k = max(ins, default=1)
-        target = str(node.target)
-        if node.op == "call_function" and "_c10d_functional" in target and "all_gather" in target:
-            name = node.kwargs.get("group_name", node.args[-1] if node.args else None)
-            k = max(1, k // sizes.get(name, 1)) if isinstance(name, str) else k
-        elif (node.target is operator.getitem and node.args and isinstance(node.args[0], fx.Node)
-              and getattr(node.args[0].target, "__name__", str(node.args[0].target)) in _CUTS
-              and node.args[0].op in ("call_method", "call_function") and k == 1):
-            n = _cut_count(node.args[0])
-            k = n if n in counts else 1
-        out[node] = k
-    return out
-
-
 def root_module_class(gm: fx.GraphModule) -> str | None:
     """Class name of the module whose ``forward`` Dynamo traced into ``gm`` (e.g.
     ``"FluxTransformerBlock"`` when a block was compiled on its own), or None if unknown.
@@ -401,86 +298,6 @@ def find_block_graph(gm: fx.GraphModule) -> BlockRegion | str:
     return region if region is not None else f"{cls}: {reason}"
 
 
-def clone_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
-    """A copy of ``gm`` whose graph can be rewritten without touching Dynamo's own graph.
-
-    Keeps what AOTAutograd reads off a Dynamo graph (``meta``, ``_param_name_to_source``,
-    placeholders' ``_dynamo_source``). Returns (copy, old node -> new node).
-    """
-    g = fx.Graph()
-    val_map: dict[fx.Node, fx.Node] = {}
-    out = g.graph_copy(gm.graph, val_map)
-    g.output(out)
-    new = fx.GraphModule(gm, g)
-    new.meta = dict(gm.meta)
-    if hasattr(gm, "_param_name_to_source"):
-        new._param_name_to_source = gm._param_name_to_source
-    for old, nn_ in val_map.items():
-        if hasattr(old, "_dynamo_source"):
-            nn_._dynamo_source = old._dynamo_source
-    return new, val_map
-
-
-def graph_io(graph: fx.Graph) -> tuple[list[fx.Node], fx.Node, list, bool]:
-    """(placeholders, output node, the user outputs as a list, whether they were a tuple)."""
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    out_node = next(n for n in graph.nodes if n.op == "output")
-    out = out_node.args[0]
-    is_tuple = isinstance(out, (tuple, list))
-    return placeholders, out_node, list(out) if is_tuple else [out], is_tuple
-
-
-def insert_placeholder(graph: fx.Graph, after: fx.Node, name: str, val) -> fx.Node:
-    """A new placeholder right after ``after`` with ``meta["val"]`` = ``val`` (a meta tensor)."""
-    with graph.inserting_after(after):
-        p = graph.placeholder(name)
-    p.meta["val"] = p.meta["example_value"] = val
-    p._dynamo_source = None  # AOTAutograd reads it on every placeholder of a Dynamo graph
-    return p
-
-
-def refresh_node_values(gm: fx.GraphModule) -> None:
-    """Recompute ``meta["val"]`` (and Dynamo's ``example_value``) of every node of ``gm`` with fake
-    tensors propagated from its placeholders' values; placeholders holding meta tensors (state
-    added by a pass) are placed on the device of the other inputs. Run after a pass changes
-    token counts, so later passes size their state from the new shapes."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-    vals = [node_value(p) for p in gm.graph.nodes if p.op == "placeholder"]
-    device = next((v.device for v in vals if isinstance(v, torch.Tensor) and v.device.type != "meta"),
-                  torch.device("cpu"))
-    # a fresh mode: Dynamo's values may belong to a mode that is not the ambient one
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake = []
-    for v in vals:
-        if isinstance(v, torch.Tensor):
-            dev = device if v.device.type == "meta" else v.device
-            with mode:
-                v = torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=dev)
-        fake.append(v)
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake)
-    for node in gm.graph.nodes:
-        if "val" in node.meta:
-            node.meta["example_value"] = node.meta["val"]
-
-
-def recompile_with_values(gm: fx.GraphModule) -> str | None:
-    """Lint and recompile ``gm`` after a token-count change, then ``refresh_node_values``.
-
-    Returns:
-        None, or "<error type>: <first line>" when shape propagation fails (a node bakes the old
-        token count, or glue mixes tensors of the old and new counts).
-    """
-    try:
-        gm.graph.lint()
-        gm.recompile()
-        refresh_node_values(gm)
-    except Exception as e:  # any propagation error means: leave the graph alone
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return None
-
-
 def find_timestep(placeholders: list[fx.Node]) -> fx.Node | None:
     """The model's timestep input (a non-parameter tensor placeholder named like ``timestep``)."""
     for p in placeholders:
@@ -495,14 +312,3 @@ def remap_region(region: BlockRegion, val_map: dict[fx.Node, fx.Node]) -> BlockR
     return BlockRegion(region.name, region.list_name, region.index, region.module_type, m(region.nodes),
                        m(region.stream_inputs), m(region.stream_outputs), m(region.context_inputs),
                        m(region.param_inputs))
-
-
-def has_symbolic_shapes(gm: fx.GraphModule) -> bool:
-    """Some placeholder of ``gm`` has a symbolic size (Dynamo traced dynamic shapes)."""
-    for n in gm.graph.nodes:
-        if n.op != "placeholder":
-            continue
-        v = node_value(n)
-        if isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in v.shape)):
-            return True
-    return False

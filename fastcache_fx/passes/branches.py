@@ -22,7 +22,8 @@ from torch import fx
 from ..approx import Approximation, Slots
 from ..config import FastCacheConfig
 from ..ops import forecast
-from .blocks import BlockRegion, node_value
+from .blocks import BlockRegion
+from .graph_utils import node_value
 from .extra_io import set_val, symbolic
 
 _OPERAND_SCALARS = (int, torch.SymInt)  # what cond accepts besides tensors

@@ -12,7 +12,7 @@ from torch import fx
 from ..contract import GraphContract, TensorSpec, accum_spec, control_spec, state_spec, weight_spec
 from ..approx.base import meta as _meta
 from ..ops import decision as D
-from .blocks import graph_io, insert_placeholder, node_value
+from .graph_utils import graph_io, insert_placeholder, node_value
 
 #: ``node.meta`` key of the clock's nodes ("step", "t"); node meta survives graph copies
 CLOCK = "fc_clock"

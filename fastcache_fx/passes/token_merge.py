@@ -43,8 +43,8 @@ from torch import fx
 
 from ..config import FastCacheConfig
 from ..contract import GraphContract
-from .blocks import (BlockRegion, clone_graph_module, find_blocks, find_timestep, node_value, recompile_with_values,
-                     remap_region, tensor_meta)
+from .blocks import BlockRegion, find_blocks, find_timestep, remap_region, tensor_meta
+from .graph_utils import clone_graph_module, node_value, recompile_with_values
 from .extra_io import ExtraIO
 
 # mean k-NN distance (normalised) is clamped here so that exp(-x) stays a normal float32

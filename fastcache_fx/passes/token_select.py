@@ -61,8 +61,8 @@ from torch import fx
 from ..config import FastCacheConfig
 from ..contract import TensorSpec, state_spec, weight_spec
 from .extra_io import insert_trajectory_step, set_val
-from .blocks import (BlockRegion, clone_graph_module, find_blocks, find_timestep, graph_io, insert_placeholder,
-                     node_value, recompile_with_values, remap_region, tensor_meta)
+from .blocks import BlockRegion, find_blocks, find_timestep, remap_region, tensor_meta
+from .graph_utils import clone_graph_module, graph_io, insert_placeholder, node_value, recompile_with_values
 
 _EPS = 1e-12
 

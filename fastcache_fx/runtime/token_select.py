@@ -239,10 +239,6 @@ def build_token_select(backend_factory, gm, example_inputs, config, regions, dev
     variant compiled, or None (with one warning) when the graph does not fit token selection
     (compile it without then). ``backend_factory(gm, example_inputs, select)`` builds one variant
     (``backend.build_variant``)."""
-    if config.enable_token_merge:
-        warnings.warn("fastcache: enable_spatial_approx with enable_token_merge is not supported; "
-                      "compiled without token selection", stacklevel=3)
-        return None
     n = image_tokens(regions)
     if isinstance(n, str):
         warnings.warn(f"fastcache: token selection left alone: {n}; compiled without it", stacklevel=3)

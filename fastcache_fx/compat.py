@@ -1,0 +1,79 @@
+"""The one compatibility gate: can a config run on a target? Every entry point asks ``check``.
+
+Targets (``Target``): the graph is a whole transformer or one block graph (regional
+compilation), traced with dynamic shapes or not, holds collectives (context parallelism), is
+exported, is lowered by TensorRT. ``check`` raises ``ValueError`` naming the option and the
+reason for what cannot run, and returns the config to build with (options a target drops, with
+a warning, switched off).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from .config import FastCacheConfig
+
+#: the options that change the token count across blocks (what one block graph cannot do)
+TOKEN_PASSES = (("enable_spatial_approx", "token selection"), ("enable_token_merge", "token merging"))
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a config is to run.
+
+    Attributes:
+        block_graph: one graph per block class (regional compilation), not the whole transformer.
+        dynamic: the graph was traced with symbolic shapes.
+        collectives: the graph holds collectives (context parallelism: each rank a token shard).
+        export: ``fastcache_fx.export`` (no Python runtime between calls).
+    """
+
+    block_graph: bool = False
+    dynamic: bool = False
+    collectives: bool = False
+    export: bool = False
+
+
+def check(config: FastCacheConfig, target: Target, *, stacklevel: int = 3) -> FastCacheConfig:
+    """The config to build ``target`` with.
+
+    Raises:
+        ValueError: an option the target cannot run (the message names it and says why):
+            token selection / merging in a block graph or under context parallelism; token
+            passes or online calibration in an export.
+    """
+    if target.block_graph:
+        for name, what in TOKEN_PASSES:
+            if getattr(config, name):
+                raise ValueError(f"FastCacheConfig.{name}: not available in regional compilation (one graph per "
+                                 f"block class): {what} changes the token count across blocks; compile the whole "
+                                 "transformer instead")
+    if target.collectives:
+        for name, why in (("enable_spatial_approx", "the motion-token count and the token set are per rank"),
+                          ("enable_token_merge", "the merge windows would cut across the ranks' shards")):
+            if getattr(config, name):
+                raise ValueError(f"FastCacheConfig.{name}: not available under context parallelism ({why}); "
+                                 "the block cache is")
+    if target.export:
+        for name, why in (("enable_token_merge", "export does not support the token-merge pass yet"),
+                          ("enable_spatial_approx", "export does not support token selection yet (its variants are "
+                                                    "chosen per step by the Python runtime)")):
+            if getattr(config, name):
+                raise ValueError(f"FastCacheConfig.{name}: {why}")
+        if config.calibration == "online":
+            raise ValueError("FastCacheConfig.calibration: export needs fixed maps (a calibration file), not 'online'")
+    if config.enable_spatial_approx and config.enable_token_merge and not target.export:
+        warnings.warn("fastcache: enable_spatial_approx with enable_token_merge is not supported; "
+                      "compiled without token selection", stacklevel=stacklevel)
+        config = config.replace(enable_spatial_approx=False)
+    if config.lowering == "tensorrt" and target.dynamic:
+        warnings.warn("fastcache: lowering='tensorrt' needs static shapes; this dynamic-shape graph is lowered "
+                      "by Inductor", stacklevel=stacklevel)
+    if target.dynamic:
+        for name, what in TOKEN_PASSES:
+            if getattr(config, name) and not target.block_graph:
+                warnings.warn(f"fastcache: {what} needs static shapes; this dynamic-shape graph keeps the block "
+                              f"cache only (pass dynamic=False to torch.compile for {what})", stacklevel=stacklevel)
+        config = config.replace(enable_spatial_approx=False, enable_token_merge=False)
+    return config
