@@ -370,3 +370,60 @@ def test_refusals_name_rank_and_buckets(dit_calibration, tmp_path):
     assert w["transformer_blocks.0.u.0"].shape == (16, 4) and w["transformer_blocks.0.v.0"].shape == (16, 4)
     with pytest.raises(ValueError, match="rank=4, the config asks for rank=None"):
         load_calibration(low, regions, kind="linear")
+
+
+@pytest.mark.parametrize("decision", ["chi2", "error"])
+def test_compiled_residual_linear_from_a_file(tmp_path, decision):
+    """approx="residual_linear" with a calibration file (full rank, one time bucket) failed to
+    compile (its approximation read a timestep operand the graph did not pass). Under the
+    error rule it approximates once it has measured; under chi2 step 1 is approximated: every
+    block returns H + R_anchor + C (H - H_anchor) + b with the step-0 anchors, checked against
+    eager blocks replaced by that formula."""
+    torch.manual_seed(0)
+    model, kw = zoo.build("dit", num_layers=2)
+    path = tmp_path / "rl.safetensors"
+    cal = calibrate(model, _run_fn(kw), out=path, kind="residual_linear")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="fastcache", dynamic=False, options={
+        "approx": "residual_linear", "calibration": str(path), "decision": decision, "cache_ratio_threshold": 1e6,
+        "error_budget": 1e6, "warmup_steps": 1, "max_consecutive_approx": 100})
+    step = lambda m, t: m(**{**kw, "timestep": torch.full_like(kw["timestep"], t)}).sample  # noqa: E731
+    if decision == "error":
+        with torch.no_grad():
+            outs = [step(compiled, t) for t in (900, 800, 700, 600)]
+        assert fastcache_fx.stats(model)["block_approx_ratio"] > 0 and all(torch.isfinite(o).all() for o in outs)
+        fastcache_fx.reset(model)
+        return
+    anchors = {}
+
+    def record(name):
+        def hook(mod, args, kwargs, out):
+            anchors[name] = (args[0].clone(), (out - args[0]).clone())
+        return hook
+
+    handles = [b.register_forward_hook(record(f"transformer_blocks.{i}"), with_kwargs=True)
+               for i, b in enumerate(model.transformer_blocks)]
+    with torch.no_grad():
+        step(model, 900)
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        step(compiled, 900)
+        out = step(compiled, 800)
+    assert fastcache_fx.stats(model)["trace"][1]["approx"] == [True, True]
+
+    def replace(name):
+        h0, r0 = anchors[name]
+        return lambda mod, args, kwargs, o: approx_residual_linear(args[0], r0, h0, cal.tensors[f"{name}.weight.0"],
+                                                                   cal.tensors[f"{name}.bias.0"])
+    handles = [b.register_forward_hook(replace(f"transformer_blocks.{i}"), with_kwargs=True)
+               for i, b in enumerate(model.transformer_blocks)]
+    try:
+        with torch.no_grad():
+            ref = step(model, 800)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+    fastcache_fx.reset(model)
+    torch._dynamo.reset()

@@ -66,8 +66,9 @@ class CalibratedMap(Approximation):
     def node(self, g, ph, slots, s, config):
         maps = [ph[i] for i in slots.kind["maps"][s]]
         ready = ph[slots.kind["ready"]] if self._online(slots) else None
+        t = ph[slots.t] if slots.t is not None else None  # read only to pick a time bucket
         return g.call_function(D.approx_map, (ph[slots.stream[s]], ph[slots.res[s]], ph[slots.anchor_in[s]], maps,
-                                              ph[slots.t], ready),
+                                              t, ready),
                                {"kind": self.name, "rank": config.rank, "buckets": config.time_buckets,
                                 "timestep_max": config.timestep_max})
 
