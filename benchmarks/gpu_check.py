@@ -85,7 +85,7 @@ def rel(a, b) -> float:
 
 def check_model(name: str, args, skip: set) -> list[dict]:
     import fastcache_fx
-    from fastcache_fx.lowering.export_cli import example_inputs
+    from fastcache_fx.deploy.cli import example_inputs
 
     dtype = getattr(torch, args.dtype)
     if name == "reference":

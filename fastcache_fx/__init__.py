@@ -8,8 +8,8 @@ from ._version import __version__
 from .api import calibrate, enable_fastcache, reset, stats
 from .backend import FastCacheBackend, fastcache_backend
 from .config import FastCacheConfig
-from .exported import load_exported
-from .lowering.export import export
+from .deploy.load import load_exported
+from .deploy.export import export
 from .runtime.context import cache_context
 from .runtime.replay import replay_decisions
 from .tune import tune

@@ -16,7 +16,7 @@ COMMANDS = {
     "calibrate": ("fastcache_fx.calibration.cli", "fit linear block maps (ridge) on the reference model"),
     "explain": ("fastcache_fx.debug.explain_cli", "show the blocks found and the graph diff of each pass"),
     "diff": ("fastcache_fx.debug.diff_cli", "compare two graph dumps or export manifests"),
-    "export": ("fastcache_fx.lowering.export_cli", "write an AOTInductor package or TensorRT engines of the cached graph"),
+    "export": ("fastcache_fx.deploy.cli", "write an AOTInductor package or TensorRT engines of the cached graph"),
     "tune": ("fastcache_fx.tune", "sweep a quality knob on a reference model and pick the options for a target PSNR"),
 }
 

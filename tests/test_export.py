@@ -18,7 +18,7 @@ import torch
 import fastcache_fx
 from fastcache_fx import reference
 from fastcache_fx.config import FastCacheConfig
-from fastcache_fx.lowering.export import EngineFormat
+from fastcache_fx.deploy.export import EngineFormat
 
 CLASSES = [3, 7]  # 2 images -> batch 4 with CFG
 STEPS = 50
@@ -125,7 +125,7 @@ def test_split_runtime_matches_backend_over_trajectory(split_dir, backend_run):
 
 def test_split_program_with_eager_engines_equals_graph(model):
     """compile_split with a pluggable engine compiler reproduces the rewritten graph exactly."""
-    from fastcache_fx.lowering.export import capture, extra_values, rewrite
+    from fastcache_fx.deploy.export import capture, extra_values, rewrite
     from fastcache_fx.lowering.split import compile_split
 
     cap = capture(model, _example())
@@ -293,7 +293,7 @@ def test_gpu_check_exits_with_a_message_without_cuda(capsys):
 def test_calibrated_linear_maps_travel_in_safetensors(model, tmp_path):
     from safetensors.torch import load_file
 
-    from fastcache_fx.lowering.export import capture, extra_values, rewrite
+    from fastcache_fx.deploy.export import capture, extra_values, rewrite
 
     kw = _example()
     calib = tmp_path / "calib.safetensors"

@@ -242,9 +242,9 @@ def approx_map(h, residual, anchor_in, maps: Sequence[torch.Tensor], t, ready, *
     - kind "linear": full W H + b (FastCache eq. 6); low rank H + (H V) U^T + b (W = I + U V^T),
       O(N D r) instead of O(N D^2).
     - kind "residual_linear": H + R_anchor + C (H - H_anchor) + b, C = W or U V^T.
-    ``t`` (None when ``buckets`` is 1 and nothing else reads it). ``ready`` (None, or [] / [K] float
-    0/1 with online calibration): where the map is not ready
-    yet, residual reuse H + R_anchor is used instead.
+    ``t``: None when ``buckets`` is 1 (nothing reads it then). ``ready`` (None, or [] / [K] float
+    0/1 with online calibration): where the map is not ready yet, residual reuse H + R_anchor is
+    used instead.
     """
     ms = [pick_bucket(m, t, buckets, timestep_max).to(h.dtype) for m in maps]
     x = h if kind == "linear" else h - anchor_in

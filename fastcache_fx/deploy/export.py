@@ -21,11 +21,8 @@ How: Dynamo traces the transformer once (a capturing backend, ``fullgraph=True``
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
-import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -37,31 +34,8 @@ from ..config import FastCacheConfig
 from .. import approx as approx_kinds
 from ..passes.block_cache import BlockCacheResult, apply_block_cache
 from ..passes.blocks import find_blocks
-from .engine_format import EngineFormat
-
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "fastcache_fx.export"
-MANIFEST_VERSION = 1
-FORMATS = ("aotinductor", "tensorrt")
-WEIGHTS_FILE = "weights.safetensors"
-PACKAGE_FILE = "model.pt2"
-PROGRAM_FILE = "program.json"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    dt = getattr(torch, str(name), None)
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"manifest: unknown dtype {name!r}")
-    return dt
-
-
-def _json_fill(x: float):
-    return x if math.isfinite(x) else repr(float(x))  # JSON has no inf: "-inf"
-
+from ..lowering.engine_format import EngineFormat
+from .manifest import FORMATS, PACKAGE_FILE, PROGRAM_FILE, WEIGHTS_FILE, write_manifest
 
 # ------------------------------------------------------------------------------------------
 # capture and rewrite
@@ -273,7 +247,7 @@ def _export_aotinductor(captured, gm, layout, weights, device, out_dir: Path) ->
 
 
 def _export_split(captured, gm, layout, weights, device, out_dir: Path, engine_format: EngineFormat) -> tuple[list[str], dict]:
-    from .split import compile_split
+    from ..lowering.split import compile_split
 
     example = list(captured.example_inputs) + extra_values(layout, weights, device)
     built: dict[str, tuple] = {}
@@ -320,22 +294,6 @@ def _export_split(captured, gm, layout, weights, device, out_dir: Path, engine_f
 # manifest and the public entry point
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _versions() -> dict:
-    import diffusers
-
-    from .._version import __version__
-
-    return {"fastcache_fx": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
-
-
 def export(transformer: torch.nn.Module, example_inputs, out_dir, format: str = "aotinductor",
            config: FastCacheConfig | Mapping | None = None, *, engine_format: EngineFormat | None = None) -> Path:
     """Export ``transformer`` with FastCache's block cache in its graph, for serving without Dynamo.
@@ -369,7 +327,7 @@ def export(transformer: torch.nn.Module, example_inputs, out_dir, format: str = 
         raise ValueError(f"format: expected one of {FORMATS}, got {format!r}")
     config = config if isinstance(config, FastCacheConfig) else FastCacheConfig.from_options(config)
     if format == "tensorrt" and engine_format is None:
-        from .tensorrt import TensorRTFormat, require_tensorrt
+        from ..lowering.tensorrt import TensorRTFormat, require_tensorrt
 
         require_tensorrt("export(format='tensorrt')")
         engine_format = TensorRTFormat()
@@ -389,34 +347,5 @@ def export(transformer: torch.nn.Module, example_inputs, out_dir, format: str = 
 
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(out_dir / WEIGHTS_FILE))
         files.append(WEIGHTS_FILE)
-    manifest = {
-        "format_id": MANIFEST_FORMAT,
-        "manifest_version": MANIFEST_VERSION,
-        "format": format,
-        "engine": engine_name,
-        "versions": _versions(),
-        "model_class": type(getattr(transformer, "_orig_mod", transformer)).__name__,
-        "device": str(device),
-        "config": config.to_dict(),
-        "approx": approx,
-        "blocks": list(layout.blocks),
-        "thresholds": list(layout.thresholds),
-        "left_alone": [list(x) for x in layout.left_alone],
-        "inputs": [{"name": k, "shape": list(v.shape), "dtype": dtype_name(v.dtype)} for k, v in captured.inputs.items()],
-        "static_kwargs": captured.static_kwargs,
-        "outputs": captured.outputs,
-        "num_graph_outputs": layout.num_user_outputs,
-        "state": [{"name": s.name, "shape": list(s.shape), "dtype": dtype_name(s.dtype), "fill": _json_fill(s.fill)}
-                  for s in layout.state],
-        "controls": [{"name": s.name, "shape": list(s.shape), "dtype": dtype_name(s.dtype), "fill": _json_fill(s.fill)}
-                     for s in layout.controls],
-        "weights": [{"name": s.name, "block": s.block, "stream": s.stream, "kind": s.key,
-                     "shape": list(s.shape)} for s in layout.weights],
-        "outputs_extra": [list(o) for o in layout.contract.outputs],
-        "files": {f: sha256(out_dir / f) for f in files},
-    }
-    path = out_dir / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_manifest(out_dir, format=format, engine=engine_name, transformer=transformer, device=device,
+                          config=config, approx=approx, layout=layout, captured=captured, files=files)

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .contract import GraphContract, TensorSpec
-from .lowering import export as E
+from ..contract import GraphContract, TensorSpec
+from . import manifest as E
 
 
 def _refuse(out_dir: Path, why: str) -> ValueError:
@@ -50,7 +50,7 @@ def read_manifest(out_dir) -> dict:
         raise _refuse(out_dir, f"{E.MANIFEST} is corrupted: missing field(s) {missing}")
     if m["manifest_version"] != E.MANIFEST_VERSION:
         raise _refuse(out_dir, f"manifest version {m['manifest_version']!r}, this fastcache-fx reads {E.MANIFEST_VERSION}")
-    from ._version import __version__
+    from .._version import __version__
 
     theirs = (m.get("versions") or {}).get("fastcache_fx")
     if theirs != __version__:
