@@ -50,9 +50,9 @@ from .collect import CalibrationStats, block_modules, collect_stats, model_info,
 from .file import FORMAT, FORMAT_VERSION, KINDS, Calibration, load, load_calibration, save
 from .fit import calibrate, fit_calibration
 from .ridge import GCV_GRID, RIDGE_RELATIVE, RidgeFit, RidgeStats
-from .stack import STACK_KINDS, calibrate_stack, collect_stack_stats, fit_stack, load_stack_map, merge_stack
+from .stack import STACK_BIAS, STACK_KINDS, STACK_WEIGHT, calibrate_stack, collect_stack_stats, fit_stack, load_stack_map, merge_stack
 
 __all__ = ["CalibrationStats", "Calibration", "FORMAT", "FORMAT_VERSION", "GCV_GRID", "KINDS", "RIDGE_RELATIVE",
-           "RidgeFit", "RidgeStats", "STACK_KINDS", "block_modules", "calibrate", "calibrate_stack",
+           "RidgeFit", "RidgeStats", "STACK_BIAS", "STACK_KINDS", "STACK_WEIGHT", "block_modules", "calibrate", "calibrate_stack",
            "collect_stack_stats", "collect_stats", "fit_calibration", "fit_stack", "load", "load_calibration",
            "load_stack_map", "merge_stack", "model_info", "save", "stream_pairs", "time_bucket"]
