@@ -64,7 +64,7 @@ def _dynamo():
     # Every model that enable_fastcache hooks runs diffusers' hook wrapper `new_forward`: one
     # code object whose cache entries (one per backend, per shape kind) all count against
     # Dynamo's recompile_limit of 8; this module compiles ~20 graphs (a user process with many
-    # pipelines meets the same limit: reported on issue 16)
+    # pipelines meets the same limit: README, "Many models in one process")
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=64):
         yield
@@ -84,7 +84,7 @@ def fresh_shapes():
     """Forget the input sizes Dynamo remembered, as in a new process. Automatic dynamic shapes
     work per code object, and every model hooked by enable_fastcache runs diffusers'
     ``new_forward``: another family's sizes would make this one's first graph symbolic (which
-    breaks Flux: reported on issue 16)."""
+    broke Flux in an earlier version)."""
     torch._dynamo.reset_code_state()
 
 
