@@ -10,8 +10,8 @@ import fastcache_fx
 from fastcache_fx import FastCacheConfig, zoo
 from fastcache_fx.passes.blocks import find_blocks
 from fastcache_fx.passes.graph_utils import node_value
-from fastcache_fx.passes.token_merge import (
-    apply_token_merge, from_windows, local_ctm, merge_tokens, to_windows, unmerge_add)
+from fastcache_fx.ops.token_merge import from_windows, local_ctm, merge_tokens, to_windows, unmerge_add
+from fastcache_fx.passes.token_merge import apply_token_merge
 
 GRID = (8, 8, 4, 4)  # 8 x 8 tokens, 4 x 4 windows: G = 4 windows of W = 16 tokens
 

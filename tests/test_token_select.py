@@ -9,8 +9,8 @@ import torch
 import fastcache_fx
 from fastcache_fx import FastCacheConfig, zoo
 from fastcache_fx.passes.blocks import find_blocks
-from fastcache_fx.passes.token_select import (
-    apply_token_select, bucket_sizes, gather_tokens, scatter_tokens, select_tokens, token_saliency)
+from fastcache_fx.ops.token_select import gather_tokens, scatter_tokens, select_tokens, token_saliency
+from fastcache_fx.passes.token_select import apply_token_select, bucket_sizes
 from fastcache_fx.runtime import registry
 from conftest import dynamo_graph
 

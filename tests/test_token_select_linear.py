@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import fastcache_fx
 from fastcache_fx import FastCacheConfig, zoo
 from fastcache_fx.passes.blocks import find_blocks
-from fastcache_fx.passes.token_select import apply_token_select, complement_tokens
+from fastcache_fx.ops.token_select import complement_tokens
+from fastcache_fx.passes.token_select import apply_token_select
 from fastcache_fx import calibration as C
 from fastcache_fx.runtime import registry
 from fastcache_fx.runtime.token_select import _stack_map

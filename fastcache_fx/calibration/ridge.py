@@ -140,14 +140,7 @@ class RidgeStats:
             ValueError: no samples were accumulated, ``ridge`` is negative / not finite, ``rank``
                 is out of range, or ``identity`` with D_in != D_out.
         """
-        if self.n == 0:
-            raise ValueError("calibration: no samples accumulated")
-        if ridge is not None and (not math.isfinite(ridge) or ridge < 0):
-            raise ValueError(f"ridge: expected a finite number >= 0 or None, got {ridge!r}")
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(self.d_in, self.d_out)):
-            raise ValueError(f"rank: expected an integer in 1..{min(self.d_in, self.d_out)} or None, got {rank!r}")
-        if identity and self.d_in != self.d_out:
-            raise ValueError(f"identity: needs equal widths, got ({self.d_in}, {self.d_out})")
+        _check_solve(self, ridge, identity, rank)
         n = self.n
         mx, my = (self.sx / n).cpu(), (self.sy / n).cpu()
         cxx = self.xtx.cpu() - n * torch.outer(mx, mx)
@@ -180,27 +173,14 @@ class RidgeStats:
         z = v.T @ cxt  # [D_in, D_out]
         z2 = (z * z).sum(1)  # [D_in]
 
-        def rss(lam: torch.Tensor) -> torch.Tensor:  # lam [G] -> [G]
-            lam = lam[:, None]
-            return (ctt_tr - (z2 * (e + 2 * lam) / (e + lam) ** 2).sum(1)).clamp_min(0.0)
-
-        if ridge is None:
-            lams = scale * torch.pow(10.0, GCV_GRID)
-            df = 1.0 + (e / (e + lams[:, None])).sum(1)
-            # df <= n / 2: GCV's small-lambda limit is degenerate (it interpolates) when n <= D
-            gcv = torch.where(df <= 0.5 * n, n * rss(lams) / (n - df).clamp_min(1e-12) ** 2, torch.full_like(df, math.inf))
-            lam = float(lams[int(torch.argmin(gcv))]) if torch.isfinite(gcv).any() else RIDGE_RELATIVE * scale
-        else:
-            lam = float(ridge)
+        lam = _gcv_lambda(e, z2, ctt_tr, n, scale) if ridge is None else float(ridge)
         inv = 1.0 / (e + lam)
         if not torch.isfinite(inv).all():  # lambda = 0 and rank-deficient inputs: pseudo-inverse
             inv = torch.where(e > e.max() * 1e-12, 1.0 / e.clamp_min(1e-300), torch.zeros_like(e))
         ct = v @ (inv[:, None] * z)  # C^T [D_in, D_out]
         if rank is None:
             return finish(ct, lam, rss_of(ct))
-        fe, fq = torch.linalg.eigh(ct.T @ cxx @ ct)  # covariance of the fitted corrections
-        q = fq[:, torch.argsort(fe, descending=True)[:rank]]  # U [D_out, r]
-        vr = ct @ q  # V [D_in, r]: C_r^T = V U^T
+        q, vr = _reduced_rank(ct, cxx, rank)
         ct_r = vr @ q.T
         return finish(ct_r, lam, rss_of(ct_r), q, vr)
 
@@ -208,3 +188,37 @@ class RidgeStats:
         """(W [D_out, D_in], b [D_out]) float32 of ``solve(ridge, **kwargs)``: y ~ F.linear(x, W, b)."""
         r = self.solve(ridge, **kwargs)
         return r.weight, r.bias
+
+
+def _check_solve(stats: RidgeStats, ridge, identity: bool, rank) -> None:
+    """The argument checks of ``RidgeStats.solve`` (its ``ValueError``s)."""
+    if stats.n == 0:
+        raise ValueError("calibration: no samples accumulated")
+    if ridge is not None and (not math.isfinite(ridge) or ridge < 0):
+        raise ValueError(f"ridge: expected a finite number >= 0 or None, got {ridge!r}")
+    top = min(stats.d_in, stats.d_out)
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= top):
+        raise ValueError(f"rank: expected an integer in 1..{top} or None, got {rank!r}")
+    if identity and stats.d_in != stats.d_out:
+        raise ValueError(f"identity: needs equal widths, got ({stats.d_in}, {stats.d_out})")
+
+
+def _gcv_lambda(e: torch.Tensor, z2: torch.Tensor, ctt_tr: float, n: float, scale: float) -> float:
+    """lambda minimising GCV(lambda) = n RSS / (n - df)^2 (Golub, Heath, Wahba 1979) over
+    ``scale`` * 10^GCV_GRID, from the eigenvalues ``e`` [D_in] of Cxx and the squared row norms
+    ``z2`` [D_in] of V^T Cxt (``RidgeStats.solve``); RIDGE_RELATIVE * scale if none is finite."""
+    lams = scale * torch.pow(10.0, GCV_GRID)
+    lam = lams[:, None]
+    rss = (ctt_tr - (z2 * (e + 2 * lam) / (e + lam) ** 2).sum(1)).clamp_min(0.0)
+    df = 1.0 + (e / (e + lam)).sum(1)
+    # df <= n / 2: GCV's small-lambda limit is degenerate (it interpolates) when n <= D
+    gcv = torch.where(df <= 0.5 * n, n * rss / (n - df).clamp_min(1e-12) ** 2, torch.full_like(df, math.inf))
+    return float(lams[int(torch.argmin(gcv))]) if torch.isfinite(gcv).any() else RIDGE_RELATIVE * scale
+
+
+def _reduced_rank(ct: torch.Tensor, cxx: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U [D_out, r], V [D_in, r]) of reduced-rank regression (Izenman 1975): U the top r
+    eigenvectors of C Cxx C^T (the covariance of the fitted corrections), V = C^T U; C_r^T = V U^T."""
+    fe, fq = torch.linalg.eigh(ct.T @ cxx @ ct)
+    q = fq[:, torch.argsort(fe, descending=True)[:rank]]
+    return q, ct @ q

@@ -116,16 +116,7 @@ def block_decision(
         diff2, ref2 = sum_over_groups(torch.stack([diff2, ref2]), groups).unbind(0)
     d2 = (diff2 / ref2).max()
     delta = d2.sqrt()
-    if isinstance(q_ratio, torch.Tensor):  # symbolic shapes: the runtime passes it per call
-        q_ratio = q_ratio.to(d2.dtype)
-    if error_per_delta is not None:
-        thr2 = (error_budget / error_per_delta.to(d2.dtype)).pow(2)
-    elif beta is None:
-        thr2 = torch.full_like(d2, tau * tau) * q_ratio
-    else:
-        tn = t / timestep_max
-        tau_t = (beta[0] + beta[1] * delta + beta[2] * tn + beta[3] * tn * tn).clamp_min(0.0)
-        thr2 = tau_t * tau_t * q_ratio
+    thr2 = _bound_sq(d2, delta, t, q_ratio, tau, beta, timestep_max, error_per_delta, error_budget)
     ok = (d2 <= thr2) & (step >= min_step) & (consecutive < max_consecutive)
     if not enabled:
         ok = ok & False
@@ -133,6 +124,20 @@ def block_decision(
         forced = (force > 0) & (step >= 1) & torch.isfinite(delta)
         ok = torch.where(force < 0, ok, forced)
     return ok, delta, thr2.sqrt()
+
+
+def _bound_sq(d2, delta, t, q_ratio, tau, beta, timestep_max, error_per_delta, error_budget) -> torch.Tensor:
+    """The squared bound on delta (``block_decision``): (error_budget / k)^2 under the error rule,
+    tau^2 q_ratio under the chi-square rule, tau(t)^2 q_ratio with the adaptive ``beta``."""
+    if isinstance(q_ratio, torch.Tensor):  # symbolic shapes: the runtime passes it per call
+        q_ratio = q_ratio.to(d2.dtype)
+    if error_per_delta is not None:
+        return (error_budget / error_per_delta.to(d2.dtype)).pow(2)
+    if beta is None:
+        return torch.full_like(d2, tau * tau) * q_ratio
+    tn = t / timestep_max
+    tau_t = (beta[0] + beta[1] * delta + beta[2] * tn + beta[3] * tn * tn).clamp_min(0.0)
+    return tau_t * tau_t * q_ratio
 
 
 def weighted_sum(terms: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:

@@ -177,13 +177,7 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
         step_node = io.control("step", (), torch.int64, 0)
         t_node = io.control("t", (), torch.float32, 0.0)
     force_in = io.control("force", (len(regions),), torch.int8, -1)
-    # context parallelism: each rank holds 1/k of a stream's tokens (k = 1: the whole stream,
-    # replicated on every rank); ND and the decision sums are those of the whole sequence
-    result.groups = collective_groups(gm)
-    shards = token_shards(gm, result.groups) if result.groups else {}
-    result.shards = [[shards.get(h, 1) for h in r.stream_inputs] for r in regions]
-    result.dofs = [sum(_numel(tensor_meta(h)[0][1:]) * k for h, k in zip(r.stream_inputs, ks))
-                   for r, ks in zip(regions, result.shards)]
+    _degrees_of_freedom(gm, regions, result)
     q_in = (io.control("q_ratio", (len(regions),), torch.float32, float("nan"))
             if result.dynamic and config.decision == "chi2" else None)  # the bound depends on the call's shape
     size_symbols = [p for p in placeholders if isinstance(node_value(p), torch.SymInt)
@@ -201,15 +195,33 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
         for i, name in enumerate(("delta", "threshold", "approx")):
             io.output("trace", name, graph.call_function(torch.stack, ([t[i] for t in trace],)))
     io.finish()
+    _relint(gm)
+    return gm, result
+
+
+def _relint(gm: fx.GraphModule) -> None:
+    """Check and recompile ``gm`` (topologically re-sorted when a rewrite left a node before its
+    inputs)."""
     try:
-        graph.lint()
+        gm.graph.lint()
     except Exception:
         from torch.fx.passes.tools_common import legalize_graph
 
         legalize_graph(gm)
         gm.graph.lint()
     gm.recompile()
-    return gm, result
+
+
+def _degrees_of_freedom(gm: fx.GraphModule, regions: list[BlockRegion], result: BlockCacheResult) -> None:
+    """ND per block (``result.dofs``) and, under context parallelism, the groups and token shards.
+
+    Each rank holds 1/k of a stream's tokens (k = 1: the whole stream, replicated on every rank);
+    ND and the decision sums are those of the whole sequence."""
+    result.groups = collective_groups(gm)
+    shards = token_shards(gm, result.groups) if result.groups else {}
+    result.shards = [[shards.get(h, 1) for h in r.stream_inputs] for r in regions]
+    result.dofs = [sum(_numel(tensor_meta(h)[0][1:]) * k for h, k in zip(r.stream_inputs, ks))
+                   for r, ks in zip(regions, result.shards)]
 
 
 def _block_inputs(io: ExtraIO, region: BlockRegion, metas: list, config: FastCacheConfig,
@@ -230,6 +242,26 @@ def _block_inputs(io: ExtraIO, region: BlockRegion, metas: list, config: FastCac
     return h
 
 
+def _cond_operands(region: BlockRegion, h: dict, kind: Approximation, config: FastCacheConfig,
+                   result: BlockCacheResult, t_node, size_symbols) -> tuple[list[fx.Node], Slots]:
+    """A block's cond operands (streams, contexts, parameters, then the cache state its branches
+    read) and where each sits (``Slots``)."""
+    operands = list(region.stream_inputs) + list(region.context_inputs) + list(region.param_inputs)
+
+    def take(nodes: list[fx.Node]) -> list[int]:
+        operands.extend(nodes)
+        return list(range(len(operands) - len(nodes), len(operands)))
+
+    slots = Slots(stream=list(range(len(region.stream_inputs))), res=take(h["a_res"]), anchor_in=take(h["a_in"]))
+    slots.kind = kind.take_operands(h["kind"], take)
+    if kind.needs_t(config, result):
+        slots.t = take([t_node])[0]
+    # the size symbols themselves, so that the lowered branches can bind every symbol their
+    # inputs' sizes use (Inductor codegens a subgraph from its own inputs only)
+    take([p for p in size_symbols if p not in operands])
+    return operands, slots
+
+
 def _rewrite_block(gm: fx.GraphModule, io: ExtraIO, result: BlockCacheResult, k: int, region: BlockRegion,
                    config: FastCacheConfig, step_node, t_node, force_in, q_in, size_symbols, remap) -> tuple:
     """Replace block ``k``'s nodes by ``cond(approx?, approximation, full block)``, register its
@@ -247,20 +279,7 @@ def _rewrite_block(gm: fx.GraphModule, io: ExtraIO, result: BlockCacheResult, k:
     else:  # symbolic ND (a per-call input), or the error rule (a per-block estimate)
         result.thresholds.append(None)
 
-    # cond operands: streams, contexts, parameters, then the cache state the branches read
-    operands = list(region.stream_inputs) + list(region.context_inputs) + list(region.param_inputs)
-
-    def take(nodes: list[fx.Node]) -> list[int]:
-        operands.extend(nodes)
-        return list(range(len(operands) - len(nodes), len(operands)))
-
-    slots = Slots(stream=list(range(n)), res=take(h["a_res"]), anchor_in=take(h["a_in"]))
-    slots.kind = kind.take_operands(h["kind"], take)
-    if kind.needs_t(config, result):
-        slots.t = take([t_node])[0]
-    # the size symbols themselves, so that the lowered branches can bind every symbol their
-    # inputs' sizes use (Inductor codegens a subgraph from its own inputs only)
-    take([p for p in size_symbols if p not in operands])
+    operands, slots = _cond_operands(region, h, kind, config, result, t_node, size_symbols)
     # streams split over different numbers of ranks (the text replicated, the image sharded):
     # each stream's local sums are scaled by its count k before the all-reduce, so that every
     # stream enters the whole-sequence sums once (see decision.block_decision)

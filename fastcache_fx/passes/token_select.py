@@ -59,112 +59,12 @@ import torch
 from torch import fx
 
 from ..config import FastCacheConfig
+from ..ops.token_select import (approx_static, changed_set, count_motion, force_full_if, gather_tokens, scatter_tokens,
+                                select_tokens, update_reference)
 from ..contract import TensorSpec, state_spec, weight_spec
 from .extra_io import insert_trajectory_step, set_val
 from .blocks import BlockRegion, find_blocks, find_timestep, remap_region, tensor_meta
 from .graph_utils import clone_graph_module, graph_io, insert_placeholder, node_value, recompile_with_values
-
-_EPS = 1e-12
-
-
-# ----------------------------------------------------------------------------------------------
-# tensor functions (called from the graph)
-# ----------------------------------------------------------------------------------------------
-
-def token_saliency(x: torch.Tensor, x_ref: torch.Tensor) -> torch.Tensor:
-    """s[i] = max_b ||x[b, i] - x_ref[b, i]||^2 / mean_j ||x_ref[b, j]||^2: [N] float32 (float64
-    for float64 x). x, x_ref: [B, N, D]. Unitless; +inf-free (the mean is floored)."""
-    xf = x if x.dtype == torch.float64 else x.float()
-    rf = x_ref if x_ref.dtype == torch.float64 else x_ref.float()
-    num = (xf - rf).pow(2).sum(-1)
-    den = rf.pow(2).sum(-1).mean(-1, keepdim=True)
-    return (num / (den + _EPS)).amax(0)
-
-
-def select_tokens(x: torch.Tensor, x_ref: torch.Tensor, step: torch.Tensor, *, k: int, threshold: float):
-    """The motion tokens of one step.
-
-    Args:
-        x, x_ref: [B, N, D] image stream and its reference. step: [] int64 step in the
-            trajectory (0: no reference yet, every token counts as moving).
-        k: tokens to select (1 <= k <= N). threshold: motion_threshold (unitless, >= 0).
-
-    Returns:
-        (idx [k] int64 the top-k tokens by saliency in increasing index order, m [] int64 the
-        number of tokens with saliency > threshold; N at step 0).
-    """
-    n = x.shape[1]
-    s = token_saliency(x, x_ref)
-    m = (s > threshold).sum()
-    m = torch.where(step == 0, torch.full_like(m, n), m)
-    if k >= n:
-        idx = torch.arange(n, device=x.device)
-    else:
-        idx = s.topk(k).indices.sort().values
-    return idx, m
-
-
-def count_motion(x: torch.Tensor, x_ref: torch.Tensor, step: torch.Tensor, *, threshold: float) -> torch.Tensor:
-    """m of ``select_tokens`` without a selection (the 100 % variant): [] int64."""
-    return select_tokens(x, x_ref, step, k=x.shape[1], threshold=threshold)[1]
-
-
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor, dim: int = 1, offset: int = 0) -> torch.Tensor:
-    """x with only the tokens ``idx`` along ``dim`` (contiguous). ``offset`` > 0: the first
-    ``offset`` entries of ``dim`` (the text tokens of a joint sequence) are all kept, and idx
-    counts from there."""
-    if offset:
-        idx = torch.cat([torch.arange(offset, device=idx.device, dtype=idx.dtype), idx + offset])
-    return x.index_select(dim, idx).contiguous()
-
-
-def scatter_tokens(base: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """base [B, N, D] with tokens idx replaced by y [B, k, D] (out of place, contiguous): the
-    inverse of ``gather_tokens`` on the selected positions."""
-    return base.index_copy(1, idx, y.to(base.dtype)).contiguous()
-
-
-def complement_tokens(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """The N - k token indices not in idx [k] (distinct), increasing: [N - k] int64 (a static
-    shape: a stable sort of the membership mask, not a boolean mask)."""
-    member = torch.zeros(n, dtype=torch.int8, device=idx.device).index_fill(0, idx, 1)
-    return torch.sort(member, stable=True).indices[: n - idx.shape[0]]
-
-
-def approx_static(x: torch.Tensor, x_ref: torch.Tensor, y_ref: torch.Tensor, idx: torch.Tensor,
-                  weight: torch.Tensor, bias: torch.Tensor, *, mode: str) -> torch.Tensor:
-    """y_ref [B, N, D] with the static tokens (not in idx [k]) replaced by their approximation:
-    ``mode`` "linear": X W^T + b; "cached_linear": Y_ref + (X - X_ref) W^T + b (FastCache sec.
-    3.1; the module doc). x, x_ref: [B, N, D]; weight [D, D], bias [D] float32 (computed in
-    float32, returned in y_ref's dtype). The motion tokens keep y_ref (``scatter_tokens``
-    overwrites them)."""
-    sidx = complement_tokens(idx, x.shape[1])
-    xs = x.index_select(1, sidx).float()
-    if mode == "linear":
-        ys = torch.nn.functional.linear(xs, weight.float(), bias.float())
-    else:
-        dx = xs - x_ref.index_select(1, sidx).float()
-        ys = y_ref.index_select(1, sidx).float() + torch.nn.functional.linear(dx, weight.float(), bias.float())
-    return y_ref.index_copy(1, sidx, ys.to(y_ref.dtype)).contiguous()
-
-
-def changed_set(idx: torch.Tensor, idx_prev: torch.Tensor) -> torch.Tensor:
-    """[] bool: the token set differs from the previous step's (idx_prev = -1: none yet)."""
-    return (idx != idx_prev).any()
-
-
-def force_full_if(changed: torch.Tensor, force: torch.Tensor) -> torch.Tensor:
-    """The block cache's force control [L] int8, with 0 (compute fully) everywhere when
-    ``changed``: a block-cache anchor of other tokens must not be reused."""
-    return torch.where(changed, torch.zeros_like(force), force)
-
-
-def update_reference(x: torch.Tensor, x_ref: torch.Tensor, idx: torch.Tensor, anchor: bool) -> torch.Tensor:
-    """The new X_ref: ``anchor``: x at the computed tokens idx, x_ref elsewhere; else x."""
-    if not anchor or idx.shape[0] == x.shape[1]:
-        return x.contiguous()
-    return x_ref.index_copy(1, idx, x.index_select(1, idx)).contiguous()
-
 
 # ----------------------------------------------------------------------------------------------
 # the pass
@@ -290,6 +190,57 @@ def apply_token_select(gm: fx.GraphModule, config: FastCacheConfig, k: int,
     placeholders, out_node, orig_outs, result.output_is_tuple = graph_io(graph)
     result.num_user_inputs, result.num_user_outputs = len(placeholders), len(orig_outs)
 
+    x_ref_in, y_ref_in, step_in, prev_t_in, idx_prev_in, w_in, b_in = _state_inputs(graph, placeholders, result)
+    x = regions[0].stream_inputs[si]
+    y = regions[-1].stream_outputs[so]
+    ts = find_timestep(placeholders)
+    first = regions[0].nodes[0]
+    step_node, t_node = insert_trajectory_step(graph, first, ts, prev_t_in, step_in)
+    idx, m, xg = _select(graph, first, x, x_ref_in, idx_prev_in, step_node, k, n, config.motion_threshold)
+    new_state = []
+    if k < n:
+        x.replace_all_uses_with(xg, delete_user_cb=lambda u: u in members)
+        _gather_contexts(graph, regions, members, idx, result)
+        x_new, y_new = _scatter_output(graph, out_node, x, y, members, idx, x_ref_in, y_ref_in, w_in, b_in,
+                                       result.static_approx, config.reference == "anchor")
+        new_state = [x_new, y_new, step_node, t_node, m, idx]
+    else:
+        with graph.inserting_before(out_node):
+            x_new = graph.call_function(torch.Tensor.contiguous, (x,))
+            y_new = graph.call_function(torch.Tensor.contiguous, (y,))
+        new_state = [x_new, y_new, step_node, t_node, m]
+    out_node.args = (tuple(orig_outs) + tuple(new_state),)
+    why = recompile_with_values(gm)
+    if why is not None:
+        return orig_gm, TokenSelectResult(False, f"blocks are not token-count generic: {why}")
+    if k < n:
+        got = tensor_meta(y)
+        if got is None or got[0][1] != k:
+            return orig_gm, TokenSelectResult(False, f"{regions[-1].name} output keeps {got and got[0][1]} tokens "
+                                                     f"after selecting {k}")
+    return gm, result
+
+
+def _select(graph: fx.Graph, first: fx.Node, x, x_ref_in, idx_prev_in, step_node, k: int, n: int,
+            threshold: float) -> tuple:
+    """Before the first block: (indices [k], motion count m [], gathered stream) for k < N, or
+    (None, m, None) for the 100 % variant (only the count)."""
+    with graph.inserting_before(first):
+        if k == n:
+            return None, graph.call_function(count_motion, (x, x_ref_in, step_node), {"threshold": threshold}), None
+        sel = graph.call_function(select_tokens, (x, x_ref_in, step_node), {"k": k, "threshold": threshold})
+        idx = graph.call_function(operator.getitem, (sel, 0))
+        m = graph.call_function(operator.getitem, (sel, 1))
+        changed = graph.call_function(changed_set, (idx, idx_prev_in))
+        changed.meta["fc_token_select"] = "changed"
+        return idx, m, graph.call_function(gather_tokens, (x, idx))
+
+
+def _state_inputs(graph: fx.Graph, placeholders: list[fx.Node], result: TokenSelectResult) -> tuple:
+    """The variant's state inputs (X_ref, Y_ref, step, prev_t, the previous indices for k < N)
+    and, with a stack map, its weight and bias (None otherwise), registered in ``result``."""
+    shape, dtype, k, n = result.stream_shape, result.dtype, result.k, result.tokens
+    d = shape[-1]
     last_ph = placeholders[-1]
 
     def state_input(name: str, shp: tuple, dt: torch.dtype, fill: float) -> fx.Node:
@@ -312,77 +263,55 @@ def apply_token_select(gm: fx.GraphModule, config: FastCacheConfig, k: int,
             stack_in.append(p)
             result.weights.append(weight_spec("token_select.stack." + key, "stack", 0, key, shp, torch.float32))
         w_in, b_in = stack_in
+    return x_ref_in, y_ref_in, step_in, prev_t_in, idx_prev_in, w_in, b_in
 
-    x = regions[0].stream_inputs[si]
-    y = regions[-1].stream_outputs[so]
-    ts = find_timestep(placeholders)
-    first = regions[0].nodes[0]
-    step_node, t_node = insert_trajectory_step(graph, first, ts, prev_t_in, step_in)
-    with graph.inserting_before(first):
-        if k < n:
-            sel = graph.call_function(select_tokens, (x, x_ref_in, step_node), {"k": k, "threshold": config.motion_threshold})
-            idx = graph.call_function(operator.getitem, (sel, 0))
-            m = graph.call_function(operator.getitem, (sel, 1))
-            changed = graph.call_function(changed_set, (idx, idx_prev_in))
-            changed.meta["fc_token_select"] = "changed"
-            xg = graph.call_function(gather_tokens, (x, idx))
-        else:
-            m = graph.call_function(count_motion, (x, x_ref_in, step_node), {"threshold": config.motion_threshold})
-    new_state = []
-    if k < n:
-        x.replace_all_uses_with(xg, delete_user_cb=lambda u: u in members)
-        # token-indexed context inputs: gathered with the same indices, before their first use
-        order = {nd: i for i, nd in enumerate(graph.nodes)}
-        contexts = list(dict.fromkeys(c for r in regions for c in r.context_inputs))
-        sizes = (n, n + n_txt) if n_txt else (n,)
-        for c in contexts:
-            meta = tensor_meta(c)
-            td = _token_dim(meta[0], sizes) if meta else None
-            if td is None:
-                continue
-            dim, size = td
-            users = sorted((u for u in c.users if u in members), key=order.__getitem__)
-            if not users:
-                continue
-            with graph.inserting_before(users[0]):
-                cg = graph.call_function(gather_tokens, (c, idx), {"dim": dim, "offset": size - n})
-            c.replace_all_uses_with(cg, delete_user_cb=lambda u: u in members)
-            result.contexts.append(c.name)
-        for nd in list(graph.nodes):
-            if nd in members:
-                _rebake(nd, {n: k, n + n_txt: k + n_txt} if n_txt else {n: k})
-        glue_users = [u for u in y.users if u not in members]
-        anchor = config.reference == "anchor"
-        base = y_ref_in
-        if w_in is not None:
-            with graph.inserting_after(y):
-                base = graph.call_function(approx_static, (x, x_ref_in, y_ref_in, idx, w_in, b_in),
-                                           {"mode": result.static_approx})
-        with graph.inserting_after(base if w_in is not None else y):
-            yfull = y_new = graph.call_function(scatter_tokens, (base, idx, y))
-        if w_in is not None:  # Y_ref: computed outputs under "anchor" (matching X_ref), else Y
-            with graph.inserting_after(yfull):
-                y_new = graph.call_function(scatter_tokens, (y_ref_in, idx, y)) if anchor else yfull
-        for u in glue_users:
-            u.replace_input_with(y, yfull)
-        with graph.inserting_before(out_node):
-            x_new = graph.call_function(update_reference, (x, x_ref_in, idx, anchor))
-        new_state = [x_new, y_new, step_node, t_node, m, idx]
-    else:
-        with graph.inserting_before(out_node):
-            x_new = graph.call_function(torch.Tensor.contiguous, (x,))
-            y_new = graph.call_function(torch.Tensor.contiguous, (y,))
-        new_state = [x_new, y_new, step_node, t_node, m]
-    out_node.args = (tuple(orig_outs) + tuple(new_state),)
-    why = recompile_with_values(gm)
-    if why is not None:
-        return orig_gm, TokenSelectResult(False, f"blocks are not token-count generic: {why}")
-    if k < n:
-        got = tensor_meta(y)
-        if got is None or got[0][1] != k:
-            return orig_gm, TokenSelectResult(False, f"{regions[-1].name} output keeps {got and got[0][1]} tokens "
-                                                     f"after selecting {k}")
-    return gm, result
+
+def _scatter_output(graph: fx.Graph, out_node: fx.Node, x, y, members: set, idx, x_ref_in, y_ref_in, w_in, b_in,
+                    mode: str, anchor: bool) -> tuple[fx.Node, fx.Node]:
+    """Scatter the k computed tokens of the stack output ``y`` into the static tokens'
+    approximation (``approx_static`` with a stack map, else Y_ref) for the glue after the stack;
+    returns the new (X_ref, Y_ref) nodes."""
+    glue_users = [u for u in y.users if u not in members]
+    base = y_ref_in
+    if w_in is not None:
+        with graph.inserting_after(y):
+            base = graph.call_function(approx_static, (x, x_ref_in, y_ref_in, idx, w_in, b_in), {"mode": mode})
+    with graph.inserting_after(base if w_in is not None else y):
+        yfull = y_new = graph.call_function(scatter_tokens, (base, idx, y))
+    if w_in is not None:  # Y_ref: computed outputs under "anchor" (matching X_ref), else Y
+        with graph.inserting_after(yfull):
+            y_new = graph.call_function(scatter_tokens, (y_ref_in, idx, y)) if anchor else yfull
+    for u in glue_users:
+        u.replace_input_with(y, yfull)
+    with graph.inserting_before(out_node):
+        x_new = graph.call_function(update_reference, (x, x_ref_in, idx, anchor))
+    return x_new, y_new
+
+
+def _gather_contexts(graph: fx.Graph, regions: list[BlockRegion], members: set, idx: fx.Node,
+                     result: TokenSelectResult) -> None:
+    """Gather the token-indexed context inputs with the selected indices ``idx`` before their
+    first use in a block, and re-bake the token counts the blocks were traced with (N -> k)."""
+    n, k, n_txt = result.tokens, result.k, result.text_tokens
+    order = {nd: i for i, nd in enumerate(graph.nodes)}
+    contexts = list(dict.fromkeys(c for r in regions for c in r.context_inputs))
+    sizes = (n, n + n_txt) if n_txt else (n,)
+    for c in contexts:
+        meta = tensor_meta(c)
+        td = _token_dim(meta[0], sizes) if meta else None
+        if td is None:
+            continue
+        dim, size = td
+        users = sorted((u for u in c.users if u in members), key=order.__getitem__)
+        if not users:
+            continue
+        with graph.inserting_before(users[0]):
+            cg = graph.call_function(gather_tokens, (c, idx), {"dim": dim, "offset": size - n})
+        c.replace_all_uses_with(cg, delete_user_cb=lambda u: u in members)
+        result.contexts.append(c.name)
+    for nd in list(graph.nodes):
+        if nd in members:
+            _rebake(nd, {n: k, n + n_txt: k + n_txt} if n_txt else {n: k})
 
 
 _SHAPE_OPS = {"reshape", "view", "expand"}

@@ -54,32 +54,7 @@ def collect(entry: ModelEntry | None) -> dict:
     bytes_per_block: dict[str, int] = {}
     records = []
     for g in entry.graphs:
-        names = g.blocks
-        for n in names:
-            if n not in blocks:
-                blocks.append(n)
-        done = approx_n = 0
-        if g.fallback is not None:  # every call computed every block
-            for n in names:
-                totals[n] = totals.get(n, 0) + g.calls
-            done = g.calls * len(names)
-        for rec in g.trace:
-            approx = [bool(x) for x in rec.approx.tolist()]
-            records.append((rec.seq, {"context": rec.context, "step": int(rec.step), "blocks": names, "approx": approx,
-                                      "delta": [float(x) for x in rec.delta.tolist()],
-                                      "threshold": [float(x) for x in rec.threshold.tolist()]}))
-            for n, a in zip(names, approx):
-                counts[n] = counts.get(n, 0) + int(a)
-                totals[n] = totals.get(n, 0) + 1
-            done += len(approx)
-            approx_n += sum(approx)
-        gb = g.state_bytes()
-        for b, n in gb.items():
-            bytes_per_block[b] = bytes_per_block.get(b, 0) + n
-        per_graph.append({"kind": g.kind, "fallback": g.fallback, "dynamic": g.dynamic, "blocks": list(names),
-                          "streams": [len(x) for x in getattr(getattr(g, "layout", None), "stream_shapes", [])],
-                          "steps": g.calls, "block_approx_ratio": approx_n / done if done else 0.0,
-                          "state_bytes": sum(gb.values())})
+        per_graph.append(_graph_row(g, blocks, counts, totals, bytes_per_block, records))
     trace = [r for _, r in sorted(records, key=lambda x: x[0])]
     total = sum(totals.values())
     return {
@@ -98,6 +73,37 @@ def collect(entry: ModelEntry | None) -> dict:
         **_token_select(entry),
         "trace": trace,
     }
+
+
+def _graph_row(g, blocks: list, counts: dict, totals: dict, bytes_per_block: dict, records: list) -> dict:
+    """One graph's ``per_graph`` row; adds its blocks, decision counts, state bytes and trace
+    records to the model-wide accumulators."""
+    names = g.blocks
+    for n in names:
+        if n not in blocks:
+            blocks.append(n)
+    done = approx_n = 0
+    if g.fallback is not None:  # every call computed every block
+        for n in names:
+            totals[n] = totals.get(n, 0) + g.calls
+        done = g.calls * len(names)
+    for rec in g.trace:
+        approx = [bool(x) for x in rec.approx.tolist()]
+        records.append((rec.seq, {"context": rec.context, "step": int(rec.step), "blocks": names, "approx": approx,
+                                  "delta": [float(x) for x in rec.delta.tolist()],
+                                  "threshold": [float(x) for x in rec.threshold.tolist()]}))
+        for n, a in zip(names, approx):
+            counts[n] = counts.get(n, 0) + int(a)
+            totals[n] = totals.get(n, 0) + 1
+        done += len(approx)
+        approx_n += sum(approx)
+    gb = g.state_bytes()
+    for b, n in gb.items():
+        bytes_per_block[b] = bytes_per_block.get(b, 0) + n
+    return {"kind": g.kind, "fallback": g.fallback, "dynamic": g.dynamic, "blocks": list(names),
+            "streams": [len(x) for x in getattr(getattr(g, "layout", None), "stream_shapes", [])],
+            "steps": g.calls, "block_approx_ratio": approx_n / done if done else 0.0,
+            "state_bytes": sum(gb.values())}
 
 
 def _uncompiled(entry: ModelEntry | None) -> dict:
