@@ -81,3 +81,23 @@ def test_demo_bad_flag_is_a_clear_error(capsys):
 
     assert main(["demo", "--threshold", "-1"]) == 2
     assert "cache_ratio_threshold" in capsys.readouterr().err
+
+
+def test_frechet_distance_equals_sqrtm_and_never_warns():
+    """digits-FID on a few samples (N <= d: singular covariances): no scipy LinAlgWarning, and on
+    full-rank data the same value as the textbook sqrtm(C1 C2) formula."""
+    import warnings
+
+    import numpy as np
+    from scipy import linalg
+
+    from fastcache_fx.reference.metrics import frechet_distance
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(500, 8)), rng.normal(size=(400, 8)) * 1.3 + 0.2
+    c1, c2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    ref = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(c1 + c2 - 2 * np.real(linalg.sqrtm(c1 @ c2)))
+    assert abs(frechet_distance(a, b) - ref) < 1e-9
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isfinite(frechet_distance(rng.normal(size=(40, 128)), rng.normal(size=(360, 128))))

@@ -62,18 +62,21 @@ def class_accuracy(classifier, images: torch.Tensor, labels: torch.Tensor) -> fl
 
 def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to two feature sets [N, d] (Heusel et al. 2017):
-    ||mu1 - mu2||^2 + Tr(C1 + C2 - 2 (C1 C2)^{1/2}), matrix square root by ``scipy.linalg.sqrtm``."""
+    ||mu1 - mu2||^2 + Tr(C1 + C2 - 2 (C1 C2)^{1/2}).
+
+    Tr (C1 C2)^{1/2} = sum_i sqrt(lambda_i) with lambda_i the eigenvalues of the symmetric PSD
+    matrix C1^{1/2} C2 C1^{1/2} (the same as those of C1 C2), from ``scipy.linalg.eigh``: exact for
+    the rank-deficient covariances of N <= d samples, where ``sqrtm(C1 C2)`` warns that the matrix
+    is singular."""
     from scipy import linalg
 
     f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
     mu1, mu2 = f1.mean(0), f2.mean(0)
     c1, c2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    covmean = linalg.sqrtm(c1 @ c2)
-    if not np.isfinite(covmean).all():
-        eps = 1e-6 * np.eye(c1.shape[0])
-        covmean = linalg.sqrtm((c1 + eps) @ (c2 + eps))
-    covmean = np.real(covmean)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(c1 + c2 - 2 * covmean))
+    e1, v1 = linalg.eigh(c1)
+    root1 = (v1 * np.sqrt(np.clip(e1, 0.0, None))) @ v1.T
+    lam = linalg.eigvalsh(root1 @ c2 @ root1)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * np.sqrt(np.clip(lam, 0.0, None)).sum())
 
 
 def digits_fid(classifier, generated: torch.Tensor, real: torch.Tensor | None = None) -> float:
