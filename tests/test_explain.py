@@ -218,3 +218,15 @@ def test_explain_cli_trace(tmp_path, capsys):
     assert cli.main(["explain", "--model", "dit", "--no-diff", "--trace", str(png), "--steps", "4"]) == 0
     assert "4 steps, block_approx_ratio" in capsys.readouterr().out
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_explain_reports_the_kind_the_backend_builds():
+    """explain and the backend ask the same approximation-kind object: ``approx="taylor"`` without a
+    calibration is the Taylor forecast (explain used to print residual reuse), with its state cost;
+    a calibrated kind without a file falls back to residual reuse in both, with one warning."""
+    model, kw = zoo.build("dit")
+    text = explain(model, config={"approx": "taylor", "taylor_order": 2}, **kw).text(diff=False)
+    assert "approx=taylor" in text and "Taylor forecast" in text and "4 stream-sized tensors" in text
+    with pytest.warns(UserWarning, match="falling back to approx='residual'"):
+        text = explain(model, config={"approx": "linear"}, **kw).text(diff=False)
+    assert "approx=residual" in text and "2 stream-sized tensors" in text

@@ -90,8 +90,11 @@ class ExplainReport:
 
     def text(self, diff: bool = True) -> str:
         """A human-readable report; ``diff=False`` leaves out the graph diffs."""
+        kind = approx_kinds.get(self.approx)
         out = [f"fastcache explain: {len(self.graphs)} graph(s), {self.num_blocks} block(s) rewritten "
-               f"(approx={self.approx}, {self._rule()})"]
+               f"(approx={self.approx}, {self._rule()})",
+               f"approximation: {kind.describe(self.config)}; cache state: {kind.stream_tensors(self.config)} "
+               "stream-sized tensors per block and CFG context"]
         for g in self.graphs:
             out.append(f"\ngraph {g.index}: {g.num_nodes} nodes")
             if g.graph_left_alone:
