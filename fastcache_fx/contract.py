@@ -55,11 +55,6 @@ class TensorSpec:
             raise ValueError(f"TensorSpec.role: expected one of {ROLES}, got {self.role!r}")
         self.shape = tuple(self.shape)
 
-    @property
-    def kind(self) -> str | None:
-        """The weight or accumulator key (``key``), for readers of calibrated-map specs."""
-        return self.key
-
     def initial(self, device, shape: Callable = tuple) -> torch.Tensor:
         """A tensor of ``shape(self.shape)`` filled with ``fill`` (integers truncated)."""
         fill = self.fill if self.dtype.is_floating_point or not math.isfinite(self.fill) else int(self.fill)
@@ -105,6 +100,9 @@ class GraphContract:
     output_is_tuple: bool = True
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[tuple[str, str]] = field(default_factory=list)
+    # the role views and the output index, derived once (the runtime reads them every call);
+    # cleared by add_input / add_output
+    _views: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # building ----------------------------------------------------------------------------
     def add_input(self, spec: TensorSpec) -> TensorSpec:
@@ -115,6 +113,7 @@ class GraphContract:
         if any(s.name == spec.name for s in self.inputs):
             raise ValueError(f"graph contract: input {spec.name!r} added twice")
         self.inputs.append(spec)
+        self._views.clear()
         return spec
 
     def add_output(self, role: str, name: str) -> None:
@@ -122,10 +121,17 @@ class GraphContract:
         if role in ("state", "accum") and not any(s.role == role and s.name == name for s in self.inputs):
             raise ValueError(f"graph contract: output {role} {name!r} has no input of that name")
         self.outputs.append((role, name))
+        self._views.clear()
 
     # reading -----------------------------------------------------------------------------
+    def _view(self, key: str, make: Callable):
+        if key not in self._views:
+            self._views[key] = make()
+        return self._views[key]
+
     def of_role(self, role: str) -> list[TensorSpec]:
-        return [s for s in self.inputs if s.role == role]
+        """The inputs of ``role``, in placeholder order (do not modify the list)."""
+        return self._view(role, lambda: [s for s in self.inputs if s.role == role])
 
     @property
     def state(self) -> list[TensorSpec]:
@@ -169,10 +175,15 @@ class GraphContract:
     def split(self, outs: Sequence) -> Outputs:
         """The graph's outputs by role (state and accumulators in input order)."""
         nu = self.num_user_outputs
-        got: dict[tuple[str, str], object] = dict(zip(self.outputs, outs[nu:]))
-        trace = tuple(got[("trace", k)] for k in TRACE) if ("trace", TRACE[0]) in got else ()
-        return Outputs(list(outs[:nu]), [got[("state", s.name)] for s in self.state], trace,
-                       [got[("accum", s.name)] for s in self.accums])
+        state_at, trace_at, accum_at = self._view("split", self._output_positions)
+        return Outputs(list(outs[:nu]), [outs[i] for i in state_at], tuple(outs[i] for i in trace_at),
+                       [outs[i] for i in accum_at])
+
+    def _output_positions(self) -> tuple[list[int], list[int], list[int]]:
+        """Output positions of the new state (state order), the trace (or none) and the accumulators."""
+        at = {o: self.num_user_outputs + i for i, o in enumerate(self.outputs)}
+        trace = [at[("trace", k)] for k in TRACE] if ("trace", TRACE[0]) in at else []
+        return [at[("state", s.name)] for s in self.state], trace, [at[("accum", s.name)] for s in self.accums]
 
     def user_result(self, user: Sequence):
         """The model's own return value from its outputs."""
@@ -181,4 +192,4 @@ class GraphContract:
     @property
     def step_index(self) -> int | None:
         """Position in ``state`` of the trajectory step counter ("step"), if the graph has one."""
-        return next((i for i, s in enumerate(self.state) if s.name == "step"), None)
+        return self._view("step", lambda: next((i for i, s in enumerate(self.state) if s.name == "step"), None))

@@ -97,10 +97,11 @@ class Approximation:
         """What the approximation branch returns in place of ``full_extras``."""
         return []
 
-    def update(self, cur, handles: dict, ok, streams, outs, anchor_res, step, t, extras, config) -> tuple[list, list]:
-        """(new values of the state ``add_inputs`` added, in that order; new accumulators) after the
-        block's cond; ``extras``: the cond outputs of ``full_extras``."""
-        return [], []
+    def update(self, cur, handles: dict, ok, streams, outs, anchor_res, step, t, extras, config) -> list:
+        """[(input placeholder, its new value)] for the state and accumulator inputs this kind
+        added, after the block's cond; ``extras``: (the cond node, index of its first
+        ``full_extras`` output)."""
+        return []
 
     def stream_tensors(self, config) -> int:
         """Stream-sized tensors of cache state per block and context (anchor input and residual,

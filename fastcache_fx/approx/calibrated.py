@@ -97,7 +97,7 @@ class CalibratedMap(Approximation):
 
     def update(self, cur, handles, ok, streams, outs, anchor_res, step, t, extras, config):
         if not handles.get("accs"):
-            return [], []
+            return []
         cond, first = extras
         nk, nkeys = config.time_buckets, len(ACCUM_KEYS)
         learn = cur.call(D.learn_mask, ok, streams, outs, step, self.name)
@@ -106,5 +106,5 @@ class CalibratedMap(Approximation):
             incs = [cur.get(cond, first + s * nkeys + j, val=meta(acc.meta["val"].shape[1:]))
                     for j, acc in enumerate(accs)]
             acc_new = cur.call(D.accumulate, accs, incs, learn, t, nk, config.timestep_max)
-            new += cur.unpack(acc_new, nkeys)
-        return [], new
+            new += zip(accs, cur.unpack(acc_new, nkeys))
+        return new

@@ -39,11 +39,12 @@ class Taylor(Approximation):
                                                         ph[k["hist_n"]], ph[slots.t]), {"order": config.taylor_order})
 
     def update(self, cur, handles, ok, streams, outs, anchor_res, step, t, extras, config):
-        m, n = config.taylor_order, len(streams)
+        m, hist = config.taylor_order, handles["hist"]
         new_hist, new_t, new_n = cur.unpack(cur.call(
-            forecast.update_history, ok, streams, outs, anchor_res, handles["hist"], handles["hist_t"],
+            forecast.update_history, ok, streams, outs, anchor_res, hist, handles["hist_t"],
             handles["hist_n"], step, t, order=m), 3)
-        return [cur.get(cur.get(new_hist, s), j) for s in range(n) for j in range(m)] + [new_t, new_n], []
+        return ([(hist[s][j], cur.get(cur.get(new_hist, s), j)) for s in range(len(streams)) for j in range(m)]
+                + [(handles["hist_t"], new_t), (handles["hist_n"], new_n)])
 
     def stream_tensors(self, config) -> int:
         return super().stream_tensors(config) + config.taylor_order

@@ -354,15 +354,10 @@ def _new_state(io: ExtraIO, cur: "_Cursor", h: dict, kind: Approximation, config
     new += list(zip(h["a_res"], (cur.get(new_res, s) for s in range(n)))) + [(h["consec"], new_consec)]
     if h["prev"] is not None:
         new += list(zip(h["prev"], cur.unpack(cur.call(D.update_previous, streams, h["prev"]), n)))
-    kind_state, accums = kind.update(cur, h["kind"], ok, streams, outs, h["a_res"], step_node, t_node,
-                                     (cond, extra), config)
-    mine = [p for p in io.names_in_order(h["kind"]) if io.role(p) == "state"]
-    new += list(zip(mine, kind_state))
+    new += kind.update(cur, h["kind"], ok, streams, outs, h["a_res"], step_node, t_node, (cond, extra), config)
     if h["est"] is not None:
         new += list(zip((h["est"], h["last_err"]), cur.unpack(cur.call(
             forecast.update_error_estimate, ok, err2, ref2, delta, step_node, h["est"], h["last_err"],
             groups=tuple(result.groups)), 2)))
     for ph, node in new:
-        io.output("state", io.name(ph), node)
-    for ph, node in zip((p for p in io.names_in_order(h["kind"]) if io.role(p) == "accum"), accums):
-        io.output("accum", io.name(ph), node)
+        io.output(io.specs[ph].role, io.specs[ph].name, node)

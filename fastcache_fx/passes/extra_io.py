@@ -71,29 +71,8 @@ class ExtraIO:
         self.specs: dict[fx.Node, TensorSpec] = {}  # placeholders this pass added
 
     def name(self, ph: fx.Node) -> str:
+        """The contract name of a placeholder this pass added."""
         return self.specs[ph].name
-
-    def role(self, ph: fx.Node) -> str:
-        return self.specs[ph].role
-
-    def names_in_order(self, handles) -> list[fx.Node]:
-        """The placeholders in a (nested) structure of handles, in the order they were added."""
-        found: list[fx.Node] = []
-
-        def walk(x) -> None:
-            if isinstance(x, fx.Node):
-                if x in self.specs:
-                    found.append(x)
-            elif isinstance(x, dict):
-                for v in x.values():
-                    walk(v)
-            elif isinstance(x, (list, tuple)):
-                for v in x:
-                    walk(v)
-
-        walk(handles)
-        order = {ph: i for i, ph in enumerate(self.specs)}
-        return sorted(dict.fromkeys(found), key=order.__getitem__)
 
     def add(self, spec: TensorSpec, val=None) -> fx.Node:
         """The placeholder of a new extra input ``spec`` (``val``: its example value)."""
@@ -108,13 +87,13 @@ class ExtraIO:
         return self.add(state_spec(name, shape, dtype, fill))
 
     def control(self, name: str, shape, dtype: torch.dtype, fill: float) -> fx.Node:
-        return self.add(control_spec(name, shape, dtype, fill), torch.empty(shape, dtype=dtype, device="meta"))
+        return self.add(control_spec(name, shape, dtype, fill))
 
     def weight(self, name: str, block: str, stream: int, key: str, shape, dtype: torch.dtype) -> fx.Node:
-        return self.add(weight_spec(name, block, stream, key, shape, dtype), torch.empty(shape, dtype=dtype, device="meta"))
+        return self.add(weight_spec(name, block, stream, key, shape, dtype))
 
     def accum(self, name: str, block: str, stream: int, key: str, shape, dtype: torch.dtype) -> fx.Node:
-        return self.add(accum_spec(name, block, stream, key, shape, dtype), torch.empty(shape, dtype=dtype, device="meta"))
+        return self.add(accum_spec(name, block, stream, key, shape, dtype))
 
     def output(self, role: str, name: str, node: fx.Node) -> None:
         self.outputs.append((role, name, node))
