@@ -3,6 +3,7 @@
     python -m fastcache_fx.reference.train classifier      # ~1 min
     python -m fastcache_fx.reference.train dit --steps 4000 # ~1 h on 2 cores
     python -m fastcache_fx.reference.train mmdit            # the flow-matching MMDiT: see train_mmdit
+    python -m fastcache_fx.reference.train wan              # the video DiT (WanTransformer3DModel): see train_wan
 
 The DiT is trained with v-prediction on a cosine schedule (diffusers ``DDPMScheduler``), label
 dropout 0.1 for classifier-free guidance, AdamW with warmup and cosine decay, gradient
@@ -152,8 +153,13 @@ def main(argv=None) -> None:
 
         train_mmdit.main(argv[1:])
         return
+    if argv[:1] == ["wan"]:  # the video model: reference/train_wan.py
+        from . import train_wan
+
+        train_wan.main(argv[1:])
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["classifier", "dit", "all", "mmdit"])
+    p.add_argument("what", choices=["classifier", "dit", "all", "mmdit", "wan"])
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
