@@ -240,6 +240,8 @@ def plan(gm: fx.GraphModule, example_inputs: list, config: FastCacheConfig, mode
             left = f" (left alone: {search.left_alone})" if search.left_alone else ""
             return f"no transformer blocks recognised in this graph{left}: {block}"
         kind, regions = "block", [block]
+    elif (refused := not_a_denoiser(gm)) is not None:
+        return refused
     if config.lowering == "tensorrt":
         from .lowering.tensorrt import require_tensorrt
 
@@ -247,6 +249,24 @@ def plan(gm: fx.GraphModule, example_inputs: list, config: FastCacheConfig, mode
     config = compat.check(config, compat.Target(block_graph=kind == "block", dynamic=dynamic,
                                                 collectives=bool(collective_groups(gm))), stacklevel=4)
     return Build(gm, list(example_inputs), config, mode, regions, kind, dynamic)
+
+
+def not_a_denoiser(gm: fx.GraphModule) -> str | None:
+    """Why a graph with blocks is not a DiT denoiser's, or None when it may be one.
+
+    A diffusion denoiser is conditioned on the timestep; a module whose traced ``forward`` gets no
+    timestep tensor (a UNet's ``TransformerTemporalModel``, its ``Transformer2DModel`` layers) is a
+    layer of a denoiser, and a step cache on it would reuse across calls that are not steps. A
+    graph Dynamo resumed after a graph break (``torch_dynamo_resume_in_*``) is a fragment of the
+    model, whose timestep an earlier fragment took, so it is not judged here."""
+    ctx = torch._guards.TracingContext.try_get()
+    code = ctx.traced_code[0] if ctx is not None and ctx.traced_code else None
+    if code is None or code.co_name != "forward":
+        return None
+    if find_timestep([n for n in gm.graph.nodes if n.op == "placeholder"]) is not None:
+        return None
+    return (f"not a DiT denoiser: {getattr(code, 'co_qualname', code.co_name)} was traced without a timestep "
+            "tensor (a layer of a denoiser, such as a UNet's temporal transformer, gets no step cache)")
 
 
 def run_passes(b: Build, passes: tuple[Pass, ...] = PASSES) -> Build:
