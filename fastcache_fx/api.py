@@ -8,6 +8,7 @@ from .config import FastCacheConfig
 from .runtime import registry
 from .runtime.context import attach_diffusers_context
 from .runtime.opaque import make_opaque_moe
+from .runtime.traceable import traceable_hooks
 from .runtime.stats import collect
 from .runtime.uncompiled import unskip, watch_calls
 
@@ -81,6 +82,7 @@ def _compile_module(target: torch.nn.Module, config: FastCacheConfig, fullgraph:
     attach_diffusers_context(module, on_reset=entry.drop_state)
     backend = _backend_for(config, mode)
     make_opaque_moe(module)  # HiDream: its MoE routing would break the graph inside every block
+    traceable_hooks(module)  # context parallelism's hooks on a block (Wan) would break the block loop
     if regional:
         _compile_regional(module, backend, fullgraph=fullgraph, dynamic=dynamic)
         return module

@@ -47,13 +47,41 @@ def build(family: str):
                   timestep=torch.full((1,), 0.9),
                   img_shapes=[(1, 4, 4)])
         return model, kw, [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
-    raise ValueError(f"family: expected flux or qwenimage, got {family!r}")
+    if family == "wan":  # a video DiT: [B, C, F, H, W] latents, diffusers' Wan _cp_plan (Ulysses)
+        from diffusers import WanTransformer3DModel
+
+        torch.manual_seed(0)
+        model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                      in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                      num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                      rope_max_seq_len=32).eval().requires_grad_(False)
+        # 2 frames of 4x4 tokens: rank 0 holds frame 0, rank 1 frame 1
+        kw = dict(hidden_states=torch.randn(1, 4, 2, 8, 8), encoder_hidden_states=torch.randn(1, 6, 16),
+                  timestep=torch.full((1,), 0.9))
+        return model, kw, [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
+    raise ValueError(f"family: expected flux, qwenimage or wan, got {family!r}")
+
+
+def first_block(model):
+    """The first transformer block (Wan's list is ``blocks``)."""
+    return model.blocks[0] if hasattr(model, "blocks") else model.transformer_blocks[0]
+
+
+def stream_inputs(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """A block call's residual streams: the 3-D tensors it gets (Flux, QwenImage: image and text),
+    or, for a Wan block (called positionally: hidden, text, timestep projection, rotary), the first."""
+    if args:
+        return [args[0]]
+    return [v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() == 3]
 
 
 def shifted(x: torch.Tensor) -> torch.Tensor:
-    """The ``on`` trajectory's input from step 4: only the second half of the tokens changes."""
+    """The ``on`` trajectory's input from step 4: only the second half of the tokens changes
+    (packed tokens [B, N, C]: dim 1; video latents [B, C, F, H, W]: the second half of the frames)."""
     x2 = x.clone()
-    x2[:, x.shape[1] // 2:] += 0.5 * x[:, x.shape[1] // 2:].std()  # only the second shard changes
+    d = 2 if x.dim() == 5 else 1
+    half = [slice(None)] * d + [slice(x.shape[d] // 2, None)]
+    x2[tuple(half)] += 0.5 * x[tuple(half)].std()  # only the second shard changes
     return x2
 
 
@@ -66,9 +94,8 @@ def near_bound_input(family: str, tau: float, world: int) -> tuple[torch.Tensor,
 
     model, kw, _ = build(family)
     got = []
-    hook = model.transformer_blocks[0].register_forward_pre_hook(
-        lambda m, a, k: got.append([v for v in list(a) + list(k.values())
-                                    if isinstance(v, torch.Tensor) and v.dim() == 3]), with_kwargs=True)
+    hook = first_block(model).register_forward_pre_hook(lambda m, a, k: got.append(stream_inputs(a, k)),
+                                                         with_kwargs=True)
     x2 = shifted(kw["hidden_states"])
     d = torch.randn(x2.shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -122,9 +149,12 @@ def worker(rank: int, world: int, family: str, path: str) -> None:
     model, kw, ts = build(family)
     model.set_attention_backend("native")
     model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+    fastcache_fx.traceable_hooks(model)  # Wan: the plan hooks blocks.0 (enable_fastcache does this itself)
     compiled = torch.compile(model, backend=fastcache_fx.FastCacheBackend(**opts))
     res = {"cp": trajectories(model, compiled, kw, ts, near_bound=x3), "near_bound": window}
-    res["cp"]["groups"] = [g.layout.groups for g in registry.lookup(model).graphs]
+    graphs = registry.lookup(model).graphs
+    res["cp"]["groups"] = [g.layout.groups for g in graphs if hasattr(g, "layout")]  # glue graphs have none
+    res["cp"]["fallback"] = fastcache_fx.stats(model)["fallback"]
     res["cp"]["trace_rank"] = rank
     gathered = [None] * world
     dist.all_gather_object(gathered, res["cp"]["on_trace"])

@@ -242,6 +242,18 @@ def _block_inputs(io: ExtraIO, region: BlockRegion, metas: list, config: FastCac
     return h
 
 
+def _contiguous_operand(cur, op: fx.Node) -> fx.Node:
+    """``op`` as a cond operand with contiguous strides. A value traced contiguous gets
+    ``fixed_contiguous`` (no copy unless Inductor picked another layout); one traced strided gets
+    a copy: Inductor keeps a view whose stride *order* is already contiguous (Wan's rotary
+    ``freqs[..., 0::2]``: strides (12, 2) for sizes (16, 6)) through ``fixed_contiguous``, and the
+    branch, traced with contiguous strides, asserts them."""
+    val = _contiguous_meta(node_value(op))
+    if node_value(op).is_contiguous():
+        return cur.call(D.fixed_contiguous, op, val=val)
+    return cur.call(torch.clone, op, val=val, memory_format=torch.contiguous_format)
+
+
 def _cond_operands(region: BlockRegion, h: dict, kind: Approximation, config: FastCacheConfig,
                    result: BlockCacheResult, t_node, size_symbols) -> tuple[list[fx.Node], Slots]:
     """A block's cond operands (streams, contexts, parameters, then the cache state its branches
@@ -292,10 +304,12 @@ def _rewrite_block(gm: fx.GraphModule, io: ExtraIO, result: BlockCacheResult, k:
     cur = _Cursor(graph, region.nodes[-1])
     # cond operands must be contiguous with a layout Inductor keeps (a non-contiguous one gave
     # wrong results under AOTInductor, and the branches assert the strides they were traced
-    # with; see decision.fixed_contiguous); a graph input keeps its own (fixed) layout
+    # with; see decision.fixed_contiguous); a contiguous graph input keeps its own (fixed) layout,
+    # a strided one (a fragment after a graph break gets views, e.g. Wan's rotary under context
+    # parallelism) is copied like any other operand
     ins = list(dict.fromkeys(region.stream_inputs + region.context_inputs))
-    contig = {op: cur.call(D.fixed_contiguous, op, val=_contiguous_meta(node_value(op)))
-              for op in ins if tensor_meta(op) is not None and op.op != "placeholder"}
+    contig = {op: _contiguous_operand(cur, op) for op in ins if tensor_meta(op) is not None
+              and (op.op != "placeholder" or not node_value(op).is_contiguous())}
     # graph inputs that are views of one buffer (CogVideoX's block gets its two streams as slices
     # of one tensor): cond refuses aliased operands, so each gets its own copy
     for op in _aliased_inputs(ins):
