@@ -30,6 +30,7 @@ is DiT-only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -199,7 +200,7 @@ class Suite1:
                     (" (enable_fastcache(pipe))" if self.job.pipeline else "")
                 imgs, warm, secs = self._time(fn, lambda: fastcache_fx.reset(model))
                 st = fastcache_fx.stats(model)
-                timed = st["trace"][-a.steps:]
+                timed = st["trace"][-a.steps * max(1, len(st["trajectory"])):]  # Wan: cond and uncond calls
                 trace = [[bool(x) for x in s["approx"]] for s in timed]
                 out["approx_ratio"] = float(np.mean(trace)) if trace else 0.0
             else:
@@ -214,12 +215,14 @@ class Suite1:
         out.update(warmup_s=warm, seconds_per_image=secs / n, trajectory_s=secs)
         if m == "inductor":
             self.reference, self.inductor_s = imgs, secs
-        small = self.job.to_classifier(imgs)  # 8x8 (2x2 average pooling of the MMDiT's 16x16)
-        out["class_accuracy"] = R.class_accuracy(self.clf, small, self.labels)
+        small = self.job.to_classifier(imgs)  # 8x8 (MMDiT: 2x2 average pooling; Wan: per frame)
+        out["class_accuracy"] = R.class_accuracy(self.clf, small, self.job.classifier_labels(self.labels))
+        if self.job.frames > 1:
+            out["temporal_psnr_db"] = self.job.temporal_psnr(imgs)
         out["digits_fid"] = R.digits_fid(self.clf, small)
         if self.reference is not None:
             out["psnr_db"] = psnr_db(imgs, self.reference)
-            out["ssim"] = ssim_mean(imgs, self.reference)
+            out["ssim"] = ssim_mean(self.job.as_images(imgs), self.job.as_images(self.reference))
             out["speedup"] = self.inductor_s / secs
         if trace is not None:
             out["trace"] = trace
@@ -258,14 +261,27 @@ class _PeerTransformer(torch.nn.Module):
     """A peer-hooked SD3 transformer as ``StableDiffusion3Pipeline`` holds it: ``forward(**kw)``
     runs the peer's per-call hooks (``pre_call(timestep)``, its cache context) around ``callee``
     (the module or its compiled version); ``config``, ``device`` and ``dtype`` are the model's.
-    The SD3 pipeline batches CFG as [uncond, cond], the order FasterCache assumes: no swap."""
+    The SD3 pipeline batches CFG as [uncond, cond], the order FasterCache assumes: no swap.
+    ``WanPipeline`` calls cond and uncond separately, each under ``transformer.cache_context(name)``:
+    that context is the model's own (a peer's state per context, as diffusers' hooks keep it),
+    and the peer's fixed context is not laid over it."""
 
     def __init__(self, applied, callee, module) -> None:
         super().__init__()
         object.__setattr__(self, "_applied", applied)  # not submodules: nothing to register twice
         object.__setattr__(self, "_callee", callee)
         object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_in_context", False)
         self.config = module.config
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str):
+        object.__setattr__(self, "_in_context", True)
+        try:
+            with self._module.cache_context(name):
+                yield
+        finally:
+            object.__setattr__(self, "_in_context", False)
 
     @property
     def device(self):
@@ -277,7 +293,7 @@ class _PeerTransformer(torch.nn.Module):
 
     def forward(self, **kw):
         self._applied.pre_call(kw["timestep"])
-        with self._applied.context():
+        with contextlib.nullcontext() if self._in_context else self._applied.context():
             return self._callee(**kw)
 
 

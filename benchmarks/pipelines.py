@@ -2,7 +2,9 @@
 save in compiles (issue 16, "Measure").
 
 For each family (DiT, PixArt-Sigma, SD3, Flux with true CFG, Sana; ``zoo.pipeline``: built
-offline, random weights, widened with ``--layers/--heads/--head-dim``), in one process:
+offline, random weights, widened with ``--layers/--heads/--head-dim``; and the video pipelines of
+``zoo_video``: Wan 2.1, HunyuanVideo 1.5, LTX, CogVideoX, tiny parts, ``--layers`` blocks, called
+at two frame counts), in one process:
 
 - speed: seconds per image at the first and the last of ``--sizes`` (median of ``--repeats``
   calls after the compiling one and one more untimed call) for plain ``torch.compile`` (Inductor) and ``enable_fastcache``,
@@ -39,7 +41,7 @@ from pathlib import Path
 import torch
 
 import fastcache_fx
-from fastcache_fx import zoo
+from fastcache_fx import zoo, zoo_video
 
 # variant name -> (backend, dynamic argument of torch.compile)
 VARIANTS = {
@@ -87,14 +89,33 @@ def _graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def run_variant(family: str, variant: str, a) -> list[dict]:
-    """One pipeline compiled as ``variant``, called at every size of ``a.sizes`` in order:
-    one dict per size with the compile record (and the timing for timed variants)."""
-    backend, dynamic = VARIANTS[variant]
-    torch._dynamo.reset()
+#: video families: transformer calls per denoising step with CFG (zoo_video's docstring)
+VIDEO_CALLS_PER_STEP = {"wan": 2, "wan22": 2, "hunyuanvideo15": 2, "ltx": 1, "cogvideox": 1}
+
+
+def build(family: str, a):
+    """(pipeline, run(shape), shapes, calls per step, shape label): an image family is called at
+    every pixel size of ``a.sizes``; a video family (``zoo_video``) at every frame count of its
+    ``VIDEO_SIZE`` (or ``a.frames``) at its largest listed size (or ``a.video_size``)."""
+    if family in zoo_video.VIDEO_FAMILIES:
+        frames, sizes = zoo_video.VIDEO_SIZE[family]
+        frames, size = a.frames or list(frames), a.video_size or sizes[-1]
+        pipe, kw = zoo_video.video_pipeline(family, steps=a.steps, num_layers=a.layers)
+        return (pipe, lambda n: zoo_video.run_video_pipeline(pipe, kw, n, size), frames,
+                VIDEO_CALLS_PER_STEP[family], lambda n: f"{n} frames, {size} px")
     pipe, kw = zoo.pipeline(family, num_layers=a.layers, steps=a.steps, max_size=max(a.sizes), heads=a.heads,
                             head_dim=a.head_dim)
     calls_per_step = 2 if family == "flux" else 1  # true CFG: cond and uncond calls
+    return pipe, lambda size: zoo.run_pipeline(pipe, kw, size), a.sizes, calls_per_step, lambda n: f"{n} px"
+
+
+def run_variant(family: str, variant: str, a) -> list[dict]:
+    """One pipeline compiled as ``variant``, called at every shape (sizes, or frame counts for a
+    video family) in order: one dict per shape with the compile record (and the timing for timed
+    variants, at the first and the last shape)."""
+    backend, dynamic = VARIANTS[variant]
+    torch._dynamo.reset()
+    pipe, run, shapes, calls_per_step, label = build(family, a)
     if backend == "inductor":
         pipe.transformer = torch.compile(pipe.transformer, dynamic=dynamic)
         opts = {}
@@ -110,16 +131,16 @@ def run_variant(family: str, variant: str, a) -> list[dict]:
                if backend == "fastcache" and a.decisions == "schedule" else contextlib.nullcontext())
         t0 = time.perf_counter()
         with ctx:
-            zoo.run_pipeline(pipe, kw, size)
+            run(size)
         return time.perf_counter() - t0
 
     out = []
     g0 = _graphs()
-    timed_sizes = (a.sizes[0], a.sizes[-1])
-    for size in a.sizes:
+    timed_sizes = (shapes[0], shapes[-1])
+    for size in shapes:
         c0, n0 = _compile_seconds(), _graphs()
         first = call(size)
-        rec = {"family": family, "variant": variant, "size": size, "dynamic": dynamic,
+        rec = {"family": family, "variant": variant, "size": size, "shape": label(size), "dynamic": dynamic,
                "new_graphs": _graphs() - n0, "graphs_total": _graphs() - g0,
                "compile_s": _compile_seconds() - c0, "first_call_s": first}
         if variant in TIMED and size in timed_sizes:
@@ -133,7 +154,7 @@ def run_variant(family: str, variant: str, a) -> list[dict]:
                 rec["fallback"] = st["fallback"]
                 rec["fastcache_graphs"] = st["graphs"]
                 rec["dynamic_graph"] = any(g["dynamic"] for g in st["per_graph"] if g["steps"])
-        print(f"  {family} {variant} {size}px: +{rec['new_graphs']} graphs, compile {rec['compile_s']:.1f} s"
+        print(f"  {family} {variant} {rec['shape']}: +{rec['new_graphs']} graphs, compile {rec['compile_s']:.1f} s"
               + (f", {rec['s_per_image']:.3f} s/image" if "s_per_image" in rec else ""), flush=True)
         out.append(rec)
     return out
@@ -147,7 +168,7 @@ def speed_table(records: list[dict]) -> list[dict]:
         if var != "fastcache" or (fam, "inductor", size) not in by:
             continue
         base = by[fam, "inductor", size]["s_per_image"]
-        rows.append({"family": fam, "size": size, "inductor_s": base, "fastcache_s": r["s_per_image"],
+        rows.append({"family": fam, "size": size, "shape": r["shape"], "inductor_s": base, "fastcache_s": r["s_per_image"],
                      "speedup": base / r["s_per_image"], "block_approx_ratio": r["block_approx_ratio"],
                      "fallback": r["fallback"], "dynamic_graph": r["dynamic_graph"]})
     return rows
@@ -169,7 +190,12 @@ def compile_table(records: list[dict]) -> list[dict]:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--families", default=",".join(zoo.FAMILIES))
+    p.add_argument("--families", default=",".join(zoo.FAMILIES + ("wan", "hunyuanvideo15", "ltx", "cogvideox")),
+                   help=f"image: {', '.join(zoo.FAMILIES)}; video: {', '.join(zoo_video.VIDEO_FAMILIES)}")
+    p.add_argument("--frames", default=None, help="video families: frame counts in call order (default: the "
+                                                   "family's zoo_video.VIDEO_SIZE, e.g. 5,9)")
+    p.add_argument("--video-size", type=int, default=None, help="video families: pixel size (default: the "
+                                                                "largest of the family's VIDEO_SIZE)")
     p.add_argument("--variants", default="inductor,fastcache,inductor-static,fastcache-static",
                    help=f"of {', '.join(VARIANTS)}")
     p.add_argument("--sizes", default="64,96,128", help="pixel sizes in call order (multiples of 32 suit every family); "
@@ -190,7 +216,10 @@ def main(argv=None) -> dict:
     for v in variants:
         if v not in VARIANTS:
             p.error(f"--variants: unknown {v!r} (expected of {', '.join(VARIANTS)})")
+    a.frames = [int(n) for n in a.frames.split(",")] if a.frames else None
     for f in families:
+        if f in zoo_video.VIDEO_FAMILIES:
+            continue  # zoo_video.run_video_pipeline checks frame counts (ValueError naming them)
         bad = [s for s in a.sizes if s % zoo.PIPELINE_SIZE_MULTIPLE.get(f, 1)]
         if f not in zoo.FAMILIES or bad:
             p.error(f"--families/--sizes: {f!r} unknown or sizes {bad} not multiples of its "
@@ -208,12 +237,12 @@ def main(argv=None) -> dict:
     width = a.heads * a.head_dim
     print(f"\n{a.layers} blocks per list, width {width} ({a.heads} x {a.head_dim}), {a.steps} steps, CFG, fp32, CPU "
           f"({torch.get_num_threads()} threads), decisions: {a.decisions}")
-    print("| family | size (px) | inductor s/image | fastcache s/image | speedup | block_approx_ratio |")
+    print("| family | shape | inductor s/image (video) | fastcache s/image (video) | speedup | block_approx_ratio |")
     print("|---|---|---|---|---|---|")
     for r in speed:
-        print(f"| {r['family']} | {r['size']} | {r['inductor_s']:.3f} | {r['fastcache_s']:.3f} | {r['speedup']:.2f}x | "
+        print(f"| {r['family']} | {r['shape']} | {r['inductor_s']:.3f} | {r['fastcache_s']:.3f} | {r['speedup']:.2f}x | "
               f"{r['block_approx_ratio']:.2f} |")
-    print(f"\ncompiles over sizes {', '.join(map(str, a.sizes))} px (in this order)")
+    print(f"\ncompiles over sizes {', '.join(map(str, a.sizes))} px (video: over its frame counts), in this order")
     print("| family | variant | graphs compiled (per size) | compile s (per size) |")
     print("|---|---|---|---|")
     for r in compiles:

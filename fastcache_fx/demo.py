@@ -2,8 +2,11 @@
 
 ``--model dit`` (default): the reference DiT, sampled by our DDIM loop. ``--model mmdit``: the
 flow-matching MMDiT (``SD3Transformer2DModel``), sampled by the real ``StableDiffusion3Pipeline``
-with ``fastcache_fx.enable_fastcache(pipe)`` on the fastcache side. Both go through
-``reference.jobs.ReferenceJob``.
+with ``fastcache_fx.enable_fastcache(pipe)`` on the fastcache side. ``--model wan``: the video
+DiT (``WanTransformer3DModel``) in the real ``WanPipeline`` (separate cond / uncond calls), 4-frame
+clips of moving digits; its table adds ``temporal_psnr_db`` (motion-compensated PSNR between
+consecutive frames: flicker lowers it) and its PNG shows each clip's frames side by side. All go
+through ``reference.jobs.ReferenceJob``.
 
 Generates the same grid (classes x seeds, same initial noise) with both, prints a table
 (seconds per image, speedup, block_approx_ratio, PSNR, SSIM, class accuracy, digits-FID) and
@@ -27,15 +30,16 @@ from .reference.jobs import MODELS, job
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="dit", choices=MODELS,
-                   help="bundled model: dit (DDIM, default) or mmdit (SD3 pipeline, rectified flow)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50 dit, 28 mmdit)")
+                   help="bundled model: dit (DDIM, default), mmdit (SD3 pipeline, rectified flow) or wan "
+                        "(WanPipeline, a video DiT: 4-frame clips of moving digits)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50 dit, 28 mmdit, 20 wan)")
     p.add_argument("--seeds", type=int, default=4, help="samples per class (default 4)")
     p.add_argument("--repeats", type=int, default=3, help="timed trajectories per method, the fastest counts (default 3)")
     p.add_argument("--classes", type=str, default="0,1,2,3,4,5,6,7,8,9", help="comma-separated digits")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: 2.0 dit, the model's recorded scale for mmdit)")
     p.add_argument("--scheduler", default=None,
-                   help=f"dit: one of {R.sampling.SCHEDULERS} (default ddim); mmdit: flow_euler")
+                   help=f"dit: one of {R.sampling.SCHEDULERS} (default ddim); mmdit: flow_euler; wan: unipc")
     p.add_argument("--error-budget", type=float, default=None,
                    help="error_budget of the default decision rule (default: library default)")
     p.add_argument("--threshold", type=float, default=None,
@@ -105,11 +109,16 @@ def timed_sampling(j, transformer, labels, a, seeds, reset=None):
 
 def quality_row(j, clf, imgs, labels, reference=None) -> dict:
     """PSNR / SSIM against ``reference`` (same seeds; none: inf / 1), class accuracy and digits-FID
-    on the classifier's 8x8 view of ``imgs``."""
+    on the classifier's 8x8 view of ``imgs`` (per frame for a video model, which also gets the
+    motion-compensated PSNR between consecutive frames, ``temporal_psnr_db``)."""
     small = j.to_classifier(imgs)
-    return {"psnr_db": float("inf") if reference is None else R.psnr_db(imgs, reference),
-            "ssim": 1.0 if reference is None else float(R.ssim(imgs, reference).mean()),
-            "class_accuracy": R.class_accuracy(clf, small, labels), "digits_fid": R.digits_fid(clf, small)}
+    row = {"psnr_db": float("inf") if reference is None else R.psnr_db(imgs, reference),
+           "ssim": 1.0 if reference is None else float(R.ssim(j.as_images(imgs), j.as_images(reference)).mean()),
+           "class_accuracy": R.class_accuracy(clf, small, j.classifier_labels(labels)),
+           "digits_fid": R.digits_fid(clf, small)}
+    if j.frames > 1:
+        row["temporal_psnr_db"] = j.temporal_psnr(imgs)
+    return row
 
 
 def run(a) -> int:
@@ -131,7 +140,8 @@ def run(a) -> int:
     fc_imgs, fc_s = timed_sampling(j, fc, labels, a, seeds, reset=lambda: fastcache_fx.reset(model_fc))
     st = fastcache_fx.stats(model_fc)
     # the timed trajectory only (the warm-up run's steps come first)
-    timed = [t for t in st["trace"]][-a.steps:]
+    # (Wan's pipeline calls the transformer twice a step, under contexts "cond" and "uncond")
+    timed = st["trace"][-a.steps * max(1, len(st["trajectory"])):]
     approx_ratio = sum(sum(t["approx"]) for t in timed) / max(1, sum(len(t["approx"]) for t in timed))
 
     n = len(labels)
@@ -142,7 +152,7 @@ def run(a) -> int:
                       **quality_row(j, clf, fc_imgs, labels, reference=base_imgs)},
     }
     _print_table(rows)
-    _save_png(a.out_png, base_imgs, fc_imgs, labels, rows)
+    _save_png(a.out_png, base_imgs, fc_imgs, labels, rows, frames=j.frames)
     from .debug.heatmap import decision_heatmap
 
     trace_png = a.trace_png or a.out_png.with_name(a.out_png.stem + "_trace.png")
@@ -159,22 +169,25 @@ def run(a) -> int:
 
 def _print_table(rows: dict) -> None:
     cols = ["seconds_per_image", "speedup", "block_approx_ratio", "psnr_db", "ssim", "class_accuracy", "digits_fid"]
+    cols += [c for c in ("temporal_psnr_db",) if c in rows["inductor"]]
     print("| method | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for name, r in rows.items():
         print(f"| {name} | " + " | ".join(f"{r[c]:.4g}" for c in cols) + " |")
 
 
-def _save_png(path: Path, base, fc, labels, rows) -> None:
+def _save_png(path: Path, base, fc, labels, rows, frames: int = 1) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s = base.shape[-1]  # image side: 8 (DiT) or 16 (MMDiT)
+    s = base.shape[-1]  # image side: 8 (DiT), 16 (MMDiT), 12 (Wan)
+    w = s * frames  # a clip's frames side by side in its cell
 
     def grid(x):  # one column per class, one row per seed
         nc = len(torch.unique(labels))
-        x = x[:, 0].reshape(nc, -1, s, s).permute(1, 2, 0, 3).reshape(-1, nc * s)
+        x = x[:, 0] if frames == 1 else x[:, 0].permute(0, 2, 1, 3).reshape(len(x), s, w)
+        x = x.reshape(nc, -1, s, w).permute(1, 2, 0, 3).reshape(-1, nc * w)
         return x.numpy()
 
     diff = (fc - base).abs()
@@ -186,7 +199,7 @@ def _save_png(path: Path, base, fc, labels, rows) -> None:
                                           ["gray", "gray", "magma"], [1, 1, None]):
         im = ax.imshow(img, cmap=cmap, vmin=-1 if vmax == 1 else 0, vmax=vmax, interpolation="nearest")
         ax.set_title(title, fontsize=9)
-        ax.set_xticks([s * i + (s - 1) / 2 for i in range(len(torch.unique(labels)))], [str(int(c)) for c in torch.unique(labels)])
+        ax.set_xticks([w * i + (w - 1) / 2 for i in range(len(torch.unique(labels)))], [str(int(c)) for c in torch.unique(labels)])
         ax.set_yticks([])
     fig.colorbar(im, ax=axes[2], fraction=0.046)
     fig.tight_layout()

@@ -6,6 +6,10 @@ pixels, 64 tokens), sampled by ``sampling.sample``.
 tokens + 4 class tokens), sampled by the real ``StableDiffusion3Pipeline`` (``mmdit_sampling``);
 its 16x16 samples are average-pooled 2x2 to 8x8 for the digit classifier (class accuracy,
 digits-FID).
+``job("wan")``: the video DiT (``WanTransformer3DModel``, rectified flow, clips of 4 frames of
+12x12 pixels, 144 tokens), sampled by the real ``WanPipeline`` (separate cond / uncond calls);
+sample i of a batch moves in direction ``i % 4`` (``wan.MOTION_NAMES``); each frame's inkiest
+8x8 window goes to the digit classifier.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
-MODELS = ("dit", "mmdit")
+MODELS = ("dit", "mmdit", "wan")
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,8 @@ class ReferenceJob:
         timestep_max: the largest timestep the sampler passes to the transformer (1000 for both).
         pipeline: True when sampling runs a diffusers pipeline (fastcache is then enabled with
             ``fastcache_fx.enable_fastcache(pipe)``).
+        frames: frames per sample (1 for the image models; ``sample`` then returns
+            [B, 1, frames, S, S]).
     """
 
     name: str
@@ -44,6 +50,7 @@ class ReferenceJob:
     pipeline: bool
     _load: Callable[[], torch.nn.Module]
     _sample: Callable[..., torch.Tensor]
+    frames: int = 1
 
     def load(self) -> torch.nn.Module:
         """A new copy of the bundled transformer (eval, fp32, CPU): each copy has its own cache state."""
@@ -70,10 +77,32 @@ class ReferenceJob:
                             scheduler=self.check_scheduler(scheduler), progress=progress, callback=callback)
 
     def to_classifier(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 1, 8, 8] input of the bundled digit classifier (2x2 average pooling for 16x16 images)."""
+        """[B * frames, 1, 8, 8] input of the bundled digit classifier (2x2 average pooling for
+        16x16 images; per frame the inkiest 8x8 window of a clip)."""
+        if self.frames > 1:
+            from .wan import frames_to_classifier
+
+            return frames_to_classifier(images)
         from .mmdit import to_classifier_space
 
         return to_classifier_space(images)
+
+    def classifier_labels(self, labels) -> torch.Tensor:
+        """The class of each of ``to_classifier``'s images: ``labels`` [B], each repeated per frame."""
+        return torch.as_tensor(labels).repeat_interleave(self.frames)
+
+    def as_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples as images [B * frames, 1, S, S] (frames of a clip in order), for SSIM and grids."""
+        return x if self.frames == 1 else x.permute(0, 2, 1, 3, 4).reshape(-1, 1, *x.shape[-2:])
+
+    def temporal_psnr(self, x: torch.Tensor) -> float | None:
+        """Mean motion-compensated PSNR between consecutive frames, dB (``wan.motion_compensated_psnr``);
+        None for an image model."""
+        if self.frames == 1:
+            return None
+        from .wan import motion_compensated_psnr
+
+        return float(motion_compensated_psnr(x, wan_motions(x.shape[0])).mean())
 
     def inductor(self, model: torch.nn.Module):
         """``model`` compiled by plain Inductor (``dynamic=False``), the baseline."""
@@ -87,7 +116,10 @@ class ReferenceJob:
 
         options = dict(options or {})
         if self.pipeline:
-            from .mmdit_sampling import build_pipeline
+            if self.frames > 1:
+                from .wan_sampling import build_wan_pipeline as build_pipeline
+            else:
+                from .mmdit_sampling import build_pipeline
 
             return enable_fastcache(build_pipeline(model), **options)
         return torch.compile(model, backend=FastCacheBackend(**options), dynamic=False)
@@ -118,6 +150,34 @@ def _sample_mmdit(transformer, labels, *, steps, guidance, seeds, scheduler, pro
 
     return sample_mmdit(transformer, _embedder(), labels, num_inference_steps=steps, guidance_scale=guidance,
                         seed=seeds, progress=progress, callback=callback)
+
+
+def wan_motions(b: int) -> torch.Tensor:
+    """The motion of each of ``b`` Wan samples: sample i moves in direction ``i % 4``."""
+    from .wan import MOTION_NAMES
+
+    return torch.arange(b) % len(MOTION_NAMES)
+
+
+@lru_cache(maxsize=1)
+def _wan_embedder():
+    from .wan import load_wan
+
+    return load_wan()[1]
+
+
+def _load_wan():
+    from .wan import load_wan
+
+    return load_wan()[0]
+
+
+def _sample_wan(transformer, labels, *, steps, guidance, seeds, scheduler, progress, callback):
+    from .wan_sampling import sample_wan
+
+    labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+    return sample_wan(transformer, _wan_embedder(), labels, wan_motions(len(labels)), num_inference_steps=steps,
+                      guidance_scale=guidance, seed=seeds, progress=progress, callback=callback)
 
 
 def _load_dit():
@@ -151,4 +211,10 @@ def job(name: str) -> ReferenceJob:
     if name == "mmdit":
         return ReferenceJob("mmdit", "reference MMDiT (SD3 pipeline, rectified flow, 16x16, 64+4 tokens)", 28,
                             _mmdit_guidance(), ("flow_euler",), 16, 1000.0, True, _load_mmdit, _sample_mmdit)
+    if name == "wan":
+        from .train_wan import DEFAULT_GUIDANCE, EVAL_STEPS
+
+        return ReferenceJob("wan", "reference Wan video DiT (WanPipeline, UniPC, 4 frames of 12x12, 144 tokens)",
+                            EVAL_STEPS, DEFAULT_GUIDANCE, ("unipc",), 12, 1000.0, True, _load_wan, _sample_wan,
+                            frames=4)
     raise ValueError(f"model: expected one of {MODELS}, got {name!r}")
