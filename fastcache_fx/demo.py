@@ -191,7 +191,8 @@ def _save_png(path: Path, base, fc, labels, rows, frames: int = 1) -> None:
         return x.numpy()
 
     diff = (fc - base).abs()
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    # clips are wide (frames side by side): the three panels one above the other
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2)) if frames == 1 else plt.subplots(3, 1, figsize=(12, 6.5))
     r = rows["fastcache"]
     titles = ["plain torch.compile", f"fastcache ({r['speedup']:.2f}x, approx {r['block_approx_ratio']:.0%})",
               f"|difference| (PSNR {r['psnr_db']:.1f} dB)"]
