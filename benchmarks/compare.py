@@ -275,10 +275,10 @@ class _PeerTransformer(torch.nn.Module):
         self.config = module.config
 
     @contextlib.contextmanager
-    def cache_context(self, name: str):
+    def cache_context(self, name: str, **kwargs):
         object.__setattr__(self, "_in_context", True)
         try:
-            with self._module.cache_context(name):
+            with self._module.cache_context(name, **kwargs):
                 yield
         finally:
             object.__setattr__(self, "_in_context", False)

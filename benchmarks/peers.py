@@ -178,9 +178,12 @@ def apply_peer(name: str, model, *, steps: int, params: dict | None = None,
     elif name == "taylorseer":
         # the default patterns (fullmatch "^transformer_blocks.*attn") match no DiT/PixArt module (they
         # are named attn1/attn2/ff), so name the block's self-attention and MLP with cache_identifiers
+        # (Wan: blocks.N.attn1 / blocks.N.ffn)
+        ids = ([r"blocks\.\d+\.attn1", r"blocks\.\d+\.ffn"] if hasattr(model, "blocks") else
+               [r"transformer_blocks\.\d+\.attn1", r"transformer_blocks\.\d+\.ff"])
         cfg = H.TaylorSeerCacheConfig(cache_interval=params.get("cache_interval", 5), max_order=1,
                                       disable_cache_before_step=3, taylor_factors_dtype=torch.float32,
-                                      cache_identifiers=[r"transformer_blocks\.\d+\.attn1", r"transformer_blocks\.\d+\.ff"])
+                                      cache_identifiers=ids)
         fn = H.apply_taylorseer_cache
     elif name == "magcache":
         ratios = _magcache_ratios(model, steps, calibrate_fn)
@@ -212,7 +215,7 @@ def apply_peer(name: str, model, *, steps: int, params: dict | None = None,
     applied = Applied(model, how, pre_call=ts.set, context=_diffusers_context(model), reset=_diffusers_reset(model),
                       swap_cfg_halves=(name == "fastercache"))
     if name == "taylorseer":
-        applied.note += "; cache_identifiers=transformer_blocks.N.attn1|ff (default patterns match no module here)"
+        applied.note += f"; cache_identifiers={'|'.join(ids)} (default patterns match no module here)"
     if name == "fastercache":
         applied.note += "; batch reordered to [uncond, cond] as FasterCache's CFG split assumes"
     if name == "magcache":
