@@ -14,7 +14,8 @@ predicts v = noise - x0, loss = MSE(v_pred, v) with uniform weighting. Label dro
 learned null class trains the unconditional branch for classifier-free guidance.
 
 AdamW with warmup and cosine decay, gradient clipping 1.0, an EMA of the weights (the EMA is
-what ships), fixed seeds, tqdm progress bars. Every ``eval_every`` steps the EMA is saved to
+what ships), fixed seeds, tqdm progress bars (the loop: ``trainer.fit``, shared with the Wan
+model). Every ``eval_every`` steps the EMA is saved to
 the package (a stopped run leaves a usable model) and 100 samples (10 per class, 28 Euler steps
 of the SD3 pipeline with CFG) are scored by the bundled 8x8 classifier after 2x2 average pooling
 (16x16 -> 8x8); the full training state goes to ``<run_dir>/checkpoint.pt`` for ``--resume``.
@@ -23,8 +24,6 @@ of the SD3 pipeline with CFG) are scored by the bundled 8x8 classifier after 2x2
 from __future__ import annotations
 
 import argparse
-import copy
-import time
 from pathlib import Path
 
 import torch
@@ -38,7 +37,7 @@ from .mmdit import (
 )
 from .mmdit_sampling import sample_mmdit
 from .model import WEIGHTS_DIR, load_classifier, save_model
-from .optim import lr_at, optimizer_step
+from .trainer import fit
 
 LABEL_DROPOUT = 0.1
 EVAL_STEPS = 28
@@ -98,77 +97,40 @@ def _record(training: dict, evaluation: dict | None = None) -> dict:
 def train_mmdit(steps: int = 2400, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
                 ema_decay: float = 0.999, eval_every: int = 400, guidance: float = DEFAULT_GUIDANCE,
                 out_dir: Path = WEIGHTS_DIR, run_dir: Path = Path("runs/mmdit"), resume: bool = False) -> None:
-    """Train the MMDiT and its class embedder; the EMA is saved to ``out_dir`` at every evaluation.
+    """Train the MMDiT and its class embedder (``trainer.fit``); the EMA is saved to ``out_dir`` at
+    every evaluation.
 
     Raises:
         ValueError: a non-positive ``steps``, ``batch_size``, ``lr`` or ``eval_every``.
         FileNotFoundError: ``resume`` without ``<run_dir>/checkpoint.pt``.
     """
-    from tqdm.auto import tqdm
-
-    for name, v in (("steps", steps), ("batch_size", batch_size), ("lr", lr), ("eval_every", eval_every)):
-        if not v > 0:
-            raise ValueError(f"{name}: expected > 0, got {v!r}")
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    if not batch_size > 0:
+        raise ValueError(f"batch_size: expected > 0, got {batch_size!r}")
     (xtr, ytr), (xte, yte) = data.train_test_split()
     xtr, xte = upsample_digits(xtr), upsample_digits(xte)
-    model = bundle(build_mmdit(), ClassEmbedder(**EMBEDDER_CONFIG))
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = run_dir / "checkpoint.pt"
-    start, elapsed0, history, loss_history, resumes = 0, 0.0, [], [], []
-    if resume:
-        if not ckpt.exists():
-            raise FileNotFoundError(f"resume: no checkpoint at {ckpt}")
-        st = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(st["model"])
-        ema.load_state_dict(st["ema"])
-        opt.load_state_dict(st["opt"])
-        gen.set_state(st["gen"])
-        start, elapsed0 = st["step"], st["elapsed_s"]
-        history, loss_history, resumes = st["history"], st["loss_history"], st.get("resumes", [])
-        resumes.append({"at_step": start, "total_steps": steps})
-    t0 = time.time()
-    running = []
-    bar = tqdm(range(start, steps), desc="mmdit", initial=start, total=steps)
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr)
+
+    def loss_fn(model, step, gen):
         idx = torch.randint(0, len(ytr), (batch_size,), generator=gen)
         labels = torch.where(torch.rand(batch_size, generator=gen) < LABEL_DROPOUT, MMDIT_NULL_CLASS, ytr[idx])
-        loss = flow_matching_loss(model["transformer"], model["embedder"], xtr[idx], labels, gen)
-        optimizer_step(model, ema, opt, loss, step, ema_decay)
-        running.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % 50 == 0:
-            loss_history.append([step + 1, round(sum(running) / len(running), 5)])
-            running = []
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            elapsed = round(elapsed0 + time.time() - t0, 1)
-            with torch.no_grad():
-                held = float(flow_matching_loss(ema["transformer"], ema["embedder"], xte, yte,
-                                                torch.Generator().manual_seed(123)))
-            ev, imgs = evaluate(ema["transformer"], ema["embedder"], guidance=guidance)
-            save_grid(imgs, run_dir / f"step{step + 1:05d}.png", nrow=10, col_major=True, scale=3)
-            history.append({"step": step + 1, "train_loss": loss_history[-1][1] if loss_history else loss.item(),
-                            "held_out_loss": round(held, 5), "preview_class_accuracy": ev["class_accuracy"],
-                            "preview_guidance": guidance, "elapsed_s": elapsed})
-            tqdm.write(str(history[-1]))
-            training = {"steps": step + 1, "planned_steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-                        "optimizer": "AdamW(weight_decay=0), 200 warmup steps, cosine decay to 0.1 lr",
-                        "ema_decay": ema_decay, "label_dropout": LABEL_DROPOUT, "grad_clip": 1.0,
-                        "sigma_sampling": "logit-normal(0, 1): sigma = sigmoid(n), n ~ N(0, 1)",
-                        "objective": "rectified flow: x = (1-sigma) x0 + sigma noise, timestep = 1000 sigma, "
-                                     "MSE(v_pred, noise - x0)",
-                        "data": "sklearn load_digits 8x8 train split, [-1,1], bilinear upsampling to 16x16",
-                        "threads": torch.get_num_threads(), "elapsed_s": elapsed, "resumes": resumes,
-                        "history": history, "loss_history_every_50": loss_history}
-            save_model(ema, MMDIT_NAME, _record(training), out_dir)
-            torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                        "gen": gen.get_state(), "step": step + 1, "elapsed_s": elapsed, "history": history,
-                        "loss_history": loss_history, "resumes": resumes}, ckpt)
+        return flow_matching_loss(model["transformer"], model["embedder"], xtr[idx], labels, gen)
+
+    def held_out(ema):
+        return flow_matching_loss(ema["transformer"], ema["embedder"], xte, yte, torch.Generator().manual_seed(123))
+
+    def preview(ema, step):
+        ev, imgs = evaluate(ema["transformer"], ema["embedder"], guidance=guidance)
+        save_grid(imgs, run_dir / f"step{step:05d}.png", nrow=10, col_major=True, scale=3)
+        return {"preview_class_accuracy": ev["class_accuracy"], "preview_guidance": guidance}
+
+    torch.manual_seed(seed)
+    model = bundle(build_mmdit(), ClassEmbedder(**EMBEDDER_CONFIG))
+    info = {"batch_size": batch_size, "label_dropout": LABEL_DROPOUT,
+            "sigma_sampling": "logit-normal(0, 1): sigma = sigmoid(n), n ~ N(0, 1)",
+            "objective": "rectified flow: x = (1-sigma) x0 + sigma noise, timestep = 1000 sigma, "
+                         "MSE(v_pred, noise - x0)",
+            "data": "sklearn load_digits 8x8 train split, [-1,1], bilinear upsampling to 16x16"}
+    fit(MMDIT_NAME, model, loss_fn, held_out, preview, _record, steps=steps, lr=lr, seed=seed, ema_decay=ema_decay,
+        eval_every=eval_every, out_dir=out_dir, run_dir=run_dir, resume=resume, info=info)
 
 
 def finalize(guidance: float = DEFAULT_GUIDANCE, out_dir: Path = WEIGHTS_DIR,
