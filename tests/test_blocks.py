@@ -132,3 +132,55 @@ def test_transposed_stream_input_compiles_and_matches_eager():
     for step, ts in enumerate((900, 800, 700, 600)):
         t = torch.tensor([ts])
         torch.testing.assert_close(compiled(x, t), model(x, t), rtol=1e-4, atol=1e-5)
+
+
+class _Rotated(torch.nn.Module):
+    """A block with a rotary-like context input: ``h * cos``, cos [B, N, D] taken as given."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.proj = torch.nn.LayerNorm(24), torch.nn.Linear(24, 24)
+
+    def forward(self, h, cos):
+        return h + self.proj(self.norm(h)) * cos
+
+
+class _StridedInputsModel(torch.nn.Module):
+    """Blocks fed by graph inputs with strided layouts, as a graph resumed after a graph break or a
+    regional block graph gets them: the stream a transposed [B, N, D] (HunyuanVideo 1.5), the context
+    a ``[..., 0::2]`` slice whose stride order is contiguous (Wan's rotary under context parallelism)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_Rotated() for _ in range(2))
+
+    def forward(self, h, cos, timestep):
+        for blk in self.blocks:
+            h = blk(h, cos) * (1 + timestep.float().view(-1, 1, 1) / 1000)
+        return h
+
+
+def test_strided_graph_inputs_are_copied_contiguous_for_the_cond():
+    """Inductor kept both layouts into the branches (a bare clone of the transposed input was laid
+    out transposed again; fixed_contiguous keeps a view of contiguous stride order), whose stride
+    assertions then failed at run time."""
+    model = _StridedInputsModel().eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(1, 24, 16, generator=g).transpose(1, 2)  # [1, 16, 24] laid out as [1, 24, 16]
+    cos = torch.randn(1, 16, 48, generator=g)[..., 0::2]  # [1, 16, 24], strides (768, 48, 2)
+    gm, _ = __import__("conftest").dynamo_graph(model, dict(h=h, cos=cos, timestep=torch.tensor([500])))
+    new, _ = apply_block_cache(gm, FastCacheConfig())
+    cond = next(n for n in new.graph.nodes if n.target is torch.ops.higher_order.cond)
+    for o in cond.args[3][:2]:  # the stream and the context: a copy, then its layout fixed
+        assert o.target.__name__ == "fixed_contiguous" and o.args[0].target is torch.clone
+    import fastcache_fx
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="fastcache", options={"cache_ratio_threshold": 10.0})
+    steps = [(torch.tensor([ts]), h * (1 + ts / 1e4)) for ts in (900, 800, 700, 600, 500)]  # layouts kept
+    with fastcache_fx.replay_decisions(compiled, [[False]], then="full"):  # every block computed
+        for t, hs in steps:
+            torch.testing.assert_close(compiled(hs, cos, t), model(hs, cos, t), rtol=1e-4, atol=1e-5)
+    fastcache_fx.reset(compiled)
+    assert all(torch.isfinite(compiled(hs, cos, t)).all() for t, hs in steps)  # live: the approximate branch runs
+    assert sum(sum(s["approx"]) for s in fastcache_fx.stats(compiled)["trace"]) > 0

@@ -245,13 +245,14 @@ def _block_inputs(io: ExtraIO, region: BlockRegion, metas: list, config: FastCac
 def _contiguous_operand(cur, op: fx.Node) -> fx.Node:
     """``op`` as a cond operand with contiguous strides. A value traced contiguous gets
     ``fixed_contiguous`` (no copy unless Inductor picked another layout); one traced strided gets
-    a copy: Inductor keeps a view whose stride *order* is already contiguous (Wan's rotary
-    ``freqs[..., 0::2]``: strides (12, 2) for sizes (16, 6)) through ``fixed_contiguous``, and the
-    branch, traced with contiguous strides, asserts them."""
+    a copy first: Inductor keeps a view whose stride *order* is already contiguous (Wan's rotary
+    ``freqs[..., 0::2]``: strides (12, 2) for sizes (16, 6)) through ``fixed_contiguous``, and
+    lays a bare ``clone`` of a transposed input out transposed again (HunyuanVideo 1.5's block
+    input); the branch, traced with contiguous strides, asserts them."""
     val = _contiguous_meta(node_value(op))
-    if node_value(op).is_contiguous():
-        return cur.call(D.fixed_contiguous, op, val=val)
-    return cur.call(torch.clone, op, val=val, memory_format=torch.contiguous_format)
+    if not node_value(op).is_contiguous():
+        op = cur.call(torch.clone, op, val=val, memory_format=torch.contiguous_format)
+    return cur.call(D.fixed_contiguous, op, val=val)
 
 
 def _cond_operands(region: BlockRegion, h: dict, kind: Approximation, config: FastCacheConfig,
@@ -304,12 +305,12 @@ def _rewrite_block(gm: fx.GraphModule, io: ExtraIO, result: BlockCacheResult, k:
     cur = _Cursor(graph, region.nodes[-1])
     # cond operands must be contiguous with a layout Inductor keeps (a non-contiguous one gave
     # wrong results under AOTInductor, and the branches assert the strides they were traced
-    # with; see decision.fixed_contiguous); a contiguous graph input keeps its own (fixed) layout,
-    # a strided one (a fragment after a graph break gets views, e.g. Wan's rotary under context
-    # parallelism) is copied like any other operand
+    # with; see decision.fixed_contiguous). Graph inputs too: a fragment after a graph break gets
+    # views (Wan's rotary under context parallelism), and a regional block graph traced with
+    # symbolic shapes gets whatever layout the caller passes (HunyuanVideo 1.5 at a second frame
+    # count: a transposed [B, N, D]); for a contiguous static input the constraint is a no-op
     ins = list(dict.fromkeys(region.stream_inputs + region.context_inputs))
-    contig = {op: _contiguous_operand(cur, op) for op in ins if tensor_meta(op) is not None
-              and (op.op != "placeholder" or not node_value(op).is_contiguous())}
+    contig = {op: _contiguous_operand(cur, op) for op in ins if tensor_meta(op) is not None}
     # graph inputs that are views of one buffer (CogVideoX's block gets its two streams as slices
     # of one tensor): cond refuses aliased operands, so each gets its own copy
     for op in _aliased_inputs(ins):
