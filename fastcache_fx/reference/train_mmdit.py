@@ -23,7 +23,6 @@ of the SD3 pipeline with CFG) are scored by the bundled 8x8 classifier after 2x2
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -37,6 +36,7 @@ from .mmdit import (
 )
 from .mmdit_sampling import sample_mmdit
 from .model import WEIGHTS_DIR, load_classifier, save_model
+from . import trainer
 from .trainer import fit
 
 LABEL_DROPOUT = 0.1
@@ -170,34 +170,8 @@ def finalize(guidance: float = DEFAULT_GUIDANCE, out_dir: Path = WEIGHTS_DIR,
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    run(p.parse_args(argv))
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The MMDiT training flags (shared with ``python -m fastcache_fx.reference.train mmdit``)."""
-    p.add_argument("--steps", type=int, default=2400, help="total steps (the shipped model: 2400)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--eval-every", type=int, default=400)
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="CFG scale of the evaluations")
-    p.add_argument("--out-dir", type=Path, default=WEIGHTS_DIR)
-    p.add_argument("--run-dir", type=Path, default=Path("runs/mmdit"), help="checkpoint and preview grids")
-    p.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoint.pt")
-    p.add_argument("--finalize", action="store_true", help="only evaluate the shipped weights, write the grid")
-    p.add_argument("--threads", type=int, default=2,
-                   help="torch threads (1 was faster on the shared 2-core machine: 1.5 s/step vs 2-5 s with 2)")
-    p.add_argument("--note", action="append", default=[], help="a sentence for training.notes of the JSON (repeatable)")
-
-
-def run(a) -> None:
-    torch.set_num_threads(a.threads)
-    if not a.finalize:
-        train_mmdit(steps=a.steps, batch_size=a.batch_size, lr=a.lr, eval_every=a.eval_every, guidance=a.guidance,
-                    out_dir=a.out_dir, run_dir=a.run_dir, resume=a.resume)
-    finalize(guidance=a.guidance, out_dir=a.out_dir, notes=a.note,
-             grid_png=Path("docs/mmdit_samples.png") if a.out_dir == WEIGHTS_DIR else a.run_dir / "samples.png")
+    trainer.main(MMDIT_NAME, __doc__, argv, train_mmdit, finalize, steps=2400, batch_size=128, eval_every=400,
+                 guidance=DEFAULT_GUIDANCE, threads=2)
 
 
 if __name__ == "__main__":

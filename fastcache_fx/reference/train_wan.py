@@ -18,7 +18,6 @@ the inkiest 8x8 window of each frame, and the motion-compensated PSNR between co
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from . import data
 from .metrics import class_accuracy, save_grid
 from .mmdit import bundle
 from .model import WEIGHTS_DIR, load_classifier, save_model
+from . import trainer
 from .trainer import fit
 from .wan import (
     EMBEDDER_CONFIG, FRAMES, MOTION_NAMES, WAN_CONFIG, WAN_NAME, WAN_SCHEDULER_CONFIG, PromptEmbedder, build_wan,
@@ -174,25 +174,8 @@ def finalize(guidance: float = DEFAULT_GUIDANCE, out_dir: Path = WEIGHTS_DIR,
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--eval-every", type=int, default=500)
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="CFG scale of the evaluations")
-    p.add_argument("--out-dir", type=Path, default=WEIGHTS_DIR)
-    p.add_argument("--run-dir", type=Path, default=Path("runs/wan"), help="checkpoint and preview grids")
-    p.add_argument("--resume", action="store_true", help="continue from <run-dir>/checkpoint.pt")
-    p.add_argument("--finalize", action="store_true", help="only evaluate the shipped weights, write the grid")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 leaves a core on the 2-core machine)")
-    p.add_argument("--note", action="append", default=[], help="a sentence for training.notes (repeatable)")
-    a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    if not a.finalize:
-        train_wan(steps=a.steps, batch_size=a.batch_size, lr=a.lr, eval_every=a.eval_every, guidance=a.guidance,
-                  out_dir=a.out_dir, run_dir=a.run_dir, resume=a.resume)
-    finalize(guidance=a.guidance, out_dir=a.out_dir, notes=a.note,
-             grid_png=Path("docs/wan_samples.png") if a.out_dir == WEIGHTS_DIR else a.run_dir / "samples.png")
+    trainer.main(WAN_NAME, __doc__, argv, train_wan, finalize, steps=2000, batch_size=64, eval_every=500,
+                 guidance=DEFAULT_GUIDANCE, threads=1)
 
 
 if __name__ == "__main__":
