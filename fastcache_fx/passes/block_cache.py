@@ -306,9 +306,9 @@ def _rewrite_block(gm: fx.GraphModule, io: ExtraIO, result: BlockCacheResult, k:
     # cond operands must be contiguous with a layout Inductor keeps (a non-contiguous one gave
     # wrong results under AOTInductor, and the branches assert the strides they were traced
     # with; see decision.fixed_contiguous). Graph inputs too: a fragment after a graph break gets
-    # views (Wan's rotary under context parallelism), and a regional block graph traced with
-    # symbolic shapes gets whatever layout the caller passes (HunyuanVideo 1.5 at a second frame
-    # count: a transposed [B, N, D]); for a contiguous static input the constraint is a no-op
+    # views (Wan's rotary under context parallelism), and a regional block graph gets the layout
+    # its caller passes (HunyuanVideo 1.5's block at 17 frames: a transposed [B, N, D]); for a
+    # contiguous input the constraint is a no-op
     ins = list(dict.fromkeys(region.stream_inputs + region.context_inputs))
     contig = {op: _contiguous_operand(cur, op) for op in ins if tensor_meta(op) is not None}
     # graph inputs that are views of one buffer (CogVideoX's block gets its two streams as slices
