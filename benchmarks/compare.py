@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers as P  # noqa: E402
 
 import fastcache_fx  # noqa: E402
+from fastcache_fx.demo import last_trajectory  # noqa: E402
 from fastcache_fx.reference.jobs import MODELS, job  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -200,7 +201,7 @@ class Suite1:
                     (" (enable_fastcache(pipe))" if self.job.pipeline else "")
                 imgs, warm, secs = self._time(fn, lambda: fastcache_fx.reset(model))
                 st = fastcache_fx.stats(model)
-                timed = st["trace"][-a.steps * max(1, len(st["trajectory"])):]  # Wan: cond and uncond calls
+                timed = last_trajectory(st, a.steps)
                 trace = [[bool(x) for x in s["approx"]] for s in timed]
                 out["approx_ratio"] = float(np.mean(trace)) if trace else 0.0
             else:

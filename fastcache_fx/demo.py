@@ -107,6 +107,12 @@ def timed_sampling(j, transformer, labels, a, seeds, reset=None):
                        warmup=trajectory(2))
 
 
+def last_trajectory(st: dict, steps: int) -> list[dict]:
+    """The ``stats()`` trace entries of the last ``steps``-step trajectory: ``steps`` per cache context
+    (Wan's pipeline calls the transformer twice a step, under "cond" and "uncond")."""
+    return st["trace"][-steps * max(1, len(st["trajectory"])):]
+
+
 def quality_row(j, clf, imgs, labels, reference=None) -> dict:
     """PSNR / SSIM against ``reference`` (same seeds; none: inf / 1), class accuracy and digits-FID
     on the classifier's 8x8 view of ``imgs`` (per frame for a video model, which also gets the
@@ -140,8 +146,7 @@ def run(a) -> int:
     fc_imgs, fc_s = timed_sampling(j, fc, labels, a, seeds, reset=lambda: fastcache_fx.reset(model_fc))
     st = fastcache_fx.stats(model_fc)
     # the timed trajectory only (the warm-up run's steps come first)
-    # (Wan's pipeline calls the transformer twice a step, under contexts "cond" and "uncond")
-    timed = st["trace"][-a.steps * max(1, len(st["trajectory"])):]
+    timed = last_trajectory(st, a.steps)
     approx_ratio = sum(sum(t["approx"]) for t in timed) / max(1, sum(len(t["approx"]) for t in timed))
 
     n = len(labels)

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from .mmdit import IMAGE_SIZE, NUM_DIGITS, flow_scheduler_config
-from .sampling import initial_noise
+from .sampling import initial_noise, pipeline_step_callback, sample_seeds
 
 
 def make_flow_scheduler(config: dict | None = None):
@@ -49,13 +49,6 @@ def build_pipeline(transformer, scheduler=None, progress: bool = False):
         text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=not progress, desc="sampling", leave=False)
     return pipe
-
-
-def _seeds(seed, b: int) -> list[int]:
-    seeds = [seed + i for i in range(b)] if isinstance(seed, int) else [int(s) for s in seed]
-    if len(seeds) != b:
-        raise ValueError(f"seed: expected {b} seeds, got {len(seeds)}")
-    return seeds
 
 
 @torch.no_grad()
@@ -101,7 +94,7 @@ def sample_mmdit(
         raise ValueError("num_inference_steps: must be >= 1")
     if not guidance_scale >= 1.0:
         raise ValueError(f"guidance_scale: expected >= 1, got {guidance_scale!r}")
-    seeds = _seeds(seed, labels.numel())
+    seeds = sample_seeds(seed, labels.numel())
     if isinstance(pipe_or_transformer, StableDiffusion3Pipeline):
         pipe = pipe_or_transformer
         pipe.set_progress_bar_config(disable=not progress, desc="sampling", leave=False)
@@ -111,13 +104,8 @@ def sample_mmdit(
     if guidance_scale == 1.0:
         kwargs.pop("negative_prompt_embeds")
         kwargs.pop("negative_pooled_prompt_embeds")
-    on_step = None
-    if callback is not None:
-        def on_step(_pipe, i, t, tensors):
-            callback(i, t)
-            return {}
     size = IMAGE_SIZE * pipe.vae_scale_factor  # "pixels" of the absent VAE: latents are 16x16
     out = pipe(**kwargs, latents=initial_noise(seeds, (1, IMAGE_SIZE, IMAGE_SIZE)), height=size, width=size,
                num_inference_steps=int(num_inference_steps), guidance_scale=float(guidance_scale),
-               output_type="latent", return_dict=False, callback_on_step_end=on_step)[0]
+               output_type="latent", return_dict=False, callback_on_step_end=pipeline_step_callback(callback))[0]
     return out.float().clamp(-1, 1)

@@ -32,6 +32,29 @@ def make_scheduler(name: str = "ddim", config: dict | None = None):
     return classes[name].from_config(cfg)
 
 
+def sample_seeds(seed, b: int) -> list[int]:
+    """One seed per sample: ``seed + i`` for an int ``seed``, else the ``b`` given ones.
+
+    Raises:
+        ValueError: a sequence of another length than ``b``."""
+    seeds = [seed + i for i in range(b)] if isinstance(seed, int) else [int(s) for s in seed]
+    if len(seeds) != b:
+        raise ValueError(f"seed: expected {b} seeds, got {len(seeds)}")
+    return seeds
+
+
+def pipeline_step_callback(callback):
+    """A diffusers pipeline's ``callback_on_step_end`` that calls ``callback(step_index, timestep)``
+    and changes nothing (None for no callback)."""
+    if callback is None:
+        return None
+
+    def on_step(_pipe, i, t, tensors):
+        callback(i, t)
+        return {}
+    return on_step
+
+
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...] = (1, 8, 8)) -> torch.Tensor:
     """x_T [B, *shape]: sample i is drawn from its own generator seeded with ``seeds[i]``,
     so a sample does not depend on what else is in the batch."""
@@ -71,9 +94,7 @@ def sample(
     if int(num_inference_steps) < 1:
         raise ValueError("num_inference_steps: must be >= 1")
     b = labels.numel()
-    seeds = [seed + i for i in range(b)] if isinstance(seed, int) else list(seed)
-    if len(seeds) != b:
-        raise ValueError(f"seed: expected {b} seeds, got {len(seeds)}")
+    seeds = sample_seeds(seed, b)
     sched = make_scheduler(scheduler)
     sched.set_timesteps(int(num_inference_steps))
     x = initial_noise(seeds) * sched.init_noise_sigma

@@ -104,8 +104,6 @@ def train_mmdit(steps: int = 2400, batch_size: int = 128, lr: float = 1e-3, seed
         ValueError: a non-positive ``steps``, ``batch_size``, ``lr`` or ``eval_every``.
         FileNotFoundError: ``resume`` without ``<run_dir>/checkpoint.pt``.
     """
-    if not batch_size > 0:
-        raise ValueError(f"batch_size: expected > 0, got {batch_size!r}")
     (xtr, ytr), (xte, yte) = data.train_test_split()
     xtr, xte = upsample_digits(xtr), upsample_digits(xte)
 
@@ -124,13 +122,14 @@ def train_mmdit(steps: int = 2400, batch_size: int = 128, lr: float = 1e-3, seed
 
     torch.manual_seed(seed)
     model = bundle(build_mmdit(), ClassEmbedder(**EMBEDDER_CONFIG))
-    info = {"batch_size": batch_size, "label_dropout": LABEL_DROPOUT,
+    info = {"label_dropout": LABEL_DROPOUT,
             "sigma_sampling": "logit-normal(0, 1): sigma = sigmoid(n), n ~ N(0, 1)",
             "objective": "rectified flow: x = (1-sigma) x0 + sigma noise, timestep = 1000 sigma, "
                          "MSE(v_pred, noise - x0)",
             "data": "sklearn load_digits 8x8 train split, [-1,1], bilinear upsampling to 16x16"}
     fit(MMDIT_NAME, model, loss_fn, held_out, preview, _record, steps=steps, lr=lr, seed=seed, ema_decay=ema_decay,
-        eval_every=eval_every, out_dir=out_dir, run_dir=run_dir, resume=resume, info=info)
+        eval_every=eval_every, out_dir=out_dir, run_dir=run_dir, resume=resume,
+        batch_size=batch_size, info=info)
 
 
 def finalize(guidance: float = DEFAULT_GUIDANCE, out_dir: Path = WEIGHTS_DIR,

@@ -111,8 +111,6 @@ def train_wan(steps: int = 2000, batch_size: int = 64, lr: float = 1e-3, seed: i
         ValueError: a non-positive ``steps``, ``batch_size``, ``lr`` or ``eval_every``.
         FileNotFoundError: ``resume`` without ``<run_dir>/checkpoint.pt``.
     """
-    if not batch_size > 0:
-        raise ValueError(f"batch_size: expected > 0, got {batch_size!r}")
     (xtr, ytr), (xte, yte) = data.train_test_split()
     null_d, null_m = EMBEDDER_CONFIG["num_digits"], EMBEDDER_CONFIG["num_motions"]
     held_gen = torch.Generator().manual_seed(123)
@@ -134,12 +132,13 @@ def train_wan(steps: int = 2000, batch_size: int = 64, lr: float = 1e-3, seed: i
 
     torch.manual_seed(seed)
     model = bundle(build_wan(), PromptEmbedder(**EMBEDDER_CONFIG))
-    info = {"batch_size": batch_size, "prompt_dropout": PROMPT_DROPOUT, "preview_guidance": guidance,
+    info = {"prompt_dropout": PROMPT_DROPOUT, "preview_guidance": guidance,
             "sigma_sampling": "logit-normal(0, 1): sigma = sigmoid(n), n ~ N(0, 1)",
             "objective": "rectified flow: x = (1-sigma) x0 + sigma noise, timestep = 1000 sigma, MSE(v_pred, noise - x0)",
             "data": "sklearn load_digits 8x8 train split, [-1,1], moving 1 px/frame on a 12x12 canvas, 4 frames"}
     fit(WAN_NAME, model, loss_fn, held_out, preview, _record, steps=steps, lr=lr, seed=seed, ema_decay=ema_decay,
-        eval_every=eval_every, out_dir=out_dir, run_dir=run_dir, resume=resume, info=info)
+        eval_every=eval_every, out_dir=out_dir, run_dir=run_dir, resume=resume,
+        batch_size=batch_size, info=info)
 
 
 def finalize(guidance: float = DEFAULT_GUIDANCE, out_dir: Path = WEIGHTS_DIR,

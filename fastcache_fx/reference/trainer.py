@@ -20,22 +20,22 @@ from .optim import lr_at, optimizer_step
 
 
 def fit(name: str, model: torch.nn.Module, loss_fn: Callable, held_out_loss: Callable, evaluate: Callable,
-        record: Callable[[dict], dict], *, steps: int, lr: float, seed: int, ema_decay: float, eval_every: int,
-        out_dir: Path, run_dir: Path, resume: bool, info: dict) -> None:
+        record: Callable[[dict], dict], *, steps: int, batch_size: int, lr: float, seed: int, ema_decay: float,
+        eval_every: int, out_dir: Path, run_dir: Path, resume: bool, info: dict) -> None:
     """Train ``model`` (a ``ModuleDict``; its EMA is what ships as ``<out_dir>/<name>.*``).
 
     ``loss_fn(model, step, gen)`` -> scalar training loss of one batch; ``held_out_loss(ema)`` ->
     float; ``evaluate(ema, step)`` -> dict merged into the history row; ``record(training)`` -> the
-    JSON record saved beside the weights; ``info``: fixed fields of ``training`` (batch size,
-    objective, data...).
+    JSON record saved beside the weights; ``batch_size``: the batch ``loss_fn`` draws (checked and
+    recorded here); ``info``: further fixed fields of ``training`` (objective, data...).
 
     Raises:
-        ValueError: a non-positive ``steps``, ``lr`` or ``eval_every``.
+        ValueError: a non-positive ``steps``, ``batch_size``, ``lr`` or ``eval_every``.
         FileNotFoundError: ``resume`` without ``<run_dir>/checkpoint.pt``.
     """
     from tqdm.auto import tqdm
 
-    for key, v in (("steps", steps), ("lr", lr), ("eval_every", eval_every)):
+    for key, v in (("steps", steps), ("batch_size", batch_size), ("lr", lr), ("eval_every", eval_every)):
         if not v > 0:
             raise ValueError(f"{key}: expected > 0, got {v!r}")
     torch.manual_seed(seed)
@@ -77,7 +77,7 @@ def fit(name: str, model: torch.nn.Module, loss_fn: Callable, held_out_loss: Cal
                "held_out_loss": round(held, 5), **evaluate(ema, step + 1), "elapsed_s": elapsed}
         history.append(row)
         tqdm.write(str(row))
-        training = {**info, "steps": step + 1, "planned_steps": steps, "lr": lr, "seed": seed,
+        training = {**info, "batch_size": batch_size, "steps": step + 1, "planned_steps": steps, "lr": lr, "seed": seed,
                     "optimizer": "AdamW(weight_decay=0), 200 warmup steps, cosine decay to 0.1 lr",
                     "ema_decay": ema_decay, "grad_clip": 1.0, "threads": torch.get_num_threads(),
                     "elapsed_s": elapsed, "resumes": resumes, "history": history,

@@ -21,8 +21,7 @@ from typing import Sequence
 
 import torch
 
-from .mmdit_sampling import _seeds
-from .sampling import initial_noise
+from .sampling import initial_noise, pipeline_step_callback, sample_seeds
 from .wan import CANVAS, FRAMES, MOTIONS, NUM_DIGITS, wan_scheduler_config
 
 
@@ -91,19 +90,14 @@ def sample_wan(
         raise ValueError("num_inference_steps: must be >= 1")
     if not guidance_scale >= 1.0:
         raise ValueError(f"guidance_scale: expected >= 1, got {guidance_scale!r}")
-    seeds = _seeds(seed, d.numel())
+    seeds = sample_seeds(seed, d.numel())
     pipe = pipe_or_transformer if isinstance(pipe_or_transformer, WanPipeline) else \
         build_wan_pipeline(pipe_or_transformer, progress=progress)
     pipe.set_progress_bar_config(disable=not progress, desc="sampling", leave=False)
     kwargs = embedder.prompt_kwargs(d, m)
-    on_step = None
-    if callback is not None:
-        def on_step(_pipe, i, t, tensors):
-            callback(i, t)
-            return {}
     out = pipe(**kwargs, latents=initial_noise(seeds, (1, FRAMES, CANVAS, CANVAS)),
                num_frames=pipe.vae_scale_factor_temporal * (FRAMES - 1) + 1,
                height=CANVAS * pipe.vae_scale_factor_spatial, width=CANVAS * pipe.vae_scale_factor_spatial,
                num_inference_steps=int(num_inference_steps), guidance_scale=float(guidance_scale),
-               output_type="latent", return_dict=False, callback_on_step_end=on_step)[0]
+               output_type="latent", return_dict=False, callback_on_step_end=pipeline_step_callback(callback))[0]
     return out.float().clamp(-1, 1)
