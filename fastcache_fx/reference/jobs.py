@@ -6,6 +6,9 @@ pixels, 64 tokens), sampled by ``sampling.sample``.
 tokens + 4 class tokens), sampled by the real ``StableDiffusion3Pipeline`` (``mmdit_sampling``);
 its 16x16 samples are average-pooled 2x2 to 8x8 for the digit classifier (class accuracy,
 digits-FID).
+``job("dit_unseen")``: a second class-conditional DiT nothing in the library is tuned on (8 blocks of
+width 96, epsilon prediction, linear schedule, DDIM, CFG 3; ``model.UNSEEN_DIT_CONFIG``), sampled
+like the DiT.
 ``job("wan")``: the video DiT (``WanTransformer3DModel``, rectified flow, clips of 4 frames of
 12x12 pixels, 144 tokens), sampled by the real ``WanPipeline`` (separate cond / uncond calls);
 sample i of a batch moves in direction ``i % 4`` (``wan.MOTION_NAMES``); each frame's inkiest
@@ -20,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-MODELS = ("dit", "mmdit", "wan")
+MODELS = ("dit", "mmdit", "wan", "dit_unseen")
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class ReferenceJob:
     """How to load, compile, sample and score one bundled model.
 
     Attributes:
-        name: "dit" or "mmdit".
+        name: one of ``MODELS``.
         title: a short human description (plots, tables).
         steps, guidance: default denoising steps and CFG scale.
         schedulers: accepted scheduler names, the first is the default.
@@ -125,11 +128,18 @@ class ReferenceJob:
         return torch.compile(model, backend=FastCacheBackend(**options), dynamic=False)
 
 
-def _sample_dit(transformer, labels, *, steps, guidance, seeds, scheduler, progress, callback):
+def _sample_dit(transformer, labels, *, steps, guidance, seeds, scheduler, progress, callback, name="dit"):
+    from .model import scheduler_config
     from .sampling import sample
 
     return sample(transformer, labels, num_inference_steps=steps, guidance_scale=guidance, scheduler=scheduler,
-                  seed=seeds, progress=progress, callback=callback)
+                  seed=seeds, progress=progress, callback=callback, scheduler_config=scheduler_config(name=name))
+
+
+def _sample_unseen(transformer, labels, **kw):
+    from .model import UNSEEN_NAME
+
+    return _sample_dit(transformer, labels, name=UNSEEN_NAME, **kw)
 
 
 @lru_cache(maxsize=1)
@@ -186,6 +196,12 @@ def _load_dit():
     return load()
 
 
+def _load_unseen():
+    from .model import UNSEEN_NAME, load
+
+    return load(name=UNSEEN_NAME)
+
+
 def _mmdit_guidance() -> float:
     """The CFG scale the bundled MMDiT was evaluated with (its JSON record), else the training default."""
     from .mmdit import load_mmdit_record
@@ -211,6 +227,11 @@ def job(name: str) -> ReferenceJob:
     if name == "mmdit":
         return ReferenceJob("mmdit", "reference MMDiT (SD3 pipeline, rectified flow, 16x16, 64+4 tokens)", 28,
                             _mmdit_guidance(), ("flow_euler",), 16, 1000.0, True, _load_mmdit, _sample_mmdit)
+    if name == "dit_unseen":
+        from .sampling import SCHEDULERS
+
+        return ReferenceJob("dit_unseen", "unseen DiT (DDIM, epsilon, linear schedule, 8x8, 8 blocks)", 50, 3.0,
+                            SCHEDULERS, 8, 1000.0, False, _load_unseen, _sample_unseen)
     if name == "wan":
         from .train_wan import DEFAULT_GUIDANCE, EVAL_STEPS
 

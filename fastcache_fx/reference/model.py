@@ -40,6 +40,25 @@ SCHEDULER_CONFIG = dict(
     clip_sample=False,  # clipping x0 broke DDIM sampling of this v-prediction model (20% class accuracy)
 )
 
+#: The unseen DiT (issue 25): a variant nothing in the library is tuned on, frozen before the
+#: output-level quality knob was designed. Deeper and narrower than the bundled DiT (8 blocks of
+#: width 96 = 3 heads x 32), epsilon prediction on the linear DDPM schedule, another seed.
+UNSEEN_NAME = "dit_unseen"
+UNSEEN_DIT_CONFIG = dict(DIT_CONFIG, num_layers=8, num_attention_heads=3)
+UNSEEN_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_schedule="linear",
+    beta_start=0.0001,
+    beta_end=0.02,
+    prediction_type="epsilon",
+    clip_sample=False,
+)
+#: name -> (model config, scheduler config, training seed) of each class-conditional 8x8 DiT.
+DIT_VARIANTS = {
+    DIT_NAME: (DIT_CONFIG, SCHEDULER_CONFIG, 0),
+    UNSEEN_NAME: (UNSEEN_DIT_CONFIG, UNSEEN_SCHEDULER_CONFIG, 7),
+}
+
 
 def build_dit(config: dict | None = None):
     """A fresh (randomly initialised) reference ``DiTTransformer2DModel``."""
@@ -106,14 +125,22 @@ def _load_state(module: nn.Module, name: str, weights_dir: Path | None) -> nn.Mo
     return module.eval().requires_grad_(False)
 
 
-def load(weights_dir: Path | None = None):
-    """The bundled reference DiT (eval mode, fp32, CPU), loaded offline from safetensors.
+def _check_variant(name: str) -> str:
+    if name not in DIT_VARIANTS:
+        raise ValueError(f"name: expected one of {sorted(DIT_VARIANTS)}, got {name!r}")
+    return name
+
+
+def load(weights_dir: Path | None = None, name: str = DIT_NAME):
+    """A bundled class-conditional DiT (eval mode, fp32, CPU), loaded offline from safetensors:
+    ``name`` "dit" (the reference DiT) or "dit_unseen" (``UNSEEN_DIT_CONFIG``).
 
     Raises:
+        ValueError: unknown ``name``.
         FileNotFoundError: the weights are not in the package (not trained yet).
     """
-    record = load_record(DIT_NAME, weights_dir)
-    return _load_state(build_dit(record["model_config"]), DIT_NAME, weights_dir)
+    record = load_record(_check_variant(name), weights_dir)
+    return _load_state(build_dit(record["model_config"]), name, weights_dir)
 
 
 def load_classifier(weights_dir: Path | None = None) -> DigitClassifier:
@@ -122,9 +149,12 @@ def load_classifier(weights_dir: Path | None = None) -> DigitClassifier:
     return _load_state(DigitClassifier(), CLASSIFIER_NAME, weights_dir)
 
 
-def scheduler_config(weights_dir: Path | None = None) -> dict:
-    """The scheduler config the bundled DiT was trained with (falls back to the default)."""
+def scheduler_config(weights_dir: Path | None = None, name: str = DIT_NAME) -> dict:
+    """The scheduler config DiT ``name`` was trained with (falls back to its default).
+
+    Raises:
+        ValueError: unknown ``name``."""
     try:
-        return load_record(DIT_NAME, weights_dir)["scheduler_config"]
+        return load_record(_check_variant(name), weights_dir)["scheduler_config"]
     except FileNotFoundError:
-        return dict(SCHEDULER_CONFIG)
+        return dict(DIT_VARIANTS[name][1])

@@ -10,7 +10,8 @@ from typing import Sequence
 
 import torch
 
-from .model import NULL_CLASS, scheduler_config
+from .model import NULL_CLASS
+from .model import scheduler_config as bundled_scheduler_config
 
 SCHEDULERS = ("ddim", "dpmsolver", "euler")
 
@@ -26,7 +27,7 @@ def make_scheduler(name: str = "ddim", config: dict | None = None):
     classes = {"ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
     if name not in classes:
         raise ValueError(f"scheduler: expected one of {SCHEDULERS}, got {name!r}")
-    cfg = dict(config or scheduler_config())
+    cfg = dict(config or bundled_scheduler_config())
     if name != "ddim":
         cfg.pop("clip_sample", None)
     return classes[name].from_config(cfg)
@@ -71,6 +72,7 @@ def sample(
     seed: int | Sequence[int] = 0,
     progress: bool = False,
     callback=None,
+    scheduler_config: dict | None = None,
 ) -> torch.Tensor:
     """Generate digits with batched CFG.
 
@@ -79,6 +81,7 @@ def sample(
         class_labels: B requested classes in 0..9.
         seed: one int (sample i uses ``seed + i``) or B ints.
         callback: optional ``callback(step_index, timestep)`` after each step.
+        scheduler_config: the noise schedule (diffusers config keys); default the bundled DiT's.
 
     Returns:
         images [B, 1, 8, 8] float32 in [-1, 1].
@@ -95,7 +98,7 @@ def sample(
         raise ValueError("num_inference_steps: must be >= 1")
     b = labels.numel()
     seeds = sample_seeds(seed, b)
-    sched = make_scheduler(scheduler)
+    sched = make_scheduler(scheduler, scheduler_config)
     sched.set_timesteps(int(num_inference_steps))
     x = initial_noise(seeds) * sched.init_noise_sigma
     cfg_labels = torch.cat([labels, torch.full_like(labels, NULL_CLASS)])
