@@ -65,11 +65,15 @@ FASTCACHE_VARIANTS = {
     "fastcache_error": {"decision": "error"},
     "fastcache_taylor_error": {"approx": "taylor", "decision": "error"},
     "fastcache_error_mc6": {"decision": "error", "max_consecutive_approx": 6},  # above the 0.72 share cap
+    "fastcache_output": {"decision": "output"},  # the default rule: the budget on the output error
+    "fastcache_output_mc6": {"decision": "output", "max_consecutive_approx": 6},
 }
 FASTCACHE_LABELS = {"fastcache": "fastcache chi2", "fastcache_taylor": "fastcache taylor-1 chi2",
                     "fastcache_taylor2": "fastcache taylor-2 chi2", "fastcache_error": "fastcache error rule",
                     "fastcache_taylor_error": "fastcache taylor-1 + error rule",
-                    "fastcache_error_mc6": "fastcache error rule, max_consecutive_approx=6"}
+                    "fastcache_error_mc6": "fastcache error rule, max_consecutive_approx=6",
+                    "fastcache_output": "fastcache output budget (default rule)",
+                    "fastcache_output_mc6": "fastcache output budget, max_consecutive_approx=6"}
 METHODS = BASELINES + tuple(FASTCACHE_VARIANTS) + P.PEERS
 DEFAULT_METHODS = ",".join(METHODS)
 
@@ -81,6 +85,8 @@ SWEEPS = {
     "fastcache_error": ("error_budget", "0.01,0.02,0.05,0.1"),
     "fastcache_taylor_error": ("error_budget", "0.01,0.02,0.05,0.1"),
     "fastcache_error_mc6": ("error_budget", "0.05,0.1,0.2"),
+    "fastcache_output": ("error_budget", "0.1,0.2,0.5,1.0"),
+    "fastcache_output_mc6": ("error_budget", "0.5,1.0,2.0"),
     "fbcache": ("threshold", "0.05,0.1,0.2"),
     "taylorseer": ("cache_interval", "3,5"),
     "magcache": ("threshold", "0.06,0.12"),

@@ -6,10 +6,27 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-DECISIONS = ("chi2", "error")
+DECISIONS = ("chi2", "error", "output")
 REFERENCES = ("anchor", "previous")
 LOWERINGS = ("inductor", "tensorrt")
 STATIC_APPROX_KINDS = ("cached", "cached_linear", "linear")
+
+#: the default ``error_budget`` of ``decision="output"`` (benchmarks/RESULTS.md, "The quality knob")
+DEFAULT_OUTPUT_BUDGET = 0.25
+#: PSNR ~ PSNR_AT_UNIT_BUDGET - 20 log10(budget): the lowest of the three models' fits (dB)
+PSNR_AT_UNIT_BUDGET = 28.0
+#: the highest target_psnr the relation is measured for (dB); above it every block computes
+MAX_TARGET_PSNR = 55.0
+
+
+def budget_for_psnr(target_psnr: float) -> float | None:
+    """The ``error_budget`` of ``decision="output"`` expected to give ``target_psnr`` dB:
+    10^((PSNR_AT_UNIT_BUDGET - target) / 20), the inverse of the relation measured on the bundled
+    DiT, the MMDiT and the unseen DiT (benchmarks/output_error.py; RESULTS.md). None above
+    ``MAX_TARGET_PSNR``."""
+    if target_psnr > MAX_TARGET_PSNR:
+        return None
+    return 10.0 ** ((PSNR_AT_UNIT_BUDGET - target_psnr) / 20.0)
 
 
 @dataclass(frozen=True)
@@ -48,15 +65,23 @@ class FastCacheConfig:
             this step's timestep; TaylorSeer, arXiv 2503.06923, ``ops.forecast``).
         taylor_order: 1 or 2, the order of the ``taylor`` forecast.
         decision: None resolves to "chi2" when a chi-square knob (``cache_ratio_threshold``,
-            ``significance_level``, ``adaptive_beta``) is given, else to "error" (the default: it
-            measured the same speed / PSNR frontier as the paper's rule on both bundled models and
-            about the same PSNR on both at one knob value; benchmarks/RESULTS.md).
-            "chi2" (the paper's test: approximate iff delta^2 <= tau^2 chi2.ppf(1 - alpha,
-            ND) / ND) or "error" (approximate iff the predicted error of the approximation,
-            delta times the block's measured error per unit of delta, is at most
-            ``error_budget``; ``ops.forecast.update_error_estimate``).
-        error_budget: the "error" rule's bound on the predicted relative error
-            ||Y_hat - Y||_F / ||Y||_F of an approximated block output (> 0).
+            ``significance_level``, ``adaptive_beta``) is given, else to "output" (the default).
+            "output": the budget is on the relative error of the transformer's output (what the
+            sampler consumes), predicted from the errors measured at full computations and
+            summed over the blocks approximated in a step and over a run of consecutive steps
+            with approximations (``ops.output_error``); "chi2" (the paper's test: approximate
+            iff delta^2 <= tau^2 chi2.ppf(1 - alpha, ND) / ND); "error" (the previous default:
+            per block, approximate iff delta times the block's measured error per unit of delta
+            is at most ``error_budget``; ``ops.forecast.update_error_estimate``).
+        error_budget: None: ``DEFAULT_OUTPUT_BUDGET`` under "output" (or the budget of
+            ``target_psnr``), 0.05 under "error". Under "output": the bound on the predicted
+            relative output error ||O_hat - O||_F / ||O||_F of a run of approximated steps; under
+            "error": on the predicted relative error ||Y_hat - Y||_F / ||Y||_F of one block's
+            output (> 0).
+        target_psnr: the PSNR (dB, final images or latents against computing every block) to
+            aim for: sets ``error_budget`` of ``decision="output"`` from the relation measured
+            on three models (``budget_for_psnr``); None: not used. A target above what the
+            relation covers (``MAX_TARGET_PSNR``) warns and computes every block fully.
         reference: "anchor" compares with the input at the last full computation, "previous"
             with the previous step's input (the paper's exact rule).
         calibration: None, a path to a safetensors file from ``fastcache_fx.calibrate``, or
@@ -93,7 +118,8 @@ class FastCacheConfig:
     approx: str = "residual"
     taylor_order: int = 1
     decision: str | None = None
-    error_budget: float = 0.05
+    error_budget: float | None = None
+    target_psnr: float | None = None
     reference: str = "anchor"
     calibration: str | None = None
     rank: int | None = None
@@ -131,7 +157,7 @@ class FastCacheConfig:
         if self.decision is None:  # the knob the user set picks its rule
             chi2_knob = any(getattr(self, n) is not None for n in ("cache_ratio_threshold", "significance_level",
                                                                      "adaptive_beta"))
-            object.__setattr__(self, "decision", "chi2" if chi2_knob else "error")
+            object.__setattr__(self, "decision", "chi2" if chi2_knob else "output")
         for name in ("cache_ratio_threshold", "significance_level"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, 0.05)
@@ -177,6 +203,7 @@ class FastCacheConfig:
             raise bad("taylor_order", "expected 1 or 2")
         if self.decision not in DECISIONS:
             raise bad("decision", f"expected one of {DECISIONS}")
+        self._resolve_budget(bad, real)
         if real("error_budget") <= 0:
             raise bad("error_budget", "expected > 0")
         if self.reference not in REFERENCES:
@@ -191,6 +218,35 @@ class FastCacheConfig:
         integer("refit_every", 1)
         if self.online_min_samples is not None:
             integer("online_min_samples", 1)
+
+    def _resolve_budget(self, bad, real) -> None:
+        """``error_budget`` from ``target_psnr`` or the decision rule's default (``replace``
+        derives it again: ``_derived_budget``)."""
+        object.__setattr__(self, "_derived_budget", self.error_budget is None)
+        if self.target_psnr is not None:
+            if real("target_psnr") <= 0:
+                raise bad("target_psnr", "expected > 0 dB")
+            if self.decision != "output":
+                raise bad("target_psnr", f"needs decision='output' (decision is {self.decision!r})")
+            if self.error_budget is not None:
+                raise bad("target_psnr", "give target_psnr or error_budget, not both")
+            budget = budget_for_psnr(float(self.target_psnr))
+            if budget is None:
+                import warnings
+
+                warnings.warn(f"fastcache: target_psnr={self.target_psnr} dB is above what the measured relation "
+                              f"covers ({MAX_TARGET_PSNR} dB): every block is computed fully", stacklevel=4)
+                object.__setattr__(self, "enable_block_approx", False)
+                budget = budget_for_psnr(MAX_TARGET_PSNR)
+            object.__setattr__(self, "error_budget", budget)
+        elif self.error_budget is None:
+            object.__setattr__(self, "error_budget", DEFAULT_OUTPUT_BUDGET if self.decision == "output" else 0.05)
+
+    @property
+    def measures_error(self) -> bool:
+        """The decision rule measures the approximation's error at full computations
+        (``decision`` "error" or "output")."""
+        return self.decision in ("error", "output")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | "FastCacheConfig" | None = None, **kwargs: Any) -> "FastCacheConfig":
@@ -211,6 +267,8 @@ class FastCacheConfig:
     def replace(self, **kwargs: Any) -> "FastCacheConfig":
         """A copy with some fields changed (validated again)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if getattr(self, "_derived_budget", False) and "error_budget" not in kwargs:
+            d["error_budget"] = None  # from target_psnr or the (new) decision rule's default
         d.update(kwargs)
         return FastCacheConfig.from_options(d)
 

@@ -189,6 +189,10 @@ class GraphContract:
         """The model's own return value from its outputs."""
         return tuple(user) if self.output_is_tuple else user[0]
 
+    def state_position(self, name: str) -> int | None:
+        """The position of state ``name`` in ``split(...).state`` (None if the graph has none)."""
+        return next((i for i, s in enumerate(self.state) if s.name == name), None)
+
     @property
     def step_index(self) -> int | None:
         """Position in ``state`` of the trajectory step counter ("step"), if the graph has one."""

@@ -71,6 +71,8 @@ def block_decision(
     error_per_delta: torch.Tensor | None = None,
     error_budget: float | None = None,
     stream_weights: Sequence[float] | None = None,
+    output_gain: torch.Tensor | None = None,
+    spent: torch.Tensor | None = None,
 ):
     """Decide whether a block may be approximated this step (all its streams together).
 
@@ -103,6 +105,9 @@ def block_decision(
         error_per_delta, error_budget: ``decision="error"``: the block's estimate k of e / delta
             ([] float32, NaN before its first measurement) and the budget; the bound on delta is
             then error_budget / k (``ops.forecast``), replacing tau and the chi-square test.
+        output_gain, spent: ``decision="output"`` ([] float32 each): the gain g from stream to
+            output error and the budget already spent in this run of steps A + sum_{j<l} p_j;
+            the bound on delta is then (error_budget - spent) / (g k) (``ops.output_error``).
 
     Returns:
         (approx [] bool, delta [] float32, threshold [] float32 = sqrt of the squared bound).
@@ -116,7 +121,8 @@ def block_decision(
         diff2, ref2 = sum_over_groups(torch.stack([diff2, ref2]), groups).unbind(0)
     d2 = (diff2 / ref2).max()
     delta = d2.sqrt()
-    thr2 = _bound_sq(d2, delta, t, q_ratio, tau, beta, timestep_max, error_per_delta, error_budget)
+    thr2 = _bound_sq(d2, delta, t, q_ratio, tau, beta, timestep_max, error_per_delta, error_budget,
+                     output_gain, spent)
     ok = (d2 <= thr2) & (step >= min_step) & (consecutive < max_consecutive)
     if not enabled:
         ok = ok & False
@@ -126,11 +132,16 @@ def block_decision(
     return ok, delta, thr2.sqrt()
 
 
-def _bound_sq(d2, delta, t, q_ratio, tau, beta, timestep_max, error_per_delta, error_budget) -> torch.Tensor:
-    """The squared bound on delta (``block_decision``): (error_budget / k)^2 under the error rule,
-    tau^2 q_ratio under the chi-square rule, tau(t)^2 q_ratio with the adaptive ``beta``."""
+def _bound_sq(d2, delta, t, q_ratio, tau, beta, timestep_max, error_per_delta, error_budget, output_gain=None,
+              spent=None) -> torch.Tensor:
+    """The squared bound on delta (``block_decision``): ((error_budget - spent) / (g k))^2 under the
+    output rule, (error_budget / k)^2 under the error rule, tau^2 q_ratio under the chi-square
+    rule, tau(t)^2 q_ratio with the adaptive ``beta``."""
     if isinstance(q_ratio, torch.Tensor):  # symbolic shapes: the runtime passes it per call
         q_ratio = q_ratio.to(d2.dtype)
+    if output_gain is not None:
+        left = (error_budget - spent.to(d2.dtype)).clamp_min(0.0)
+        return (left / (error_per_delta.to(d2.dtype) * output_gain.to(d2.dtype))).pow(2)
     if error_per_delta is not None:
         return (error_budget / error_per_delta.to(d2.dtype)).pow(2)
     if beta is None:

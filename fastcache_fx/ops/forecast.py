@@ -123,14 +123,16 @@ def zero_error_sums(h: torch.Tensor):
     return z, z.clone()
 
 
-def update_error_estimate(approx, err2, ref2, delta, step, estimate, last, *, groups: Sequence[str] = ()):
+def update_error_estimate(approx, err2, ref2, delta, step, estimate, last, *, groups: Sequence[str] = (),
+                          verify: bool = False):
     """After a step: the measured error e and the running estimate k of e / delta.
 
     A measurement is taken at a full computation of a step >= 1 of the trajectory (an anchor of
     this trajectory exists) with finite e and delta > 0: e = sqrt(max_b err2_b / ref2_b) (sums
     all-reduced over ``groups`` under context parallelism); k becomes e / delta at the first
     measurement, then the mean of the previous k and the new ratio (recent steps weigh most:
-    the slope drifts along the trajectory).
+    the slope drifts along the trajectory). ``verify`` (``decision="output"``): a ratio above k
+    replaces it at once (``output_error.tighten``).
 
     Returns:
         (new estimate [] float32 (NaN before any measurement), e [] float32 (NaN if not measured)).
@@ -140,6 +142,11 @@ def update_error_estimate(approx, err2, ref2, delta, step, estimate, last, *, gr
     e = (err2 / ref2).max().sqrt()
     measured = torch.logical_not(approx) & (step >= 1) & torch.isfinite(e) & (delta > 0) & torch.isfinite(delta)
     ratio = e / torch.where(delta > 0, delta, torch.ones_like(delta))
-    new = torch.where(torch.isfinite(estimate), 0.5 * (estimate + ratio), ratio)
+    if verify:
+        from .output_error import tighten
+
+        new = tighten(estimate, ratio)
+    else:
+        new = torch.where(torch.isfinite(estimate), 0.5 * (estimate + ratio), ratio)
     return (torch.where(measured, new, estimate).contiguous(),
             torch.where(measured, e, torch.full_like(e, float("nan"))).contiguous())

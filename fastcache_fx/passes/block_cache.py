@@ -25,11 +25,13 @@ from ..config import FastCacheConfig
 from ..contract import GraphContract
 from ..ops import decision as D
 from ..ops import forecast
+from ..ops import output_error as O
 from .blocks import BlockRegion, find_blocks, find_timestep, remap_region, tensor_meta
 from .shards import collective_groups, token_shards
 from .graph_utils import clone_graph_module, node_value
 from .branches import approx_branch, fake_flat, full_branch, scalar_constants
 from .extra_io import ExtraIO, set_val, symbolic
+from .tail import replay_tail
 
 
 @dataclass
@@ -184,13 +186,16 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
                     and getattr(node_value(p).node.expr, "is_Symbol", False)]
     trace: list[tuple[fx.Node, fx.Node, fx.Node]] = []
     remap: dict[fx.Node, fx.Node] = {}  # outputs of rewritten regions -> their cond getitems
+    budget = _output_budget(io, gm, regions, config)
     for k, region in enumerate(regions):
         region = BlockRegion(region.name, region.list_name, region.index, region.module_type, region.nodes,
                              [remap.get(n, n) for n in region.stream_inputs], region.stream_outputs,
                              [remap.get(n, n) for n in region.context_inputs], region.param_inputs)
         trace.append(_rewrite_block(gm, io, result, k, region, config, step_node, t_node, force_in, q_in,
-                                    size_symbols, remap))
+                                    size_symbols, remap, budget, last=k == len(regions) - 1))
     graph = gm.graph
+    if budget is not None:
+        _finish_output_budget(io, result, budget, step_node)
     with graph.inserting_before(io.out_node):
         for i, name in enumerate(("delta", "threshold", "approx")):
             io.output("trace", name, graph.call_function(torch.stack, ([t[i] for t in trace],)))
@@ -235,7 +240,7 @@ def _block_inputs(io: ExtraIO, region: BlockRegion, metas: list, config: FastCac
     if config.reference == "previous":
         h["prev"] = [io.state(f"{name}.previous_in.{s}", m[0], m[1], 0.0) for s, m in enumerate(metas)]
     h["kind"] = kind.add_inputs(io, name, metas, config)
-    if config.decision == "error":  # running estimate of e / delta, and the last measured e
+    if config.measures_error:  # running estimate of e / delta, and the last measured e
         h["est"] = io.state(f"{name}.error_per_delta", (), torch.float32, float("nan"))
         h["last_err"] = io.state(f"{name}.error", (), torch.float32, float("nan"))
     h["kind"].update(kind.add_weights(io, name, metas, config, result))
@@ -275,10 +280,70 @@ def _cond_operands(region: BlockRegion, h: dict, kind: Approximation, config: Fa
     return operands, slots
 
 
+def _output_budget(io: ExtraIO, gm: fx.GraphModule, regions: list[BlockRegion], config: FastCacheConfig):
+    """``decision="output"``: the graph-level state of the output budget (``ops.output_error``):
+    the gain g ("output.gain", NaN until measured, or 1 when the graph has no output layer after
+    its last block to measure it with), the run's spent budget A ("output.run_error") and this
+    step's predicted output error E ("output.step_error"); None under the other rules."""
+    if config.decision != "output":
+        return None
+    has_tail = bool(_tail_streams(io, regions[-1].stream_outputs))
+    b = {"tail": has_tail, "gain": io.state("output.gain", (), torch.float32, float("nan") if has_tail else 1.0),
+         "run": io.state("output.run_error", (), torch.float32, 0.0),
+         "step_error": io.state("output.step_error", (), torch.float32, 0.0)}
+    b["spent"] = b["run"]
+    return b
+
+
+def _user_outputs(io: ExtraIO) -> list[fx.Node]:
+    outs = io.out_node.args[0]
+    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    return [o for o in outs[:io.contract.num_user_outputs] if isinstance(o, fx.Node)]
+
+
+def _tail_streams(io: ExtraIO, stream_outputs: list[fx.Node]) -> list[int]:
+    """The indices of the last block's output streams that the model's output depends on."""
+    need, stack = set(), _user_outputs(io)
+    while stack:
+        n = stack.pop()
+        if n not in need:
+            need.add(n)
+            stack.extend(n.all_input_nodes)
+    return [s for s, o in enumerate(stream_outputs) if o in need]
+
+
+def _finish_output_budget(io: ExtraIO, result: BlockCacheResult, b: dict, step_node) -> None:
+    """After the last block: the run's spent budget, this step's predicted output error, and the
+    gain measured by replaying the output layer on the last block's output plus its error."""
+    graph = io.graph
+    with graph.inserting_before(io.out_node):
+        ends = graph.call_function(O.end_of_step, (b["run"], b["spent"]))
+        run_new = set_val(graph.call_function(operator.getitem, (ends, 0)), _meta())
+        step_err = set_val(graph.call_function(operator.getitem, (ends, 1)), _meta())
+        gain_new = b["gain"]
+        last = b.get("last")
+        if b["tail"] and last is not None:
+            outs = [last["outs"][s] for s in last["streams"]]
+            perturbed = [set_val(graph.call_function(torch.add, (o, last["eps"][s])), node_value(o))
+                         for o, s in zip(outs, last["streams"])]
+            real, replayed = replay_tail(graph, io.out_node, _user_outputs(io), outs, perturbed)
+            if real:
+                e_out = set_val(graph.call_function(O.tail_errors, (replayed, real),
+                                                    {"groups": tuple(result.groups)}), _meta())
+                gain_new = set_val(graph.call_function(O.update_gain, (last["ok"], e_out, last["e"], step_node,
+                                                                       b["gain"])), _meta())
+    io.output("state", "output.gain", gain_new)
+    io.output("state", "output.run_error", run_new)
+    io.output("state", "output.step_error", step_err)
+
+
 def _rewrite_block(gm: fx.GraphModule, io: ExtraIO, result: BlockCacheResult, k: int, region: BlockRegion,
-                   config: FastCacheConfig, step_node, t_node, force_in, q_in, size_symbols, remap) -> tuple:
+                   config: FastCacheConfig, step_node, t_node, force_in, q_in, size_symbols, remap,
+                   budget: dict | None = None, last: bool = False) -> tuple:
     """Replace block ``k``'s nodes by ``cond(approx?, approximation, full block)``, register its
-    new state; returns its (delta, threshold, approx) nodes."""
+    new state; returns its (delta, threshold, approx) nodes. ``budget``: the output budget's
+    nodes (``_output_budget``), whose spent budget this block's decision adds to; the ``last``
+    block also returns its error for the gain measurement."""
     graph, kind = gm.graph, result.kind
     region, consts = scalar_constants(graph, region)
     tag = re.sub(r"\W", "_", region.name)
@@ -297,9 +362,11 @@ def _rewrite_block(gm: fx.GraphModule, io: ExtraIO, result: BlockCacheResult, k:
     # each stream's local sums are scaled by its count k before the all-reduce, so that every
     # stream enters the whole-sequence sums once (see decision.block_decision)
     weights = tuple(result.shards[k]) if len(set(result.shards[k])) > 1 else None
+    return_error = budget is not None and last and budget["tail"]
     gm.add_submodule(f"fc_{tag}_full", full_branch(region, operands, slots, kind, config, consts=consts,
-                                                  stream_weights=weights))
-    gm.add_submodule(f"fc_{tag}_approx", approx_branch(region, operands, slots, kind, config))
+                                                  stream_weights=weights, return_error=return_error))
+    gm.add_submodule(f"fc_{tag}_approx", approx_branch(region, operands, slots, kind, config,
+                                                      return_error=return_error))
 
     members = set(region.nodes)
     cur = _Cursor(graph, region.nodes[-1])
@@ -328,9 +395,13 @@ def _rewrite_block(gm: fx.GraphModule, io: ExtraIO, result: BlockCacheResult, k:
     kw.update(kind.decision_kwargs(cur, h["kind"]))
     if h["est"] is not None:
         kw.update(error_per_delta=h["est"], error_budget=config.error_budget)
+    if budget is not None:
+        kw.update(output_gain=budget["gain"], spent=budget["spent"])
     kw["force"] = cur.get(force_in, k, val=_meta((), torch.int8))
     refs = h["prev"] if h["prev"] is not None else h["a_in"]
     ok, delta, thr = cur.unpack(cur.call(D.block_decision, streams, refs, step_node, h["consec"], t_node, **kw), 3)
+    if budget is not None:
+        budget["spent"] = cur.call(O.spend, budget["spent"], ok, delta, h["est"], budget["gain"], val=_meta())
     with graph.inserting_after(cur.node):
         attr_t = graph.get_attr(f"fc_{tag}_approx")
     with graph.inserting_after(attr_t):
@@ -344,7 +415,19 @@ def _rewrite_block(gm: fx.GraphModule, io: ExtraIO, result: BlockCacheResult, k:
             outs.append(cur.method("view_as", cur.node, streams[s], val=node_value(o)))
         else:
             outs.append(cur.get(cond, s, val=node_value(o)))
-    _new_state(io, cur, h, kind, config, result, ok, streams, outs, delta, step_node, t_node, cond, n)
+    eps = None
+    if return_error:
+        eps = []
+        for s, o in enumerate(region.stream_outputs):
+            e = cur.get(cond, n + 2 + s, val=fake_flat(node_value(o)) if symbolic(node_value(o).shape)
+                        else node_value(o))
+            eps.append(cur.method("view_as", e, streams[s], val=node_value(o)) if symbolic(node_value(o).shape)
+                       else e)
+    err_node = _new_state(io, cur, h, kind, config, result, ok, streams, outs, delta, step_node, t_node, cond, n,
+                          skip=len(eps or ()))
+    if return_error:
+        budget["last"] = {"ok": ok, "e": err_node, "outs": outs, "eps": eps,
+                          "streams": _tail_streams(io, region.stream_outputs)}
 
     for o, gi in zip(region.stream_outputs, outs):
         o.replace_all_uses_with(gi, delete_user_cb=lambda u: u not in members)
@@ -355,14 +438,18 @@ def _rewrite_block(gm: fx.GraphModule, io: ExtraIO, result: BlockCacheResult, k:
 
 
 def _new_state(io: ExtraIO, cur: "_Cursor", h: dict, kind: Approximation, config: FastCacheConfig,
-               result: BlockCacheResult, ok, streams, outs, delta, step_node, t_node, cond, n: int) -> None:
-    """Register the new values of one block's state (and accumulators) as graph outputs.
+               result: BlockCacheResult, ok, streams, outs, delta, step_node, t_node, cond, n: int,
+               skip: int = 0):
+    """Register the new values of one block's state (and accumulators) as graph outputs; returns
+    the node of this step's measured error e (NaN if not measured), or None without one.
 
-    cond outputs: the n streams, then the error rule's (err2, ref2), then the kind's extras."""
+    cond outputs: the n streams, then the error rule's (err2, ref2), then ``skip`` more (the last
+    block's errors under the output rule), then the kind's extras."""
     extra = n
+    err_node = None
     if h["est"] is not None:
         err2, ref2 = (cur.get(cond, extra + j) for j in range(2))
-        extra += 2
+        extra += 2 + skip
     new_in, new_res, new_consec = cur.unpack(cur.call(D.update_state, ok, streams, outs, h["a_in"], h["a_res"],
                                                       h["consec"]), 3)
     new = list(zip(h["a_in"], (cur.get(new_in, s) for s in range(n))))
@@ -373,6 +460,8 @@ def _new_state(io: ExtraIO, cur: "_Cursor", h: dict, kind: Approximation, config
     if h["est"] is not None:
         new += list(zip((h["est"], h["last_err"]), cur.unpack(cur.call(
             forecast.update_error_estimate, ok, err2, ref2, delta, step_node, h["est"], h["last_err"],
-            groups=tuple(result.groups)), 2)))
+            groups=tuple(result.groups), verify=config.decision == "output"), 2)))
+        err_node = new[-1][1]
     for ph, node in new:
         io.output(io.specs[ph].role, io.specs[ph].name, node)
+    return err_node

@@ -1,13 +1,14 @@
 """The two branches of a block's ``torch.cond``, built as GraphModules over the cond operands.
 
-``full_branch``: the block's own nodes (plus, with ``decision="error"``, the error the
-approximation would have made, and with online calibration the ridge statistic increments).
+``full_branch``: the block's own nodes (plus, with ``decision="error"`` or ``"output"``, the error
+the approximation would have made, and with online calibration the ridge statistic increments).
 ``approx_branch``: the approximation from the stream inputs and the cached state (plus zeros
 in place of the full branch's extra outputs). Both return the same number of outputs with the
 same shapes, as cond requires. ``Slots`` says where each operand sits.
 
 Branch output layout: one [B, N, D] output per stream (flat [B N D] when the shape is symbolic,
-see ``flat_if_symbolic``), then, with ``decision="error"``, (err2 [B], ref2 [B]), then the
+see ``flat_if_symbolic``), then, with ``decision="error"`` or ``"output"``, (err2 [B], ref2 [B]),
+then for the last block under ``"output"`` the error Y_hat - Y per stream, then the
 approximation kind's extras (``Approximation.full_extras``: online, the ridge statistic
 increments per stream). What the approximation computes is the kind's (``fastcache_fx.approx``).
 """
@@ -86,13 +87,15 @@ def _placeholders(g: fx.Graph, operands: list[fx.Node]) -> list[fx.Node]:
 
 def full_branch(region: BlockRegion, operands: list[fx.Node], slots: Slots, kind: Approximation,
                 config: FastCacheConfig, *, consts: dict | None = None,
-                stream_weights: tuple[int, ...] | None = None) -> fx.GraphModule:
+                stream_weights: tuple[int, ...] | None = None, return_error: bool = False) -> fx.GraphModule:
     """The block's own nodes as a GraphModule over ``operands`` (extra operands unused).
 
-    With ``config.decision == "error"`` it also returns ``forecast.error_sums`` of the
+    With ``config.measures_error`` it also returns ``forecast.error_sums`` of the
     approximation against the true outputs (each output stream's sums times its entry of
-    ``stream_weights`` when given: context parallelism, ``decision.block_decision``), then the
-    kind's ``full_extras`` (online calibration: the ridge statistic increments per stream)."""
+    ``stream_weights`` when given: context parallelism, ``decision.block_decision``), then with
+    ``return_error`` (the last block under ``decision="output"``) the error Y_hat - Y of each
+    stream (its shape), then the kind's ``full_extras`` (online calibration: the ridge statistic
+    increments per stream)."""
     g = fx.Graph()
     ph = _placeholders(g, operands)
     env: dict[fx.Node, object] = dict(zip(operands, ph))
@@ -107,28 +110,34 @@ def full_branch(region: BlockRegion, operands: list[fx.Node], slots: Slots, kind
         ys.append(set_val(g.call_function(torch.clone, (env[o],), {"memory_format": torch.contiguous_format}),
                           node_value(o)))
     outs = [flat_if_symbolic(g, y) for y in ys]
-    if config.decision == "error":
+    if config.measures_error:
         y_hat = [kind.node(g, ph, slots, s, config) for s in range(len(ys))]
         sums = g.call_function(forecast.error_sums, (y_hat, ys), {"weights": stream_weights})
         outs += [g.call_function(operator.getitem, (sums, j)) for j in range(2)]
+        if return_error:
+            outs += [flat_if_symbolic(g, set_val(g.call_function(torch.sub, (a, y)), node_value(o)))
+                     for a, y, o in zip(y_hat, ys, region.stream_outputs)]
     outs += kind.full_extras(g, ph, slots, ys)
     g.output(tuple(outs))
     return fx.GraphModule(torch.nn.Module(), g)
 
 
 def approx_branch(region: BlockRegion, operands: list[fx.Node], slots: Slots, kind: Approximation,
-                  config: FastCacheConfig) -> fx.GraphModule:
+                  config: FastCacheConfig, *, return_error: bool = False) -> fx.GraphModule:
     """Approximation of the block's outputs from its stream inputs and the cached state (zeros
-    in place of the full branch's error sums and statistic increments)."""
+    in place of the full branch's error sums, errors and statistic increments)."""
     g = fx.Graph()
     ph = _placeholders(g, operands)
-    outs = []
+    outs, ys = [], []
     for s, o in enumerate(region.stream_outputs):
-        y = kind.node(g, ph, slots, s, config)
-        outs.append(flat_if_symbolic(g, set_val(y, node_value(o))))
-    if config.decision == "error":
+        ys.append(set_val(kind.node(g, ph, slots, s, config), node_value(o)))
+        outs.append(flat_if_symbolic(g, ys[-1]))
+    if config.measures_error:
         z = g.call_function(forecast.zero_error_sums, (ph[slots.stream[0]],))
         outs += [g.call_function(operator.getitem, (z, j)) for j in range(2)]
+        if return_error:
+            outs += [flat_if_symbolic(g, set_val(g.call_function(torch.zeros_like, (y,)), node_value(o)))
+                     for y, o in zip(ys, region.stream_outputs)]
     outs += kind.approx_extras(g, ph, slots, len(region.stream_outputs))
     g.output(tuple(outs))
     return fx.GraphModule(torch.nn.Module(), g)

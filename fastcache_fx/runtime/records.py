@@ -18,6 +18,7 @@ class StepRecord:
     threshold: torch.Tensor
     approx: torch.Tensor
     seq: int = field(default_factory=lambda: next(_SEQ))  # call order across the model's graphs
+    output_error: torch.Tensor | None = None  # decision="output": the step's predicted output error
 
 
 _SEQ = itertools.count()

@@ -62,6 +62,7 @@ class GraphRuntime:
         self.trace: collections.deque[StepRecord] = collections.deque(maxlen=trace_steps)
         self.calls = 0
         self.contract = layout.contract
+        self._output_error_at = self.contract.state_position("output.step_error")
         # -1 everywhere: every block decides live (the "force" control)
         self.live = {c.name: c.initial(device) for c in self.contract.controls}
         self._q_ratio: dict[tuple, torch.Tensor] = {}
@@ -146,7 +147,9 @@ class GraphRuntime:
             new_state = [t.clone() for t in new_state]
             delta, thr, ok = delta.clone(), thr.clone(), ok.clone()
         self.states[ctx] = new_state
-        self.trace.append(StepRecord(ctx, new_state[self.contract.step_index], delta, thr, ok))
+        at = self._output_error_at
+        self.trace.append(StepRecord(ctx, new_state[self.contract.step_index], delta, thr, ok,
+                                     output_error=None if at is None else new_state[at]))
         if self.online is not None:  # may refit and swap self.weights
             self.online.after_step(got.accums, self.weights, clone=self.clone_outputs)
         self.calls += 1

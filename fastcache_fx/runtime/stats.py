@@ -38,7 +38,9 @@ def collect(entry: ModelEntry | None) -> dict:
         ``trajectory``: {context: {"steps", "block_approx_ratio"}} of the current trajectory of
         each context (the steps since its last step 0);
         ``trace``: one dict per step with ``context``, ``step`` (index in its trajectory),
-        ``blocks``, ``approx`` [L] bools, ``delta`` [L] and ``threshold`` [L] (the bound on delta);
+        ``blocks``, ``approx`` [L] bools, ``delta`` [L] and ``threshold`` [L] (the bound on delta),
+        and under ``decision="output"`` ``output_error``, the step's predicted relative output
+        error (``ops.output_error``);
         ``token_merge``: for the last graph with the token-merge pyramid, ``{"stages": block
         names per stage, "tokens_per_stage": tokens per sample, "grid": (h, w), "window": (wh, ww)}``,
         else None;
@@ -91,7 +93,8 @@ def _graph_row(g, blocks: list, counts: dict, totals: dict, bytes_per_block: dic
         approx = [bool(x) for x in rec.approx.tolist()]
         records.append((rec.seq, {"context": rec.context, "step": int(rec.step), "blocks": names, "approx": approx,
                                   "delta": [float(x) for x in rec.delta.tolist()],
-                                  "threshold": [float(x) for x in rec.threshold.tolist()]}))
+                                  "threshold": [float(x) for x in rec.threshold.tolist()],
+                                  **({} if rec.output_error is None else {"output_error": float(rec.output_error)})}))
         for n, a in zip(names, approx):
             counts[n] = counts.get(n, 0) + int(a)
             totals[n] = totals.get(n, 0) + 1
