@@ -8,7 +8,9 @@ table per model and budget (PSNR of the final images against plain Inductor's, a
 share, how often the measurement exceeded the prediction, median measured / predicted) and writes
 ``output_error.json`` and ``output_error.png`` (scatter, one panel per model).
 
-    python benchmarks/output_error.py --models dit mmdit dit_unseen --budgets 0.05 0.1 0.2
+    python benchmarks/output_error.py --models dit mmdit dit_unseen dit_random --budgets 0.05 0.1 0.2
+
+(``dit_random``: the reference DiT's architecture with random weights.)
 """
 
 from __future__ import annotations
@@ -55,8 +57,26 @@ class Recorder(torch.nn.Module):
         return out
 
 
+def _random_dit():
+    """The reference DiT's architecture with random weights (seed 0): a model nothing was trained on."""
+    from fastcache_fx.reference.model import build_dit
+
+    torch.manual_seed(0)
+    return build_dit().eval().requires_grad_(False)
+
+
+def get_job(name: str):
+    """``jobs.job(name)``, or "dit_random": the DiT job with ``_random_dit`` weights."""
+    import dataclasses
+
+    if name == "dit_random":
+        return dataclasses.replace(job("dit"), name=name, title="reference DiT architecture, random weights",
+                                   _load=_random_dit)
+    return job(name)
+
+
 def run_model(name: str, budgets: list[float], samples: int, steps: int | None) -> dict:
-    j = job(name)
+    j = get_job(name)
     labels = [i % 10 for i in range(samples)]
     base = j.sample(j.inductor(j.load()), labels, steps=steps)
     rows = []

@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="error_budget of the default decision rule (default: library default)")
     p.add_argument("--threshold", type=float, default=None,
                    help="cache_ratio_threshold (selects the chi-square rule unless --decision says otherwise)")
-    p.add_argument("--decision", choices=("chi2", "error"), default=None, help="decision rule (default: library default)")
+    p.add_argument("--decision", choices=("output", "chi2", "error"), default=None, help="decision rule (default: library default)")
     p.add_argument("--approx", choices=("residual", "taylor"), default=None, help="approximation (default: residual)")
     p.add_argument("--significance", type=float, default=None, help="significance_level")
     p.add_argument("--warmup", type=int, default=None, help="warmup_steps")

@@ -25,7 +25,7 @@ import torch
 from .config import FastCacheConfig
 
 #: the knobs ``tune`` sweeps, with their default values (largest quality first)
-KNOBS = {"cache_ratio_threshold": (0.02, 0.05, 0.1, 0.2), "error_budget": (0.01, 0.02, 0.05, 0.1, 0.2)}
+KNOBS = {"cache_ratio_threshold": (0.02, 0.05, 0.1, 0.2), "error_budget": (0.05, 0.1, 0.2, 0.5, 1.0)}
 
 
 @dataclass
@@ -93,8 +93,8 @@ def tune(model: torch.nn.Module, run_fn: Callable[[Callable], torch.Tensor], tar
             transformer) as the pipeline would, with fixed seeds; returns the output to compare
             (latents or images).
         target_psnr: PSNR in dB (vs the uncached trajectory) the chosen options must reach.
-        knob: "cache_ratio_threshold" (``decision="chi2"``) or "error_budget" (``decision="error"``,
-            set by this function).
+        knob: "cache_ratio_threshold" (``decision="chi2"``) or "error_budget" (``decision="output"``
+            unless ``options`` give "error").
         values: knob values to try (default ``KNOBS[knob]``).
         options: other FastCacheConfig fields, kept fixed.
         repeats: timed trajectories per point (the fastest counts).
@@ -125,7 +125,7 @@ def tune(model: torch.nn.Module, run_fn: Callable[[Callable], torch.Tensor], tar
         raise ValueError(f"repeats: expected an integer >= 1, got {repeats!r}")
     base = dict(options or {})
     if knob == "error_budget":
-        base["decision"] = "error"
+        base.setdefault("decision", "output")
     FastCacheConfig.from_options(base)  # a bad option fails here, before any compile
 
     torch._dynamo.reset()

@@ -84,6 +84,10 @@ class ExplainReport:
 
     def _rule(self) -> str:
         c = self.config
+        if c.decision == "output":
+            target = f", from target_psnr={c.target_psnr} dB" if c.target_psnr is not None else ""
+            return (f"decision=output, error_budget={c.error_budget:g}{target} (relative output error of a run of "
+                    "approximated steps)")
         if c.decision == "error":
             return f"decision=error, error_budget={c.error_budget}"
         return f"decision=chi2, cache_ratio_threshold={c.cache_ratio_threshold}, significance_level={c.significance_level}"
