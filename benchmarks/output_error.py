@@ -78,9 +78,11 @@ def get_job(name: str):
 def run_model(name: str, budgets: list[float], samples: int, steps: int | None) -> dict:
     j = get_job(name)
     labels = [i % 10 for i in range(samples)]
+    torch._dynamo.reset()
     base = j.sample(j.inductor(j.load()), labels, steps=steps)
     rows = []
     for b in budgets:
+        torch._dynamo.reset()  # one compile per row: Dynamo's recompile limit would otherwise run later rows eager
         eager = j.load()
         fc = j.fastcache(j.load(), {"decision": "output", "error_budget": b})
         transformer = fc.transformer if j.pipeline else fc
