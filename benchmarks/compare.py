@@ -67,13 +67,25 @@ FASTCACHE_VARIANTS = {
     "fastcache_error_mc6": {"decision": "error", "max_consecutive_approx": 6},  # above the 0.72 share cap
     "fastcache_output": {"decision": "output"},  # the default rule: the budget on the output error
     "fastcache_output_mc6": {"decision": "output", "max_consecutive_approx": 6},
+    # the hierarchical levels (passes/spans.py): one decision per step / per span
+    "fastcache_step": {"decision": "output", "cache_level": "step"},
+    "fastcache_step_mc8": {"decision": "output", "cache_level": "step", "max_consecutive_approx": 8},
+    "fastcache_step_taylor": {"decision": "output", "cache_level": "step", "approx": "taylor"},
+    "fastcache_step_taylor_mc8": {"decision": "output", "cache_level": "step", "approx": "taylor",
+                                  "max_consecutive_approx": 8},
+    "fastcache_span": {"decision": "output", "cache_level": "span"},
 }
 FASTCACHE_LABELS = {"fastcache": "fastcache chi2", "fastcache_taylor": "fastcache taylor-1 chi2",
                     "fastcache_taylor2": "fastcache taylor-2 chi2", "fastcache_error": "fastcache error rule",
                     "fastcache_taylor_error": "fastcache taylor-1 + error rule",
                     "fastcache_error_mc6": "fastcache error rule, max_consecutive_approx=6",
                     "fastcache_output": "fastcache output budget (default rule)",
-                    "fastcache_output_mc6": "fastcache output budget, max_consecutive_approx=6"}
+                    "fastcache_output_mc6": "fastcache output budget, max_consecutive_approx=6",
+                    "fastcache_step": "fastcache step level",
+                    "fastcache_step_mc8": "fastcache step level, max_consecutive_approx=8",
+                    "fastcache_step_taylor": "fastcache step level + span Taylor forecast",
+                    "fastcache_step_taylor_mc8": "fastcache step level + span Taylor, max_consecutive_approx=8",
+                    "fastcache_span": "fastcache span level (2 spans)"}
 METHODS = BASELINES + tuple(FASTCACHE_VARIANTS) + P.PEERS
 DEFAULT_METHODS = ",".join(METHODS)
 
@@ -87,6 +99,11 @@ SWEEPS = {
     "fastcache_error_mc6": ("error_budget", "0.05,0.1,0.2"),
     "fastcache_output": ("error_budget", "0.1,0.2,0.5,1.0"),
     "fastcache_output_mc6": ("error_budget", "0.5,1.0,2.0"),
+    "fastcache_step": ("error_budget", "0.1,0.25,0.5,1.0"),
+    "fastcache_step_mc8": ("error_budget", "0.5,1.0,2.0"),
+    "fastcache_step_taylor": ("error_budget", "0.1,0.25,0.5,1.0"),
+    "fastcache_step_taylor_mc8": ("error_budget", "0.5,1.0,2.0"),
+    "fastcache_span": ("error_budget", "0.25,0.5,1.0"),
     "fbcache": ("threshold", "0.05,0.1,0.2"),
     "taylorseer": ("cache_interval", "3,5"),
     "magcache": ("threshold", "0.06,0.12"),

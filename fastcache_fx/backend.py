@@ -102,6 +102,9 @@ def _block_cache(b: Build) -> None:
                                        clock="input" if b.kind == "block" else "graph", contract=b.contract)
     b.contract = b.layout.contract
     b.notes.append(f"block_cache({b.approximation.name})")
+    if b.layout.span_reason:
+        warnings.warn(f"fastcache: cache_level={b.config.cache_level!r}: {b.layout.span_reason}; those blocks are "
+                      "cached one by one", stacklevel=4)
 
 
 def _token_select_force(b: Build) -> None:

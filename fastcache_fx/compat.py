@@ -41,8 +41,11 @@ def check(config: FastCacheConfig, target: Target, *, stacklevel: int = 3) -> Fa
     Raises:
         ValueError: an option the target cannot run (the message names it and says why):
             token selection / merging in a block graph or under context parallelism; token
-            passes or online calibration in an export.
+            passes or online calibration in an export; the step and span cache levels in a block
+            graph or with a token pass.
     """
+    if config.cache_level != "block":
+        _check_level(config, target)
     if target.block_graph:
         for name, what in TOKEN_PASSES:
             if getattr(config, name):
@@ -77,3 +80,17 @@ def check(config: FastCacheConfig, target: Target, *, stacklevel: int = 3) -> Fa
                               f"cache only (pass dynamic=False to torch.compile for {what})", stacklevel=stacklevel)
         config = config.replace(enable_spatial_approx=False, enable_token_merge=False)
     return config
+
+
+def _check_level(config: FastCacheConfig, target: Target) -> None:
+    """The step and span levels (``passes.spans``) need the whole stack in one graph and the
+    same tokens through it."""
+    level = config.cache_level
+    if target.block_graph:
+        raise ValueError(f"FastCacheConfig.cache_level: {level!r} decides once for a run of blocks, which needs the "
+                         "whole transformer in one graph; regional compilation compiles one graph per block class "
+                         "(use cache_level='block' there, or compile the whole transformer)")
+    for name, what in TOKEN_PASSES:
+        if getattr(config, name):
+            raise ValueError(f"FastCacheConfig.{name}: {what} changes the tokens between blocks, which a span's "
+                             f"residual cannot follow; not with cache_level={level!r}")

@@ -10,6 +10,7 @@ DECISIONS = ("chi2", "error", "output")
 REFERENCES = ("anchor", "previous")
 LOWERINGS = ("inductor", "tensorrt")
 STATIC_APPROX_KINDS = ("cached", "cached_linear", "linear")
+CACHE_LEVELS = ("block", "span", "step")
 
 #: the default ``error_budget`` of ``decision="output"`` (benchmarks/RESULTS.md, "The quality knob")
 DEFAULT_OUTPUT_BUDGET = 0.5
@@ -108,6 +109,15 @@ class FastCacheConfig:
         merge_ratio: tokens kept per window from one stage to the next, 0 < r <= 1 (1: identity).
         token_merge_window: side of the square token windows clusters are formed in (>= 1);
             a merge costs O(N * window^2).
+        cache_level: what one decision (one ``torch.cond``) covers (``passes/spans.py``): "block"
+            (every block its own), "step" (the first ``front_blocks`` and last ``back_blocks``
+            blocks always computed, the rest of the stack one span: one decision per step, on
+            the change of the front blocks' output, as FirstBlockCache / DBCache) or "span"
+            (the middle cut into ``num_spans`` spans of equal depth). A span keeps one anchor
+            input and one residual per stream (plus the kind's history), whatever its depth.
+        front_blocks: Fn >= 0, leading blocks computed every step at the step and span levels.
+        back_blocks: Bn >= 0, trailing blocks computed every step at the step and span levels.
+        num_spans: spans of the middle at ``cache_level="span"`` (>= 1).
     """
 
     cache_ratio_threshold: float | None = None
@@ -140,6 +150,10 @@ class FastCacheConfig:
     num_stages: int = 3
     merge_ratio: float = 0.5
     token_merge_window: int = 4
+    cache_level: str = "block"
+    front_blocks: int = 1
+    back_blocks: int = 0
+    num_spans: int = 2
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -220,6 +234,22 @@ class FastCacheConfig:
         integer("refit_every", 1)
         if self.online_min_samples is not None:
             integer("online_min_samples", 1)
+        self._check_level(bad, integer, KINDS)
+
+    def _check_level(self, bad, integer, kinds) -> None:
+        """``cache_level`` and its counts; a span has no calibrated map (maps are fitted per block)."""
+        if self.cache_level not in CACHE_LEVELS:
+            raise bad("cache_level", f"expected one of {CACHE_LEVELS}")
+        integer("front_blocks", 0)
+        integer("back_blocks", 0)
+        integer("num_spans", 1)
+        if self.cache_level != "block":
+            if kinds[self.approx].calibrated:
+                raise bad("approx", f"cache_level={self.cache_level!r} approximates spans of blocks, which have no "
+                                    "calibrated map; use 'residual' or 'taylor' (or cache_level='block')")
+            if self.calibration == "online":
+                raise bad("calibration", f"online calibration fits per-block maps; not with "
+                                         f"cache_level={self.cache_level!r}")
 
     def _resolve_budget(self, bad, real) -> None:
         """``error_budget`` from ``target_psnr`` or the decision rule's default (``replace``

@@ -28,6 +28,7 @@ from ..ops import forecast
 from ..ops import output_error as O
 from .blocks import BlockRegion, find_blocks, find_timestep, remap_region, tensor_meta
 from .shards import collective_groups, token_shards
+from .spans import SpanResult, group_spans
 from .graph_utils import clone_graph_module, node_value
 from .branches import approx_branch, fake_flat, full_branch, scalar_constants
 from .extra_io import ExtraIO, set_val, symbolic
@@ -52,6 +53,10 @@ class BlockCacheResult:
     dofs: list = field(default_factory=list)  # ND per block (whole sequence): int, or SymInt in a dynamic-shape graph
     groups: list[str] = field(default_factory=list)  # process groups the decision sums are all-reduced over
     shards: list[list[int]] = field(default_factory=list)  # per block and stream: ranks its tokens are split over
+    level: str = "block"  # FastCacheConfig.cache_level the regions were grouped at
+    sizes: list[int] = field(default_factory=list)  # blocks per region (1 at the block level; a span's depth)
+    uncached: list[str] = field(default_factory=list)  # front / back blocks computed every step, outside any cond
+    span_reason: str = ""  # why a span could not be formed (its blocks were kept as separate regions)
 
     @property
     def approx(self) -> str:
@@ -157,6 +162,10 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
     regions = search.regions if regions is None else regions
     gm, val_map = clone_graph_module(gm)
     regions = [remap_region(r, val_map) for r in regions]
+    # the step and span levels: a run of blocks becomes one region (one cond, one anchor); a block
+    # graph of regional compilation is one block (compat.check refuses the levels there)
+    spans = group_spans(gm, regions, config) if clock == "graph" else SpanResult(regions, [1] * len(regions))
+    regions = spans.regions
     kind = approx_kinds.get(approx or config.approx) if not isinstance(approx, Approximation) else approx
     if contract is not None:  # extended, not modified
         contract = GraphContract(contract.num_user_inputs, contract.num_user_outputs, contract.output_is_tuple,
@@ -167,6 +176,8 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
         contract=io.contract, left_alone=list(search.left_alone) if search else [], kind=kind,
         rank=config.rank if kind.calibrated else None, time_buckets=config.time_buckets if kind.calibrated else 1,
         online=kind.calibrated and config.calibration == "online",
+        level=config.cache_level if clock == "graph" else "block", sizes=spans.sizes, uncached=spans.uncached,
+        span_reason=spans.reason,
     )
     if not regions:
         return gm, result

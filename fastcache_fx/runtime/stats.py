@@ -11,8 +11,8 @@ from .registry import ModelEntry
 
 def _empty() -> dict:
     return {"block_approx_ratio": 0.0, "per_block": {}, "steps": 0, "blocks": [], "graphs": 0, "per_graph": [],
-            "fallback": [], "uncompiled_calls": 0, "state_bytes": 0, "state_bytes_per_block": {}, "trajectory": {},
-            "trace": [], "token_merge": None, "spatial_approx_ratio": 0.0, "token_select": None}
+            "fallback": [], "uncompiled_calls": 0, "state_bytes": 0, "state_bytes_per_block": {},
+            "state_bytes_per_context": {}, "trajectory": {}, "trace": [], "token_merge": None, "spatial_approx_ratio": 0.0, "token_select": None}
 
 
 def collect(entry: ModelEntry | None) -> dict:
@@ -28,13 +28,15 @@ def collect(entry: ModelEntry | None) -> dict:
         graphs), "glue" (a graph without blocks of a model whose other graphs carry the cache:
         Dynamo split it at graph breaks) or "fallback"),
         ``fallback`` (the reason, or None), ``dynamic`` (traced with symbolic shapes, serving many
-        shapes), ``blocks``, ``streams`` (residual streams per block, e.g. 2 for a joint
+        shapes), ``blocks``, ``cache_level`` and ``conds_per_step`` (the conds each call of the graph
+        evaluates: one per block, or per span), ``streams`` (residual streams per block, e.g. 2 for a joint
         text-image block; empty where the graph has no block cache), ``steps``, ``block_approx_ratio``, ``state_bytes``;
         ``fallback``: the reasons of the fallback graphs, and a line for the calls Dynamo ran
         uncompiled (``enable_fastcache`` models: ``runtime.uncompiled``); ``uncompiled_calls``:
         those calls; ``state_bytes``: bytes of live cache
         state (all graphs and contexts), ``state_bytes_per_block`` {block name: bytes} (the
-        trajectory counters under ``""``);
+        trajectory counters under ``""``); ``state_bytes_per_context`` {CFG context: bytes} (whole-graph
+        runtimes);
         ``trajectory``: {context: {"steps", "block_approx_ratio"}} of the current trajectory of
         each context (the steps since its last step 0);
         ``trace``: one dict per step with ``context``, ``step`` (index in its trajectory),
@@ -54,9 +56,10 @@ def collect(entry: ModelEntry | None) -> dict:
         return dict(_empty(), **_uncompiled(entry))
     counts, totals, blocks, per_graph = {}, {}, [], []
     bytes_per_block: dict[str, int] = {}
+    per_context: dict[str, int] = {}
     records = []
     for g in entry.graphs:
-        per_graph.append(_graph_row(g, blocks, counts, totals, bytes_per_block, records))
+        per_graph.append(_graph_row(g, blocks, counts, totals, bytes_per_block, records, per_context))
     trace = [r for _, r in sorted(records, key=lambda x: x[0])]
     total = sum(totals.values())
     return {
@@ -70,6 +73,7 @@ def collect(entry: ModelEntry | None) -> dict:
         "uncompiled_calls": entry.uncompiled_calls,
         "state_bytes": sum(bytes_per_block.values()),
         "state_bytes_per_block": bytes_per_block,
+        "state_bytes_per_context": per_context,
         "trajectory": _trajectories(trace),
         "token_merge": _token_merge(entry),
         **_token_select(entry),
@@ -77,11 +81,17 @@ def collect(entry: ModelEntry | None) -> dict:
     }
 
 
-def _graph_row(g, blocks: list, counts: dict, totals: dict, bytes_per_block: dict, records: list) -> dict:
+def _graph_row(g, blocks: list, counts: dict, totals: dict, bytes_per_block: dict, records: list,
+               per_context: dict) -> dict:
     """One graph's ``per_graph`` row; adds its blocks, decision counts, state bytes and trace
     records to the model-wide accumulators."""
     names = g.blocks
-    for n in names:
+    layout = getattr(g, "layout", None)
+    # a span counts as the blocks it holds; the step and span levels' front / back blocks as
+    # blocks computed every step
+    sizes = list(getattr(layout, "sizes", None) or [1] * len(names))
+    uncached = list(getattr(layout, "uncached", None) or [])
+    for n in uncached + names:
         if n not in blocks:
             blocks.append(n)
     done = approx_n = 0
@@ -94,16 +104,22 @@ def _graph_row(g, blocks: list, counts: dict, totals: dict, bytes_per_block: dic
         records.append((rec.seq, {"context": rec.context, "step": int(rec.step), "blocks": names, "approx": approx,
                                   "delta": [float(x) for x in rec.delta.tolist()],
                                   "threshold": [float(x) for x in rec.threshold.tolist()],
-                                  **({} if rec.output_error is None else {"output_error": float(rec.output_error)})}))
-        for n, a in zip(names, approx):
-            counts[n] = counts.get(n, 0) + int(a)
-            totals[n] = totals.get(n, 0) + 1
-        done += len(approx)
-        approx_n += sum(approx)
+                                  **({} if rec.output_error is None else {"output_error": float(rec.output_error)}),
+                                  **({"sizes": sizes, "uncached": len(uncached)} if uncached or set(sizes) != {1}
+                                     else {})}))
+        for n, a, k in zip(names + uncached, approx + [False] * len(uncached), sizes + [1] * len(uncached)):
+            counts[n] = counts.get(n, 0) + int(a) * k
+            totals[n] = totals.get(n, 0) + k
+        done += sum(sizes) + len(uncached)
+        approx_n += sum(k for a, k in zip(approx, sizes) if a)
+    for ctx, st in (getattr(g, "states", None) or {}).items():
+        if isinstance(st, list):
+            per_context[ctx] = per_context.get(ctx, 0) + sum(t.numel() * t.element_size() for t in st)
     gb = g.state_bytes()
     for b, n in gb.items():
         bytes_per_block[b] = bytes_per_block.get(b, 0) + n
     return {"kind": g.kind, "fallback": g.fallback, "dynamic": g.dynamic, "blocks": list(names),
+            "cache_level": getattr(layout, "level", None), "conds_per_step": len(names) if layout is not None else 0,
             "streams": [len(x) for x in getattr(getattr(g, "layout", None), "stream_shapes", [])],
             "steps": g.calls, "block_approx_ratio": approx_n / done if done else 0.0,
             "state_bytes": sum(gb.values())}
@@ -131,8 +147,10 @@ def _trajectories(trace: list[dict]) -> dict:
     for (ctx, _), recs in cur.items():
         o = out.setdefault(ctx, {"steps": 0, "approx": 0, "n": 0})
         o["steps"] = max(o["steps"], len(recs))
-        o["approx"] += sum(sum(r["approx"]) for r in recs)
-        o["n"] += sum(len(r["approx"]) for r in recs)
+        for r in recs:  # in blocks: a span counts its depth, front / back blocks count as computed
+            sizes = r.get("sizes") or [1] * len(r["approx"])
+            o["approx"] += sum(k for a, k in zip(r["approx"], sizes) if a)
+            o["n"] += sum(sizes) + r.get("uncached", 0)
     return {ctx: {"steps": o["steps"], "block_approx_ratio": o["approx"] / o["n"] if o["n"] else 0.0}
             for ctx, o in out.items()}
 
