@@ -1,4 +1,5 @@
-"""Worker of the context-parallel tests: ``python tests/cp_worker.py FAMILY OUT.pt``.
+"""Worker of the context-parallel tests: ``python tests/cp_worker.py FAMILY[-LEVEL] OUT.pt``
+(``flux-step``: Flux at ``cache_level="step"``, without the near-bound step).
 
 Spawns 2 gloo processes on this CPU. Each builds the same tiny model (same seed), enables
 diffusers context parallelism (Ulysses degree 2, native attention) and compiles it with
@@ -145,7 +146,12 @@ def worker(rank: int, world: int, family: str, path: str) -> None:
     from fastcache_fx.runtime import registry
 
     opts = {"cache_ratio_threshold": 0.05, "warmup_steps": 2, "max_consecutive_approx": 3}
-    x3, window = near_bound_input(family, opts["cache_ratio_threshold"], world)
+    family, _, level = family.partition("-")  # "flux-step": the step level (one decision for the span)
+    if level:  # the near-bound step is about the first block's own input: block level only
+        opts["cache_level"] = level
+        x3, window = None, None
+    else:
+        x3, window = near_bound_input(family, opts["cache_ratio_threshold"], world)
     model, kw, ts = build(family)
     model.set_attention_backend("native")
     model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))

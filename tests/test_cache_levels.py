@@ -176,3 +176,12 @@ def test_levels_refuse_what_they_cannot_run():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert check(FastCacheConfig(cache_level="step"), Target(dynamic=True, collectives=True)).cache_level == "step"
+
+
+def test_explain_names_the_level_and_its_spans():
+    from fastcache_fx.debug.explain import explain
+
+    model, kw = zoo.build("dit", num_layers=LAYERS)
+    text = explain(model, config={"cache_level": "step"}, **kw).text(diff=False)
+    assert "cache_level=step: 1 cond(s) per step, over transformer_blocks.1-3 (3 blocks)" in text
+    assert "computed every step: transformer_blocks.0" in text and "per span and CFG context" in text

@@ -41,6 +41,17 @@ def test_ulysses_decisions_equal_one_process(family, tmp_path):
     assert cp["on_delta"][6][0] == pytest.approx(single["on_delta"][6][0], rel=1e-4)
 
 
+def test_ulysses_step_level_equals_one_process(tmp_path):
+    """cache_level="step" on Flux under Ulysses 2: the span's decision sums are all-reduced, so
+    every rank takes the branch one process takes, including step 4, where only rank 1's shard
+    of the input changes."""
+    res = _run_worker("flux-step", tmp_path)
+    cp, single = res["cp"], res["single"]
+    assert cp["fallback"] == [] and cp["groups"] and all(g == ["0"] for g in cp["groups"])
+    assert all(len(r) == 1 for r in cp["on_trace"])  # one decision per step
+    assert_parallel_equals_one_process(cp, single)
+
+
 def test_token_passes_refused_under_context_parallelism():
     from fastcache_fx import zoo
     from fastcache_fx.backend import plan

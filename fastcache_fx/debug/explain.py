@@ -98,12 +98,15 @@ class ExplainReport:
         out = [f"fastcache explain: {len(self.graphs)} graph(s), {self.num_blocks} block(s) rewritten "
                f"(approx={self.approx}, {self._rule()})",
                f"approximation: {kind.describe(self.config)}; cache state: {kind.stream_tensors(self.config)} "
-               "stream-sized tensors per block and CFG context"]
+               f"stream-sized tensors per {'block' if self.config.cache_level == 'block' else 'span'} and CFG "
+               "context"]
         for g in self.graphs:
             out.append(f"\ngraph {g.index}: {g.num_nodes} nodes")
             if g.graph_left_alone:
                 out.append(f"  left alone: {g.graph_left_alone}")
-            thr = g.result.thresholds if g.result is not None else []
+            level = g.result.level if g.result is not None else "block"
+            # thresholds are per cond: per block at the block level, per span otherwise
+            thr = g.result.thresholds if g.result is not None and level == "block" else []
             for k, b in enumerate(g.blocks):
                 shapes = ", ".join(str(list(s)) for s in b.stream_shapes)
                 # None: the error rule (a per-block estimate) or a symbolic ND (a per-call bound)
@@ -112,6 +115,14 @@ class ExplainReport:
                            f"context: {', '.join(b.context_inputs) or '-'}{bound}")
             for name, why in g.left_alone:
                 out.append(f"  left alone: {name}: {why}")
+            if level != "block":
+                r = g.result
+                out.append(f"  cache_level={level}: {len(r.blocks)} cond(s) per step, over "
+                           + ", ".join(f"{b} ({n} blocks)" for b, n in zip(r.blocks, r.sizes))
+                           + f"; computed every step: {', '.join(r.uncached) or '-'}; cache state "
+                           f"{kind.stream_tensors(self.config)} stream-sized tensors per span and CFG context")
+                if r.span_reason:
+                    out.append(f"  span not formed: {r.span_reason}")
             if g.result is not None and g.result.state:
                 out.append(f"  state inputs: {len(g.result.state)} (fc_*), timestep input: {g.timestep_input}")
             if diff and g.diff:

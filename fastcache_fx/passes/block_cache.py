@@ -11,7 +11,6 @@ to bind and split it. The graph stays functional, so one ``compile_fx`` call low
 
 from __future__ import annotations
 
-import operator
 import re
 from dataclasses import dataclass, field
 
@@ -31,8 +30,8 @@ from .shards import collective_groups, token_shards
 from .spans import SpanResult, group_spans
 from .graph_utils import clone_graph_module, node_value
 from .branches import approx_branch, fake_flat, full_branch, scalar_constants
-from .extra_io import ExtraIO, set_val, symbolic
-from .tail import replay_tail
+from .extra_io import Cursor, ExtraIO, symbolic
+from .output_budget import finish_output_budget, output_budget, tail_streams
 
 
 @dataclass
@@ -107,29 +106,6 @@ def _aliased_inputs(nodes: list[fx.Node]) -> list[fx.Node]:
     return [n for group in by_storage.values() if len(group) > 1 for n in group]
 
 
-class _Cursor:
-    """Inserts nodes one after another from a position in a graph."""
-
-    def __init__(self, graph: fx.Graph, after: fx.Node) -> None:
-        self.graph, self.node = graph, after
-
-    def call(self, fn, *args, val=None, **kwargs) -> fx.Node:
-        with self.graph.inserting_after(self.node):
-            self.node = self.graph.call_function(fn, args, kwargs)
-        return set_val(self.node, val) if val is not None else self.node
-
-    def method(self, name: str, *args, val=None) -> fx.Node:
-        with self.graph.inserting_after(self.node):
-            self.node = self.graph.call_method(name, args)
-        return set_val(self.node, val) if val is not None else self.node
-
-    def get(self, node: fx.Node, i: int, val=None) -> fx.Node:
-        return self.call(operator.getitem, node, i, val=val)
-
-    def unpack(self, node: fx.Node, n: int) -> list[fx.Node]:
-        return [self.get(node, i) for i in range(n)]
-
-
 def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list[BlockRegion] | None = None,
                       *, approx: str | Approximation | None = None, clock: str = "graph",
                       contract: GraphContract | None = None) -> tuple[fx.GraphModule, BlockCacheResult]:
@@ -197,7 +173,7 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
                     and getattr(node_value(p).node.expr, "is_Symbol", False)]
     trace: list[tuple[fx.Node, fx.Node, fx.Node]] = []
     remap: dict[fx.Node, fx.Node] = {}  # outputs of rewritten regions -> their cond getitems
-    budget = _output_budget(io, gm, regions, config)
+    budget = output_budget(io, regions, config)
     for k, region in enumerate(regions):
         region = BlockRegion(region.name, region.list_name, region.index, region.module_type, region.nodes,
                              [remap.get(n, n) for n in region.stream_inputs], region.stream_outputs,
@@ -206,7 +182,7 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
                                     size_symbols, remap, budget, last=k == len(regions) - 1))
     graph = gm.graph
     if budget is not None:
-        _finish_output_budget(io, result, budget, step_node)
+        finish_output_budget(io, result, budget, step_node)
     with graph.inserting_before(io.out_node):
         for i, name in enumerate(("delta", "threshold", "approx")):
             io.output("trace", name, graph.call_function(torch.stack, ([t[i] for t in trace],)))
@@ -291,63 +267,6 @@ def _cond_operands(region: BlockRegion, h: dict, kind: Approximation, config: Fa
     return operands, slots
 
 
-def _output_budget(io: ExtraIO, gm: fx.GraphModule, regions: list[BlockRegion], config: FastCacheConfig):
-    """``decision="output"``: the graph-level state of the output budget (``ops.output_error``):
-    the gain g ("output.gain", NaN until measured, or 1 when the graph has no output layer after
-    its last block to measure it with), the run's spent budget A ("output.run_error") and this
-    step's predicted output error E ("output.step_error"); None under the other rules."""
-    if config.decision != "output":
-        return None
-    has_tail = bool(_tail_streams(io, regions[-1].stream_outputs))
-    b = {"tail": has_tail, "gain": io.state("output.gain", (), torch.float32, float("nan") if has_tail else 1.0),
-         "run": io.state("output.run_error", (), torch.float32, 0.0),
-         "step_error": io.state("output.step_error", (), torch.float32, 0.0)}
-    b["spent"] = b["run"]
-    return b
-
-
-def _user_outputs(io: ExtraIO) -> list[fx.Node]:
-    outs = io.out_node.args[0]
-    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
-    return [o for o in outs[:io.contract.num_user_outputs] if isinstance(o, fx.Node)]
-
-
-def _tail_streams(io: ExtraIO, stream_outputs: list[fx.Node]) -> list[int]:
-    """The indices of the last block's output streams that the model's output depends on."""
-    need, stack = set(), _user_outputs(io)
-    while stack:
-        n = stack.pop()
-        if n not in need:
-            need.add(n)
-            stack.extend(n.all_input_nodes)
-    return [s for s, o in enumerate(stream_outputs) if o in need]
-
-
-def _finish_output_budget(io: ExtraIO, result: BlockCacheResult, b: dict, step_node) -> None:
-    """After the last block: the run's spent budget, this step's predicted output error, and the
-    gain measured by replaying the output layer on the last block's output plus its error."""
-    graph = io.graph
-    with graph.inserting_before(io.out_node):
-        ends = graph.call_function(O.end_of_step, (b["run"], b["spent"]))
-        run_new = set_val(graph.call_function(operator.getitem, (ends, 0)), _meta())
-        step_err = set_val(graph.call_function(operator.getitem, (ends, 1)), _meta())
-        gain_new = b["gain"]
-        last = b.get("last")
-        if b["tail"] and last is not None:
-            outs = [last["outs"][s] for s in last["streams"]]
-            perturbed = [set_val(graph.call_function(torch.add, (o, last["eps"][s])), node_value(o))
-                         for o, s in zip(outs, last["streams"])]
-            real, replayed = replay_tail(graph, io.out_node, _user_outputs(io), outs, perturbed)
-            if real:
-                e_out = set_val(graph.call_function(O.tail_errors, (replayed, real),
-                                                    {"groups": tuple(result.groups)}), _meta())
-                gain_new = set_val(graph.call_function(O.update_gain, (last["ok"], e_out, last["e"], step_node,
-                                                                       b["gain"])), _meta())
-    io.output("state", "output.gain", gain_new)
-    io.output("state", "output.run_error", run_new)
-    io.output("state", "output.step_error", step_err)
-
-
 def _rewrite_block(gm: fx.GraphModule, io: ExtraIO, result: BlockCacheResult, k: int, region: BlockRegion,
                    config: FastCacheConfig, step_node, t_node, force_in, q_in, size_symbols, remap,
                    budget: dict | None = None, last: bool = False) -> tuple:
@@ -380,7 +299,7 @@ def _rewrite_block(gm: fx.GraphModule, io: ExtraIO, result: BlockCacheResult, k:
                                                       return_error=return_error))
 
     members = set(region.nodes)
-    cur = _Cursor(graph, region.nodes[-1])
+    cur = Cursor(graph, region.nodes[-1])
     # cond operands must be contiguous with a layout Inductor keeps (a non-contiguous one gave
     # wrong results under AOTInductor, and the branches assert the strides they were traced
     # with; see decision.fixed_contiguous). Graph inputs too: a fragment after a graph break gets
@@ -438,7 +357,7 @@ def _rewrite_block(gm: fx.GraphModule, io: ExtraIO, result: BlockCacheResult, k:
                           skip=len(eps or ()))
     if return_error:
         budget["last"] = {"ok": ok, "e": err_node, "outs": outs, "eps": eps,
-                          "streams": _tail_streams(io, region.stream_outputs)}
+                          "streams": tail_streams(io, region.stream_outputs)}
 
     for o, gi in zip(region.stream_outputs, outs):
         o.replace_all_uses_with(gi, delete_user_cb=lambda u: u not in members)
@@ -448,7 +367,7 @@ def _rewrite_block(gm: fx.GraphModule, io: ExtraIO, result: BlockCacheResult, k:
     return delta, thr, ok
 
 
-def _new_state(io: ExtraIO, cur: "_Cursor", h: dict, kind: Approximation, config: FastCacheConfig,
+def _new_state(io: ExtraIO, cur: Cursor, h: dict, kind: Approximation, config: FastCacheConfig,
                result: BlockCacheResult, ok, streams, outs, delta, step_node, t_node, cond, n: int,
                skip: int = 0):
     """Register the new values of one block's state (and accumulators) as graph outputs; returns

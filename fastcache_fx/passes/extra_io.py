@@ -121,3 +121,26 @@ class ExtraIO:
         self.out_node.args = (tuple(outs) + tuple(n for _, _, n in self.outputs),)
         self.outputs = []
         return self.contract
+
+
+class Cursor:
+    """Inserts nodes one after another from a position in a graph."""
+
+    def __init__(self, graph: fx.Graph, after: fx.Node) -> None:
+        self.graph, self.node = graph, after
+
+    def call(self, fn, *args, val=None, **kwargs) -> fx.Node:
+        with self.graph.inserting_after(self.node):
+            self.node = self.graph.call_function(fn, args, kwargs)
+        return set_val(self.node, val) if val is not None else self.node
+
+    def method(self, name: str, *args, val=None) -> fx.Node:
+        with self.graph.inserting_after(self.node):
+            self.node = self.graph.call_method(name, args)
+        return set_val(self.node, val) if val is not None else self.node
+
+    def get(self, node: fx.Node, i: int, val=None) -> fx.Node:
+        return self.call(operator.getitem, node, i, val=val)
+
+    def unpack(self, node: fx.Node, n: int) -> list[fx.Node]:
+        return [self.get(node, i) for i in range(n)]
