@@ -104,8 +104,9 @@ def measure(model_name: str, samples: int, steps: int) -> list[dict]:
             return suite.peer_callee(applied, m), lambda _: {}
         try:
             run(label, make)
-        except P.PeerNotApplicable as e:
-            rows.append({"model": model_name, "method": label, "state_bytes": None, "reason": str(e)})
+        except Exception as e:  # a peer that cannot run on this model is a row with its reason
+            rows.append({"model": model_name, "method": label, "state_bytes": None,
+                         "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
     base = rows[0]["state_bytes"]
     stream = _stream_bytes(j, samples)
     for r in rows:
