@@ -53,6 +53,7 @@ import peers as P  # noqa: E402
 
 import fastcache_fx  # noqa: E402
 from fastcache_fx.demo import last_trajectory  # noqa: E402
+from fastcache_fx.runtime.stats import block_share  # noqa: E402
 from fastcache_fx.reference.jobs import MODELS, job  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -226,7 +227,7 @@ class Suite1:
                 st = fastcache_fx.stats(model)
                 timed = last_trajectory(st, a.steps)
                 trace = [[bool(x) for x in s["approx"]] for s in timed]
-                out["approx_ratio"] = float(np.mean(trace)) if trace else 0.0
+                out["approx_ratio"] = block_share(timed)  # in blocks: a span counts its depth
             else:
                 imgs, warm, secs = self._run_peer(model, row, out)
         except P.PeerNotApplicable as e:

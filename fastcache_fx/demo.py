@@ -26,6 +26,7 @@ import torch
 from . import reference as R
 from .config import FastCacheConfig
 from .reference.jobs import MODELS, job
+from .runtime.stats import block_share
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -147,7 +148,7 @@ def run(a) -> int:
     st = fastcache_fx.stats(model_fc)
     # the timed trajectory only (the warm-up run's steps come first)
     timed = last_trajectory(st, a.steps)
-    approx_ratio = sum(sum(t["approx"]) for t in timed) / max(1, sum(len(t["approx"]) for t in timed))
+    approx_ratio = block_share(timed)
 
     n = len(labels)
     rows = {

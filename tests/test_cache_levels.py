@@ -12,6 +12,7 @@ from fastcache_fx.config import FastCacheConfig
 from fastcache_fx.passes.block_cache import apply_block_cache
 from fastcache_fx.passes.spans import span_bounds
 from fastcache_fx.runtime import registry
+from fastcache_fx.runtime.stats import block_share
 
 from conftest import dynamo_graph, rel_err
 
@@ -69,6 +70,8 @@ def test_step_level_approximates_the_whole_stack_and_recomputes_on_a_jump(step_d
     assert st["per_block"]["transformer_blocks.0"] == 0.0
     # 2 approximated steps of 3 blocks, of 4 steps x 4 blocks
     assert st["block_approx_ratio"] == pytest.approx(6 / 16)
+    assert block_share(st["trace"]) == pytest.approx(6 / 16)  # what the demo and compare.py report
+    assert st["trajectory"]["default"]["block_approx_ratio"] == pytest.approx(6 / 16)
     _, rec = _hooked(model, x, labels, 900)
     span_res = rec[3][1] - rec[1][0]  # the span's residual at the anchor step
     ref, _ = _hooked(model, x, labels, 890, replace={1: lambda h: h + span_res, 2: lambda h: h, 3: lambda h: h})
@@ -185,3 +188,25 @@ def test_explain_names_the_level_and_its_spans():
     text = explain(model, config={"cache_level": "step"}, **kw).text(diff=False)
     assert "cache_level=step: 1 cond(s) per step, over transformer_blocks.1-3 (3 blocks)" in text
     assert "computed every step: transformer_blocks.0" in text and "per span and CFG context" in text
+
+
+def test_step_level_follows_resolutions_with_default_compile():
+    """torch.compile's default arguments: the second resolution gets a graph with symbolic shapes,
+    the step level's span works on it, and a new resolution never reuses the span's state."""
+    torch._dynamo.reset()
+    model, kw = zoo.build("dit", num_layers=3)
+    compiled = torch.compile(model, backend=fastcache_fx.FastCacheBackend(
+        cache_level="step", decision="chi2", cache_ratio_threshold=0.2, warmup_steps=1))
+    labels = kw["class_labels"]
+    for res in (8, 16, 24):
+        x = torch.randn(2, 4, res, res)
+        outs = [compiled(x, timestep=torch.full((2,), t), class_labels=labels).sample for t in (900, 890, 880)]
+        st = fastcache_fx.stats(model)
+        # a new resolution starts computing fully (the state was sized for the last call)
+        assert [t["approx"] for t in st["trace"][-3:]] == [[False], [True], [True]]
+        ref = model(x, timestep=torch.full((2,), 900), class_labels=labels).sample
+        assert rel_err(outs[0], ref) < 1e-4
+        tokens = (res // 2) ** 2
+        assert st["per_graph"][-1]["state_bytes"] <= 2 * 2 * tokens * 16 * 4 + 64  # the graph serving it
+    assert [g["dynamic"] for g in st["per_graph"]] == [False, True]
+    assert all(g["conds_per_step"] == 1 for g in st["per_graph"])

@@ -31,6 +31,7 @@ from .spans import SpanResult, group_spans
 from .graph_utils import clone_graph_module, node_value
 from .branches import approx_branch, fake_flat, full_branch, scalar_constants
 from .extra_io import Cursor, ExtraIO, symbolic
+from .operands import contiguous_operands
 from .output_budget import finish_output_budget, output_budget, tail_streams
 
 
@@ -85,27 +86,6 @@ def _numel(shape) -> int | torch.SymInt:
     return n
 
 
-def _contiguous_meta(v: torch.Tensor) -> torch.Tensor:
-    """The example value of ``v.contiguous()`` (fake or meta)."""
-    mode = getattr(v, "fake_mode", None)
-    if mode is None:
-        return torch.empty(v.shape, dtype=v.dtype, device="meta")
-    with mode:
-        return torch.empty(v.shape, dtype=v.dtype, device=v.device)
-
-
-def _aliased_inputs(nodes: list[fx.Node]) -> list[fx.Node]:
-    """The placeholders among ``nodes`` whose example values share storage with another's."""
-    from torch.multiprocessing.reductions import StorageWeakRef
-
-    by_storage: dict = {}
-    for n in nodes:
-        v = node_value(n)
-        if n.op == "placeholder" and isinstance(v, torch.Tensor):
-            by_storage.setdefault(StorageWeakRef(v.untyped_storage()).cdata, []).append(n)
-    return [n for group in by_storage.values() if len(group) > 1 for n in group]
-
-
 def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list[BlockRegion] | None = None,
                       *, approx: str | Approximation | None = None, clock: str = "graph",
                       contract: GraphContract | None = None) -> tuple[fx.GraphModule, BlockCacheResult]:
@@ -147,14 +127,7 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
         contract = GraphContract(contract.num_user_inputs, contract.num_user_outputs, contract.output_is_tuple,
                                  list(contract.inputs), list(contract.outputs))
     io = ExtraIO(gm.graph, contract)
-    result = BlockCacheResult(
-        blocks=[r.name for r in regions], stream_shapes=[r.stream_shapes for r in regions], thresholds=[],
-        contract=io.contract, left_alone=list(search.left_alone) if search else [], kind=kind,
-        rank=config.rank if kind.calibrated else None, time_buckets=config.time_buckets if kind.calibrated else 1,
-        online=kind.calibrated and config.calibration == "online",
-        level=config.cache_level if clock == "graph" else "block", sizes=spans.sizes, uncached=spans.uncached,
-        span_reason=spans.reason,
-    )
+    result = _new_result(regions, spans, search, io, kind, config, clock)
     if not regions:
         return gm, result
     placeholders = io.placeholders
@@ -189,6 +162,18 @@ def apply_block_cache(gm: fx.GraphModule, config: FastCacheConfig, regions: list
     io.finish()
     _relint(gm)
     return gm, result
+
+
+def _new_result(regions, spans, search, io: ExtraIO, kind: Approximation, config: FastCacheConfig,
+                clock: str) -> BlockCacheResult:
+    """The pass's record before any block is rewritten."""
+    return BlockCacheResult(
+        blocks=[r.name for r in regions], stream_shapes=[r.stream_shapes for r in regions], thresholds=[],
+        contract=io.contract, left_alone=list(search.left_alone) if search else [], kind=kind,
+        rank=config.rank if kind.calibrated else None, time_buckets=config.time_buckets if kind.calibrated else 1,
+        online=kind.calibrated and config.calibration == "online",
+        level=config.cache_level if clock == "graph" else "block", sizes=spans.sizes, uncached=spans.uncached,
+        span_reason=spans.reason)
 
 
 def _relint(gm: fx.GraphModule) -> None:
@@ -234,19 +219,6 @@ def _block_inputs(io: ExtraIO, region: BlockRegion, metas: list, config: FastCac
     return h
 
 
-def _contiguous_operand(cur, op: fx.Node) -> fx.Node:
-    """``op`` as a cond operand with contiguous strides. A value traced contiguous gets
-    ``fixed_contiguous`` (no copy unless Inductor picked another layout); one traced strided gets
-    a copy first: Inductor keeps a view whose stride *order* is already contiguous (Wan's rotary
-    ``freqs[..., 0::2]``: strides (12, 2) for sizes (16, 6)) through ``fixed_contiguous``, and
-    lays a bare ``clone`` of a transposed input out transposed again (HunyuanVideo 1.5's block
-    input); the branch, traced with contiguous strides, asserts them."""
-    val = _contiguous_meta(node_value(op))
-    if not node_value(op).is_contiguous():
-        op = cur.call(torch.clone, op, val=val, memory_format=torch.contiguous_format)
-    return cur.call(D.fixed_contiguous, op, val=val)
-
-
 def _cond_operands(region: BlockRegion, h: dict, kind: Approximation, config: FastCacheConfig,
                    result: BlockCacheResult, t_node, size_symbols) -> tuple[list[fx.Node], Slots]:
     """A block's cond operands (streams, contexts, parameters, then the cache state its branches
@@ -267,12 +239,44 @@ def _cond_operands(region: BlockRegion, h: dict, kind: Approximation, config: Fa
     return operands, slots
 
 
+def _read_streams(cur: Cursor, cond, region: BlockRegion, streams: list, first: int) -> list:
+    """One node per output stream, read from ``cond``'s outputs from position ``first`` (a flat
+    output of symbolic shape, ``branches.flat_if_symbolic``, viewed back as its stream input)."""
+    out = []
+    for s, o in enumerate(region.stream_outputs):
+        v = node_value(o)
+        if symbolic(v.shape):
+            flat = cur.get(cond, first + s, val=fake_flat(v))
+            out.append(cur.method("view_as", flat, streams[s], val=v))
+        else:
+            out.append(cur.get(cond, first + s, val=v))
+    return out
+
+
+def _decision_kwargs(cur: Cursor, h: dict, kind: Approximation, config: FastCacheConfig, result: BlockCacheResult,
+                     k: int, q, q_in, force_in, weights, budget: dict | None) -> dict:
+    """The keyword arguments of ``decision.block_decision`` for block ``k``."""
+    kw = dict(q_ratio=q, tau=config.cache_ratio_threshold, beta=config.adaptive_beta,
+              timestep_max=config.timestep_max, min_step=max(1, config.warmup_steps),
+              max_consecutive=config.max_consecutive_approx, enabled=config.enable_block_approx,
+              groups=tuple(result.groups), stream_weights=weights)
+    if q_in is not None:
+        kw["q_ratio"] = cur.get(q_in, k, val=_meta())
+    kw.update(kind.decision_kwargs(cur, h["kind"]))
+    if h["est"] is not None:
+        kw.update(error_per_delta=h["est"], error_budget=config.error_budget)
+    if budget is not None:
+        kw.update(output_gain=budget["gain"], spent=budget["spent"])
+    kw["force"] = cur.get(force_in, k, val=_meta((), torch.int8))
+    return kw
+
+
 def _rewrite_block(gm: fx.GraphModule, io: ExtraIO, result: BlockCacheResult, k: int, region: BlockRegion,
                    config: FastCacheConfig, step_node, t_node, force_in, q_in, size_symbols, remap,
                    budget: dict | None = None, last: bool = False) -> tuple:
     """Replace block ``k``'s nodes by ``cond(approx?, approximation, full block)``, register its
     new state; returns its (delta, threshold, approx) nodes. ``budget``: the output budget's
-    nodes (``_output_budget``), whose spent budget this block's decision adds to; the ``last``
+    nodes (``output_budget.output_budget``), whose spent budget this block's decision adds to; the ``last``
     block also returns its error for the gain measurement."""
     graph, kind = gm.graph, result.kind
     region, consts = scalar_constants(graph, region)
@@ -300,34 +304,9 @@ def _rewrite_block(gm: fx.GraphModule, io: ExtraIO, result: BlockCacheResult, k:
 
     members = set(region.nodes)
     cur = Cursor(graph, region.nodes[-1])
-    # cond operands must be contiguous with a layout Inductor keeps (a non-contiguous one gave
-    # wrong results under AOTInductor, and the branches assert the strides they were traced
-    # with; see decision.fixed_contiguous). Graph inputs too: a fragment after a graph break gets
-    # views (Wan's rotary under context parallelism), and a regional block graph gets the layout
-    # its caller passes (HunyuanVideo 1.5's block at 17 frames: a transposed [B, N, D]); for a
-    # contiguous input the constraint is a no-op
-    ins = list(dict.fromkeys(region.stream_inputs + region.context_inputs))
-    contig = {op: _contiguous_operand(cur, op) for op in ins if tensor_meta(op) is not None}
-    # graph inputs that are views of one buffer (CogVideoX's block gets its two streams as slices
-    # of one tensor): cond refuses aliased operands, so each gets its own copy
-    for op in _aliased_inputs(ins):
-        contig[op] = cur.call(torch.clone, op, val=_contiguous_meta(node_value(op)),
-                              memory_format=torch.contiguous_format)
-    operands = [contig.get(o, o) for o in operands]
-    streams = [contig.get(hh, hh) for hh in region.stream_inputs]
+    operands, streams = contiguous_operands(cur, region, operands)
 
-    kw = dict(q_ratio=q, tau=config.cache_ratio_threshold, beta=config.adaptive_beta,
-              timestep_max=config.timestep_max, min_step=max(1, config.warmup_steps),
-              max_consecutive=config.max_consecutive_approx, enabled=config.enable_block_approx,
-              groups=tuple(result.groups), stream_weights=weights)
-    if q_in is not None:
-        kw["q_ratio"] = cur.get(q_in, k, val=_meta())
-    kw.update(kind.decision_kwargs(cur, h["kind"]))
-    if h["est"] is not None:
-        kw.update(error_per_delta=h["est"], error_budget=config.error_budget)
-    if budget is not None:
-        kw.update(output_gain=budget["gain"], spent=budget["spent"])
-    kw["force"] = cur.get(force_in, k, val=_meta((), torch.int8))
+    kw = _decision_kwargs(cur, h, kind, config, result, k, q, q_in, force_in, weights, budget)
     refs = h["prev"] if h["prev"] is not None else h["a_in"]
     ok, delta, thr = cur.unpack(cur.call(D.block_decision, streams, refs, step_node, h["consec"], t_node, **kw), 3)
     if budget is not None:
@@ -338,21 +317,8 @@ def _rewrite_block(gm: fx.GraphModule, io: ExtraIO, result: BlockCacheResult, k:
         attr_f = graph.get_attr(f"fc_{tag}_full")
     cur.node = attr_f
     cond = cur.call(torch.ops.higher_order.cond, ok, attr_t, attr_f, tuple(operands))
-    outs = []
-    for s, o in enumerate(region.stream_outputs):
-        if symbolic(node_value(o).shape):  # returned flat (branches.flat_if_symbolic)
-            cur.get(cond, s, val=fake_flat(node_value(o)))
-            outs.append(cur.method("view_as", cur.node, streams[s], val=node_value(o)))
-        else:
-            outs.append(cur.get(cond, s, val=node_value(o)))
-    eps = None
-    if return_error:
-        eps = []
-        for s, o in enumerate(region.stream_outputs):
-            e = cur.get(cond, n + 2 + s, val=fake_flat(node_value(o)) if symbolic(node_value(o).shape)
-                        else node_value(o))
-            eps.append(cur.method("view_as", e, streams[s], val=node_value(o)) if symbolic(node_value(o).shape)
-                       else e)
+    outs = _read_streams(cur, cond, region, streams, 0)
+    eps = _read_streams(cur, cond, region, streams, n + 2) if return_error else None
     err_node = _new_state(io, cur, h, kind, config, result, ok, streams, outs, delta, step_node, t_node, cond, n,
                           skip=len(eps or ()))
     if return_error:

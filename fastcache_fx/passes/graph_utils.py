@@ -100,3 +100,14 @@ def has_symbolic_shapes(gm: fx.GraphModule) -> bool:
         if isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in v.shape)):
             return True
     return False
+
+
+def ancestors(nodes) -> set[fx.Node]:
+    """``nodes`` and every node they depend on (transitively)."""
+    need, stack = set(), list(nodes)
+    while stack:
+        n = stack.pop()
+        if n not in need:
+            need.add(n)
+            stack.extend(n.all_input_nodes)
+    return need

@@ -15,7 +15,7 @@ from ..config import FastCacheConfig
 from ..ops import output_error as O
 from .blocks import BlockRegion
 from .extra_io import ExtraIO, set_val
-from .graph_utils import node_value
+from .graph_utils import ancestors, node_value
 from .tail import replay_tail
 
 
@@ -42,12 +42,7 @@ def _user_outputs(io: ExtraIO) -> list[fx.Node]:
 
 def tail_streams(io: ExtraIO, stream_outputs: list[fx.Node]) -> list[int]:
     """The indices of the last block's output streams that the model's output depends on."""
-    need, stack = set(), _user_outputs(io)
-    while stack:
-        n = stack.pop()
-        if n not in need:
-            need.add(n)
-            stack.extend(n.all_input_nodes)
+    need = ancestors(_user_outputs(io))
     return [s for s, o in enumerate(stream_outputs) if o in need]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from .graph_utils import node_value
+from .graph_utils import ancestors, node_value
 
 
 def replay_tail(graph: fx.Graph, before: fx.Node, user_outputs: list[fx.Node], streams: list[fx.Node],
@@ -22,12 +22,7 @@ def replay_tail(graph: fx.Graph, before: fx.Node, user_outputs: list[fx.Node], s
         (the output nodes that depend on the streams and hold floating tensors, their replayed
         copies), in the same order; empty lists when no output depends on the streams.
     """
-    need, stack = set(), list(user_outputs)
-    while stack:
-        n = stack.pop()
-        if n not in need:
-            need.add(n)
-            stack.extend(n.all_input_nodes)
+    need = ancestors(user_outputs)
     dirty = set(streams)
     order = []
     for n in graph.nodes:

@@ -133,6 +133,25 @@ def _uncompiled(entry: ModelEntry | None) -> dict:
             "fallback": [f"ran uncompiled ({entry.uncompiled_calls} calls): {entry.uncompiled_reason}"]}
 
 
+def block_counts(records: list[dict]) -> tuple[int, int]:
+    """(approximated, all) block computations of ``stats()["trace"]`` records: a span counts the
+    blocks it holds (``sizes``), the step and span levels' front / back blocks count as computed
+    (``uncached``)."""
+    approx = total = 0
+    for r in records:
+        sizes = r.get("sizes") or [1] * len(r["approx"])
+        approx += sum(k for a, k in zip(r["approx"], sizes) if a)
+        total += sum(sizes) + r.get("uncached", 0)
+    return approx, total
+
+
+def block_share(records: list[dict]) -> float:
+    """Approximated / all block computations of ``stats()["trace"]`` records (``block_counts``); 0.0
+    for none."""
+    a, n = block_counts(records)
+    return a / n if n else 0.0
+
+
 def _trajectories(trace: list[dict]) -> dict:
     """{context: steps and approximated share of the block-steps since its last step 0}. A model
     split by graph breaks has several graphs with blocks, each counting the same steps: each
@@ -147,10 +166,9 @@ def _trajectories(trace: list[dict]) -> dict:
     for (ctx, _), recs in cur.items():
         o = out.setdefault(ctx, {"steps": 0, "approx": 0, "n": 0})
         o["steps"] = max(o["steps"], len(recs))
-        for r in recs:  # in blocks: a span counts its depth, front / back blocks count as computed
-            sizes = r.get("sizes") or [1] * len(r["approx"])
-            o["approx"] += sum(k for a, k in zip(r["approx"], sizes) if a)
-            o["n"] += sum(sizes) + r.get("uncached", 0)
+        a, n = block_counts(recs)
+        o["approx"] += a
+        o["n"] += n
     return {ctx: {"steps": o["steps"], "block_approx_ratio": o["approx"] / o["n"] if o["n"] else 0.0}
             for ctx, o in out.items()}
 
