@@ -97,7 +97,8 @@ class BlockSearchResult:
     left_alone: list[tuple[str, str]]
 
 
-def _external_inputs(nodes: list[fx.Node], members: set[fx.Node]) -> list[fx.Node]:
+def external_inputs(nodes: list[fx.Node], members: set[fx.Node]) -> list[fx.Node]:
+    """The values ``nodes`` read that are not in ``members``, in first-use order."""
     seen: dict[fx.Node, None] = {}
     for n in nodes:
         for a in n.all_input_nodes:
@@ -128,7 +129,7 @@ def _is_convex(nodes: list[fx.Node], members: set[fx.Node]) -> bool:
     return True
 
 
-def _shape_arithmetic(node: fx.Node) -> bool:
+def shape_arithmetic(node: fx.Node) -> bool:
     """A scalar computed from graph inputs and scalars only (SymInt/SymFloat arithmetic of a
     dynamic-shape graph, such as the token count the output layer reads, or ``.item()`` of a float
     attribute that ``dynamic=True`` passes as a 0-d tensor): glue wherever Dynamo recorded it.
@@ -152,7 +153,7 @@ def find_blocks(gm: fx.GraphModule) -> BlockSearchResult:
     groups: dict[str, list[fx.Node]] = {}
     info: dict[str, tuple[str, int, str]] = {}
     for node in gm.graph.nodes:
-        if not node.op.startswith("call_") or _shape_arithmetic(node):
+        if not node.op.startswith("call_") or shape_arithmetic(node):
             continue
         b = block_of(node)
         if b is None:
@@ -169,7 +170,7 @@ def find_blocks(gm: fx.GraphModule) -> BlockSearchResult:
     consumers: dict[fx.Node, set[str]] = {}
     for name, nodes in groups.items():
         members = set(nodes)
-        for a in _external_inputs(nodes, members):
+        for a in external_inputs(nodes, members):
             consumers.setdefault(a, set()).add(name)
 
     regions, left = [], []
@@ -178,7 +179,7 @@ def find_blocks(gm: fx.GraphModule) -> BlockSearchResult:
         if len(types_by_list[lst]) != 1:
             left.append((name, f"{lst} mixes module types {sorted(types_by_list[lst])}"))
             continue
-        reason, region = _analyse(name, lst, idx, tname, nodes, consumers)
+        reason, region = analyse_region(name, lst, idx, tname, nodes, consumers)
         if region is None:
             left.append((name, reason))
         else:
@@ -207,9 +208,14 @@ def _peel_input_slicing(nodes: list[fx.Node]) -> list[fx.Node]:
     return [n for n in nodes if n in members]
 
 
-def _analyse(name, lst, idx, tname, nodes, consumers, peeled: bool = False) -> tuple[str, BlockRegion | None]:
+def analyse_region(name, lst, idx, tname, nodes, consumers, peeled: bool = False) -> tuple[str, BlockRegion | None]:
+    """("", the BlockRegion) of ``nodes`` (a block, or a span of blocks: ``passes.spans``), or (why
+    not, None): its outputs must be [B, N, D] tensors, each with an input of the same shape and
+    dtype (its stream; one no other region reads, ``consumers`` {value: region names}, preferred),
+    and the region convex. ``name``, ``lst``, ``idx``, ``tname``: the region's name, block list,
+    index and module type."""
     members = set(nodes)
-    inputs = _external_inputs(nodes, members)
+    inputs = external_inputs(nodes, members)
     outputs = _outputs(nodes, members)
     if not outputs:
         return "block output is unused", None
@@ -231,7 +237,7 @@ def _analyse(name, lst, idx, tname, nodes, consumers, peeled: bool = False) -> t
         if not pick:
             rest = _peel_input_slicing(nodes) if not peeled else nodes
             if len(rest) < len(nodes):  # the block slices its inputs first (context parallelism)
-                return _analyse(name, lst, idx, tname, rest, consumers, peeled=True)
+                return analyse_region(name, lst, idx, tname, rest, consumers, peeled=True)
             return f"no input has the shape of output {o.name} {tensor_meta(o)[0]}", None
         streams_in.append(pick[0])
     context = [a for a in others if a not in streams_in]
@@ -282,7 +288,7 @@ def find_block_graph(gm: fx.GraphModule) -> BlockRegion | str:
     cls = root_module_class(gm)
     if cls is None or not cls.endswith("Block"):
         return f"the compiled module ({cls or 'unknown'}) is not a transformer block class"
-    nodes = [n for n in gm.graph.nodes if n.op.startswith("call_") and not _shape_arithmetic(n)]
+    nodes = [n for n in gm.graph.nodes if n.op.startswith("call_") and not shape_arithmetic(n)]
     if not nodes:
         return f"{cls}: the graph computes nothing"
     _, _, outs, _ = graph_io(gm.graph)
@@ -293,8 +299,8 @@ def find_block_graph(gm: fx.GraphModule) -> BlockRegion | str:
             continue
         return f"{cls}: output {o} is not computed by the block"
     members = set(nodes)
-    consumers = {a: {cls} for a in _external_inputs(nodes, members)}
-    reason, region = _analyse(cls, cls, 0, cls, nodes, consumers)
+    consumers = {a: {cls} for a in external_inputs(nodes, members)}
+    reason, region = analyse_region(cls, cls, 0, cls, nodes, consumers)
     return region if region is not None else f"{cls}: {reason}"
 
 

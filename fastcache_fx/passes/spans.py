@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from .blocks import BlockRegion, _analyse, _external_inputs, _shape_arithmetic
+from .blocks import BlockRegion, analyse_region, external_inputs, shape_arithmetic
 
 
 @dataclass
@@ -62,7 +62,7 @@ def span_name(blocks: list[BlockRegion]) -> str:
 
 def merge_regions(gm: fx.GraphModule, blocks: list[BlockRegion], others: list[BlockRegion]) -> BlockRegion | str:
     """One region made of consecutive ``blocks`` and the glue between them that depends on them
-    (ControlNet residual adds, the concatenation of two block lists); glue between them that
+    (ControlNet residual adds, glue between two block lists); glue between them that
     does not (a context computed late) stays outside, as a context input of the span.
 
     ``others``: the graph's other regions (their inputs are not the span's own streams).
@@ -77,17 +77,17 @@ def merge_regions(gm: fx.GraphModule, blocks: list[BlockRegion], others: list[Bl
     members = set(core)
     for n in gm.graph.nodes:
         if first < order[n] < last and n not in members and n.op.startswith("call_") \
-                and not _shape_arithmetic(n) and any(a in members for a in n.all_input_nodes):
+                and not shape_arithmetic(n) and any(a in members for a in n.all_input_nodes):
             members.add(n)
     nodes = [n for n in gm.graph.nodes if n in members]
     name = span_name(blocks)
     consumers: dict[fx.Node, set[str]] = {}
     for r in others:
-        for a in _external_inputs(r.nodes, set(r.nodes)):
+        for a in external_inputs(r.nodes, set(r.nodes)):
             consumers.setdefault(a, set()).add(r.name)
-    for a in _external_inputs(nodes, members):
+    for a in external_inputs(nodes, members):
         consumers.setdefault(a, set()).add(name)
-    reason, region = _analyse(name, blocks[0].list_name, blocks[0].index, blocks[0].module_type, nodes, consumers)
+    reason, region = analyse_region(name, blocks[0].list_name, blocks[0].index, blocks[0].module_type, nodes, consumers)
     return region if region is not None else f"span {name}: {reason}"
 
 
