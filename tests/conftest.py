@@ -19,6 +19,27 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
+def hooked_dit_call(model, x, labels, t, replace=None):
+    """(model output, [(input, output)] per block) of one eager call of a DiT at timestep ``t``;
+    ``replace``: {block index: fn(input, output) -> the output to continue with}."""
+    rec = []
+
+    def hook(i):
+        def fn(mod, args, kwargs, out):
+            h = args[0] if args else kwargs["hidden_states"]
+            rec.append((h.detach().clone(), out.detach().clone()))
+            return replace[i](h, out) if replace and i in replace else None
+        return fn
+
+    hs = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(model.transformer_blocks)]
+    try:
+        out = model(x, timestep=torch.full((x.shape[0],), t), class_labels=labels).sample
+    finally:
+        for h in hs:
+            h.remove()
+    return out, rec
+
+
 def dynamo_graph(model, kwargs):
     """(Dynamo's graph of ``model(**kwargs)``, its example inputs), captured without compiling."""
     cap = {}

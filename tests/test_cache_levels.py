@@ -14,7 +14,7 @@ from fastcache_fx.passes.spans import span_bounds
 from fastcache_fx.runtime import registry
 from fastcache_fx.runtime.stats import block_share
 
-from conftest import dynamo_graph, rel_err
+from conftest import dynamo_graph, hooked_dit_call, rel_err
 
 LAYERS = 4
 
@@ -24,24 +24,9 @@ def _conds(gm) -> int:
 
 
 def _hooked(model, x, labels, t, replace=None):
-    """(output, {block index: (input, output)}) of one eager call; ``replace``: {index: fn(input)
-    -> output} swaps blocks' outputs."""
-    rec = {}
-
-    def hook(i):
-        def fn(mod, args, kwargs, out):
-            h = args[0] if args else kwargs["hidden_states"]
-            rec[i] = (h.detach().clone(), out.detach().clone())
-            return replace[i](h) if replace and i in replace else None
-        return fn
-
-    hs = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(model.transformer_blocks)]
-    try:
-        out = model(x, timestep=torch.full((x.shape[0],), t), class_labels=labels).sample
-    finally:
-        for h in hs:
-            h.remove()
-    return out, rec
+    """(output, [(input, output)] per block) of one eager call; ``replace``: {index: fn(input) ->
+    output} swaps blocks' outputs."""
+    return hooked_dit_call(model, x, labels, t, {i: (lambda h, y, f=f: f(h)) for i, f in (replace or {}).items()})
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ from fastcache_fx import zoo
 from fastcache_fx.config import MAX_TARGET_PSNR, FastCacheConfig, budget_for_psnr
 from fastcache_fx.runtime import registry
 
+from conftest import hooked_dit_call
+
 
 def _rel(a, b):
     """max over samples of ||a - b|| / ||b||."""
@@ -25,21 +27,8 @@ def _state(model):
 def _eager_step(model, x, labels, t, perturb=None):
     """(per-block (input, output), model output) of one eager call; ``perturb``: a function of the
     last block's (input, output) returning the output to continue with (the tail's replay)."""
-    rec = []
-
-    def hook(mod, args, kwargs, out):
-        h = args[0] if args else kwargs["hidden_states"]
-        rec.append((h.detach().clone(), out.detach().clone()))
-        if perturb is not None and mod is model.transformer_blocks[-1]:
-            return perturb(h, out)
-        return None
-
-    hs = [b.register_forward_hook(hook, with_kwargs=True) for b in model.transformer_blocks]
-    try:
-        out = model(x, timestep=torch.full((x.shape[0],), t), class_labels=labels).sample
-    finally:
-        for h in hs:
-            h.remove()
+    last = len(model.transformer_blocks) - 1
+    out, rec = hooked_dit_call(model, x, labels, t, replace={last: perturb} if perturb is not None else None)
     return rec, out
 
 

@@ -99,19 +99,20 @@ def _graph_row(g, blocks: list, counts: dict, totals: dict, bytes_per_block: dic
         for n in names:
             totals[n] = totals.get(n, 0) + g.calls
         done = g.calls * len(names)
+    own = []
     for rec in g.trace:
         approx = [bool(x) for x in rec.approx.tolist()]
-        records.append((rec.seq, {"context": rec.context, "step": int(rec.step), "blocks": names, "approx": approx,
-                                  "delta": [float(x) for x in rec.delta.tolist()],
-                                  "threshold": [float(x) for x in rec.threshold.tolist()],
-                                  **({} if rec.output_error is None else {"output_error": float(rec.output_error)}),
-                                  **({"sizes": sizes, "uncached": len(uncached)} if uncached or set(sizes) != {1}
-                                     else {})}))
+        own.append({"context": rec.context, "step": int(rec.step), "blocks": names, "approx": approx,
+                    "delta": [float(x) for x in rec.delta.tolist()],
+                    "threshold": [float(x) for x in rec.threshold.tolist()],
+                    **({} if rec.output_error is None else {"output_error": float(rec.output_error)}),
+                    **({"sizes": sizes, "uncached": len(uncached)} if uncached or set(sizes) != {1} else {})})
+        records.append((rec.seq, own[-1]))
         for n, a, k in zip(names + uncached, approx + [False] * len(uncached), sizes + [1] * len(uncached)):
             counts[n] = counts.get(n, 0) + int(a) * k
             totals[n] = totals.get(n, 0) + k
-        done += sum(sizes) + len(uncached)
-        approx_n += sum(k for a, k in zip(approx, sizes) if a)
+    a, n = block_counts(own)
+    approx_n, done = approx_n + a, done + n
     for ctx, st in (getattr(g, "states", None) or {}).items():
         if isinstance(st, list):
             per_context[ctx] = per_context.get(ctx, 0) + sum(t.numel() * t.element_size() for t in st)
@@ -120,7 +121,7 @@ def _graph_row(g, blocks: list, counts: dict, totals: dict, bytes_per_block: dic
         bytes_per_block[b] = bytes_per_block.get(b, 0) + n
     return {"kind": g.kind, "fallback": g.fallback, "dynamic": g.dynamic, "blocks": list(names),
             "cache_level": getattr(layout, "level", None), "conds_per_step": len(names) if layout is not None else 0,
-            "streams": [len(x) for x in getattr(getattr(g, "layout", None), "stream_shapes", [])],
+            "streams": [len(x) for x in getattr(layout, "stream_shapes", [])],
             "steps": g.calls, "block_approx_ratio": approx_n / done if done else 0.0,
             "state_bytes": sum(gb.values())}
 
