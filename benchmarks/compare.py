@@ -74,6 +74,10 @@ FASTCACHE_VARIANTS = {
     "fastcache_step_taylor": {"decision": "output", "cache_level": "step", "approx": "taylor"},
     "fastcache_step_taylor_mc8": {"decision": "output", "cache_level": "step", "approx": "taylor",
                                   "max_consecutive_approx": 8},
+    "fastcache_step_taylor2": {"decision": "output", "cache_level": "step", "approx": "taylor", "taylor_order": 2},
+    "fastcache_step_taylor_bf16": {"decision": "output", "cache_level": "step", "approx": "taylor",
+                                   "state_dtype": "bfloat16"},
+    "fastcache_output_bf16": {"decision": "output", "state_dtype": "bfloat16"},
     "fastcache_span": {"decision": "output", "cache_level": "span"},
 }
 FASTCACHE_LABELS = {"fastcache": "fastcache chi2", "fastcache_taylor": "fastcache taylor-1 chi2",
@@ -86,6 +90,9 @@ FASTCACHE_LABELS = {"fastcache": "fastcache chi2", "fastcache_taylor": "fastcach
                     "fastcache_step_mc8": "fastcache step level, max_consecutive_approx=8",
                     "fastcache_step_taylor": "fastcache step level + span Taylor forecast",
                     "fastcache_step_taylor_mc8": "fastcache step level + span Taylor, max_consecutive_approx=8",
+                    "fastcache_step_taylor2": "fastcache step level + span Taylor-2 forecast",
+                    "fastcache_step_taylor_bf16": "fastcache step level + span Taylor, bfloat16 state",
+                    "fastcache_output_bf16": "fastcache output budget, bfloat16 state",
                     "fastcache_span": "fastcache span level (2 spans)"}
 METHODS = BASELINES + tuple(FASTCACHE_VARIANTS) + P.PEERS
 DEFAULT_METHODS = ",".join(METHODS)
@@ -104,6 +111,9 @@ SWEEPS = {
     "fastcache_step_mc8": ("error_budget", "0.5,1.0,2.0"),
     "fastcache_step_taylor": ("error_budget", "0.1,0.25,0.5,1.0"),
     "fastcache_step_taylor_mc8": ("error_budget", "0.5,1.0,2.0"),
+    "fastcache_step_taylor2": ("error_budget", "0.25,0.5,1.0"),
+    "fastcache_step_taylor_bf16": ("error_budget", "0.25,0.5,1.0"),
+    "fastcache_output_bf16": ("error_budget", "0.5"),
     "fastcache_span": ("error_budget", "0.25,0.5,1.0"),
     "fbcache": ("threshold", "0.05,0.1,0.2"),
     "taylorseer": ("cache_interval", "3,5"),

@@ -4,8 +4,11 @@ Part 1 (measured, the bundled models): one trajectory per method; the cache stat
 tensor storage alive after the trajectory that was not alive before it (model weights, inputs and
 the sampler's tensors excluded: every ``torch.Tensor`` the garbage collector sees, by storage),
 minus the same figure for plain Inductor. For fastcache ``stats()["state_bytes_per_context"]`` is
-printed beside it. Both bundled models batch CFG (one context). CPU has no allocator statistics, so
-the peak-memory increase is not measured here (``benchmarks/gpu_check.py`` is the place for it).
+printed beside it. Both bundled models batch CFG (one context). Peak: a second trajectory runs under
+``torch.profiler`` with ``profile_memory=True`` (the CPU allocator reports every allocation and free
+to it); the peak of the running sum of its allocations, plus the state already alive, minus the
+same for plain Inductor, is the peak-memory increase (the transient buffers of the decision, the
+branch outputs and the new state written while the old is alive).
 
 Part 2 (computed, real sizes, no weights): FLUX.1-dev at 1024 px (4096 image + 512 text tokens,
 width 3072, 19 + 38 blocks) and Wan2.1-14B at 720p / 81 frames (21 x 45 x 80 = 75,600 tokens,
@@ -43,7 +46,10 @@ sys.path.insert(0, str(HERE))
 LEVELS = {"fastcache block level (default)": {},
           "fastcache step level": {"cache_level": "step"},
           "fastcache step level + span Taylor-1": {"cache_level": "step", "approx": "taylor"},
-          "fastcache span level (2 spans)": {"cache_level": "span"}}
+          "fastcache span level (2 spans)": {"cache_level": "span"},
+          "fastcache block level, bfloat16 state": {"state_dtype": "bfloat16"},
+          "fastcache step level + span Taylor-1, bfloat16 state": {"cache_level": "step", "approx": "taylor",
+                                                                   "state_dtype": "bfloat16"}}
 PEERS = {"FirstBlockCache (diffusers)": ("fbcache", {"threshold": 0.1}),
          "TaylorSeerCache (diffusers)": ("taylorseer", {"cache_interval": 3}),
          "DBCache (cache-dit)": ("dbcache", {"threshold": 0.12}),
@@ -90,8 +96,12 @@ def measure(model_name: str, samples: int, steps: int) -> list[dict]:
         before = _storages()
         imgs = suite.sample(fn, steps=steps, progress=False)
         del imgs
-        rows.append({"model": model_name, "method": label, "state_bytes": _new_bytes(before), **extra(model)})
-        print(f"{model_name:6s} {label:40s} {rows[-1]['state_bytes'] / 1e3:10.1f} kB", flush=True)
+        state = _new_bytes(before)
+        peak = _peak_during(lambda: suite.sample(fn, steps=steps, progress=False))
+        rows.append({"model": model_name, "method": label, "state_bytes": state, "transient_peak_bytes": peak,
+                     **extra(model)})
+        print(f"{model_name:6s} {label:40s} {state / 1e3:10.1f} kB state, {peak / 1e3:10.1f} kB transient peak",
+              flush=True)
 
     run("Inductor", lambda m: (j.inductor(m), lambda _: {}))
     for label, opts in LEVELS.items():
@@ -107,13 +117,30 @@ def measure(model_name: str, samples: int, steps: int) -> list[dict]:
         except Exception as e:  # a peer that cannot run on this model is a row with its reason
             rows.append({"model": model_name, "method": label, "state_bytes": None,
                          "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
-    base = rows[0]["state_bytes"]
+    base, base_peak = rows[0]["state_bytes"], rows[0]["transient_peak_bytes"]
     stream = _stream_bytes(j, samples)
     for r in rows:
         if r["state_bytes"] is not None:
             r["over_inductor_bytes"] = r["state_bytes"] - base
             r["image_stream_tensors"] = r["over_inductor_bytes"] / stream
+            r["peak_over_inductor_bytes"] = r["over_inductor_bytes"] + r["transient_peak_bytes"] - base_peak
+            r["peak_image_stream_tensors"] = r["peak_over_inductor_bytes"] / stream
     return rows
+
+
+def _peak_during(fn) -> int:
+    """Bytes: the peak of the running sum of the CPU allocations and frees made while ``fn()``
+    runs (``torch.profiler`` memory events, in time order), relative to its start."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    total = peak = 0
+    for e in events:
+        total += e.cpu_memory_usage
+        peak = max(peak, total)
+    return peak
 
 
 def _stream_bytes(j, samples: int) -> int:
@@ -216,13 +243,15 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     measured = [r for m in a.models.split(",") if m for r in measure(m, a.samples, a.steps)]
     real = real_sizes()
-    print("\n| model | method | state / context | over Inductor | image-stream tensors |\n|---|---|---|---|---|")
+    print("\n| model | method | state / context | over Inductor | image-stream tensors | peak over Inductor "
+          "| image-stream tensors |\n|---|---|---|---|---|---|---|")
     for r in measured:
         if r["state_bytes"] is None:
             print(f"| {r['model']} | {r['method']} | n/a: {r['reason']} | | |")
             continue
         print(f"| {r['model']} | {r['method']} | {r['state_bytes'] / 1e6:.2f} MB | {r['over_inductor_bytes'] / 1e6:.2f} MB "
-              f"| {r['image_stream_tensors']:.1f} |")
+              f"| {r['image_stream_tensors']:.1f} | {r['peak_over_inductor_bytes'] / 1e6:.2f} MB "
+              f"| {r['peak_image_stream_tensors']:.1f} |")
     print("\n| model (bf16) | method | state / context | x FirstBlockCache |\n|---|---|---|---|")
     for r in real:
         print(f"| {r['model']} | {r['method']} | {r['state_bytes'] / 1e9:.2f} GB | {r['x_firstblockcache']:.2f} |")

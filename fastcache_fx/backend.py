@@ -103,8 +103,7 @@ def _block_cache(b: Build) -> None:
     b.contract = b.layout.contract
     b.notes.append(f"block_cache({b.approximation.name})")
     if b.layout.span_reason:
-        warnings.warn(f"fastcache: cache_level={b.config.cache_level!r}: {b.layout.span_reason}; those blocks are "
-                      "cached one by one", stacklevel=4)
+        warnings.warn(f"fastcache: cache_level={b.config.cache_level!r}: {b.layout.span_reason}", stacklevel=4)
 
 
 def _token_select_force(b: Build) -> None:

@@ -11,6 +11,7 @@ REFERENCES = ("anchor", "previous")
 LOWERINGS = ("inductor", "tensorrt")
 STATIC_APPROX_KINDS = ("cached", "cached_linear", "linear")
 CACHE_LEVELS = ("block", "span", "step")
+STATE_DTYPES = (None, "bfloat16")
 
 #: the default ``error_budget`` of ``decision="output"`` (benchmarks/RESULTS.md, "The quality knob")
 DEFAULT_OUTPUT_BUDGET = 0.5
@@ -118,6 +119,16 @@ class FastCacheConfig:
         front_blocks: Fn >= 0, leading blocks computed every step at the step and span levels.
         back_blocks: Bn >= 0, trailing blocks computed every step at the step and span levels.
         num_spans: spans of the middle at ``cache_level="span"`` (>= 1).
+        span_sizes: None (``num_spans`` spans of equal depth) or the depth of each span of the
+            middle at ``cache_level="span"``, in order (ints >= 1; ``num_spans`` becomes their
+            count). ``fastcache_fx.choose_spans`` picks them from the errors measured in a
+            block-level run. Where they do not add up to the blocks between the front and back
+            blocks, equal depths are used, with a warning.
+        state_dtype: None (cache state in the model's dtype) or "bfloat16": stream-sized state
+            (anchor inputs, residuals, forecast history) of a float32 model is stored in bfloat16
+            and read back in float32, halving the cache memory (the decision and the forecast still
+            compute in float32; a 16-bit model's state is unchanged). bfloat16 keeps float32's
+            exponent range, so a finite value stays finite.
     """
 
     cache_ratio_threshold: float | None = None
@@ -154,6 +165,8 @@ class FastCacheConfig:
     front_blocks: int = 1
     back_blocks: int = 0
     num_spans: int = 2
+    span_sizes: tuple[int, ...] | None = None
+    state_dtype: str | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -235,6 +248,8 @@ class FastCacheConfig:
         if self.online_min_samples is not None:
             integer("online_min_samples", 1)
         self._check_level(bad, integer, KINDS)
+        if self.state_dtype not in STATE_DTYPES:
+            raise bad("state_dtype", f"expected one of {STATE_DTYPES}")
 
     def _check_level(self, bad, integer, kinds) -> None:
         """``cache_level`` and its counts; a span has no calibrated map (maps are fitted per block)."""
@@ -243,6 +258,15 @@ class FastCacheConfig:
         integer("front_blocks", 0)
         integer("back_blocks", 0)
         integer("num_spans", 1)
+        if self.span_sizes is not None:
+            sz = self.span_sizes
+            if (not isinstance(sz, (tuple, list)) or not sz
+                    or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in sz)):
+                raise bad("span_sizes", "expected a non-empty sequence of integers >= 1")
+            if self.cache_level != "span":
+                raise bad("span_sizes", "needs cache_level='span'")
+            object.__setattr__(self, "span_sizes", tuple(sz))
+            object.__setattr__(self, "num_spans", len(sz))
         if self.cache_level != "block":
             if kinds[self.approx].calibrated:
                 raise bad("approx", f"cache_level={self.cache_level!r} approximates spans of blocks, which have no "
@@ -273,6 +297,15 @@ class FastCacheConfig:
             object.__setattr__(self, "error_budget", budget)
         elif self.error_budget is None:
             object.__setattr__(self, "error_budget", DEFAULT_OUTPUT_BUDGET if self.decision == "output" else 0.05)
+
+    def store_dtype(self, dtype):
+        """The dtype stream-sized cache state of a ``dtype`` model is stored in (``state_dtype``):
+        bfloat16 for a wider floating dtype when asked, else ``dtype``."""
+        import torch
+
+        if self.state_dtype is None or not dtype.is_floating_point or dtype.itemsize <= 2:
+            return dtype
+        return getattr(torch, self.state_dtype)
 
     @property
     def measures_error(self) -> bool:

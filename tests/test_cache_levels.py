@@ -12,6 +12,7 @@ from fastcache_fx.config import FastCacheConfig
 from fastcache_fx.passes.block_cache import apply_block_cache
 from fastcache_fx.passes.spans import span_bounds
 from fastcache_fx.runtime import registry
+from fastcache_fx.runtime.span_choice import balanced_partition
 from fastcache_fx.runtime.stats import block_share
 
 from conftest import dynamo_graph, hooked_dit_call, rel_err
@@ -89,11 +90,18 @@ def test_one_cond_per_step_and_spans_cover_the_blocks():
                                 ({"cache_level": "step", "front_blocks": 2, "back_blocks": 1}, 1,
                                  ["transformer_blocks.2-4"]),
                                 ({"cache_level": "span", "num_spans": 2}, 2,
-                                 ["transformer_blocks.1-3", "transformer_blocks.4-5"])):
+                                 ["transformer_blocks.1-3", "transformer_blocks.4-5"]),
+                                ({"cache_level": "span", "span_sizes": (1, 4)}, 2,
+                                 ["transformer_blocks.1", "transformer_blocks.2-5"]),
+                                ({"cache_level": "span", "span_sizes": (2, 2)}, 2,  # 4 of 5: equal depths
+                                 ["transformer_blocks.1-3", "transformer_blocks.4-5"]),
+                                ({"cache_level": "step", "front_blocks": 4, "back_blocks": 2}, 0, [])):
         new, res = apply_block_cache(gm, FastCacheConfig(**opts))
         assert _conds(new) == conds and len(res.blocks) == conds
         if blocks is not None:
             assert res.blocks == blocks and sum(res.sizes) + len(res.uncached) == 6
+        assert ("span_sizes" in res.span_reason) == (opts.get("span_sizes") == (2, 2))
+        assert ("leave no block" in res.span_reason) == (conds == 0)
     model, kw = zoo.build("flux", num_layers=2, batch=1)
     gm, _ = dynamo_graph(model, kw)
     new, res = apply_block_cache(gm, FastCacheConfig(cache_level="step"))
@@ -101,23 +109,42 @@ def test_one_cond_per_step_and_spans_cover_the_blocks():
     assert res.blocks == ["transformer_blocks.1-single_transformer_blocks.1"]
 
 
-def test_span_bounds():
+def test_span_bounds_and_spans_from_errors():
     cfg = FastCacheConfig(cache_level="span", num_spans=3, front_blocks=1, back_blocks=1)
     assert span_bounds(8, cfg) == [(1, 3), (3, 5), (5, 7)]
+    assert span_bounds(6, FastCacheConfig(cache_level="span", span_sizes=(1, 4))) == [(1, 2), (2, 6)]
+    # spans of balanced expected error: one hard block gets a span of its own
+    assert balanced_partition([8.0, 1, 1, 1, 1], 2) == [1, 4]
+    assert balanced_partition([5.0, 1, 1, 1, 1, 5], 2) == [3, 3]
+    assert balanced_partition([1.0, 1, 1], 3) == [1, 1, 1]
+    with pytest.raises(ValueError, match="num_spans"):
+        balanced_partition([1.0, 2.0], 3)
+    with pytest.raises(ValueError, match="span_sizes"):
+        FastCacheConfig(cache_level="step", span_sizes=(2, 3))
+    with pytest.raises(ValueError, match="span_sizes"):
+        FastCacheConfig(cache_level="span", span_sizes=(2, 0))
+    assert FastCacheConfig(cache_level="span", span_sizes=[2, 1, 2]).num_spans == 3
+    with pytest.raises(ValueError, match="state_dtype"):
+        FastCacheConfig(state_dtype="float16")
+    with pytest.raises(ValueError, match="choose_spans"):
+        fastcache_fx.choose_spans(zoo.build("dit", num_layers=2)[0])
     assert span_bounds(2, cfg) == []  # nothing left between front and back
     assert span_bounds(4, FastCacheConfig(cache_level="step")) == [(1, 4)]
 
 
-def test_span_taylor_forecast_equals_eager_extrapolation():
+@pytest.mark.parametrize("state_dtype", [None, "bfloat16"])
+def test_span_taylor_forecast_equals_eager_extrapolation(state_dtype):
     """approx="taylor" at the step level forecasts the span's residual: with two full steps in its
     history the approximated step returns block 0's output + R_1 + (t - t_1)(R_1 - R_0)/(t_1 - t_0)
     of the span's residuals; with one (too little history) it reuses R_0; a NaN in the history
-    forces a full step."""
+    forces a full step. ``state_dtype="bfloat16"`` (float32 model): the same with the residuals
+    rounded to bfloat16, and the stream-sized state is bfloat16."""
     torch._dynamo.reset()
     model, kw = zoo.build("dit", num_layers=LAYERS)
     compiled = torch.compile(model, backend=fastcache_fx.FastCacheBackend(
         cache_level="step", approx="taylor", decision="chi2", cache_ratio_threshold=0.5, warmup_steps=1,
-        max_consecutive_approx=1))
+        max_consecutive_approx=1, state_dtype=state_dtype))
+    stored = (lambda r: r.to(torch.bfloat16).float()) if state_dtype else (lambda r: r)
     x, labels = kw["hidden_states"], kw["class_labels"]
     ts = [900, 800, 700, 600]
     outs = [compiled(x, timestep=torch.full((2,), t), class_labels=labels).sample for t in ts]
@@ -125,7 +152,7 @@ def test_span_taylor_forecast_equals_eager_extrapolation():
     res = {}
     for t in (900, 700):
         _, rec = _hooked(model, x, labels, t)
-        res[t] = rec[3][1] - rec[1][0]
+        res[t] = stored(rec[3][1] - rec[1][0])
     keep = {2: lambda h: h, 3: lambda h: h}
     reuse, _ = _hooked(model, x, labels, 800, replace={1: lambda h: h + res[900], **keep})
     assert rel_err(outs[1], reuse) < 1e-5  # one residual in the history: plain reuse
@@ -141,6 +168,8 @@ def test_span_taylor_forecast_equals_eager_extrapolation():
     names = [s.name for s in g.layout.state]
     hist = [n for n in names if n.startswith("transformer_blocks.1-3.res_hist")]
     assert hist
+    big = {s.dtype for s in g.layout.state if len(s.shape) == 3}
+    assert big == {torch.bfloat16 if state_dtype else torch.float32}
     g.states["default"][names.index(hist[-1])][0, 0, 0] = float("nan")
     out = compiled(x, timestep=torch.full((2,), 600), class_labels=labels).sample
     assert fastcache_fx.stats(model)["trace"][-1]["approx"] == [False] and torch.isfinite(out).all()

@@ -37,6 +37,23 @@ def test_order2_is_exact_on_a_quadratic_residual():
     assert rel_err(y1 - h, r(430.0)) > 1e-3
 
 
+def test_foca_predictor_corrector_without_a_new_evaluation_is_the_order1_forecast():
+    """FoCa (arXiv 2508.16211): a BDF2 predictor and a Heun corrector on the residual trajectory.
+    With no model evaluation at the forecast step, the slope there is the last measured one; the
+    variable-step BDF2 predictor and Heun's corrector then both land on our order-1 forecast
+    (ops.forecast module docstring), on unevenly spaced full computations too."""
+    r0, r1, h = torch.randn(3, 2, 5, 4).unbind(0)
+    t0, t1, t = 700.0, 910.0, 640.0
+    big_h, small_h = t0 - t1, t - t0
+    om = small_h / big_h
+    slope = (r0 - r1) / big_h
+    bdf2 = ((1 + om) ** 2 * r0 - om ** 2 * r1 + (1 + om) * small_h * slope) / (1 + 2 * om)
+    heun = r0 + small_h / 2 * (slope + (bdf2 - r0) / small_h)
+    ours = F.approx_taylor(h, [r0, r1], *_hist([t0, t1], 2), torch.tensor(t), order=1) - h
+    assert rel_err(bdf2, ours) < 1e-5 and rel_err(heun, ours) < 1e-5
+    assert rel_err(r0, ours) > 1e-2  # not plain reuse
+
+
 def test_too_little_history_reuses_the_residual():
     h, r0, r1, r2 = torch.randn(4, 1, 3, 2).unbind(0)
     # one residual of this trajectory: reuse, whatever the older slots hold

@@ -1,6 +1,7 @@
 """decision="output" (the default): the budget on the transformer's output error (ops.output_error)."""
 
 import math
+import statistics
 import warnings
 
 import pytest
@@ -10,6 +11,7 @@ import fastcache_fx
 from fastcache_fx import zoo
 from fastcache_fx.config import MAX_TARGET_PSNR, FastCacheConfig, budget_for_psnr
 from fastcache_fx.runtime import registry
+from fastcache_fx.runtime.span_choice import balanced_partition, block_errors
 
 from conftest import hooked_dit_call
 
@@ -104,6 +106,14 @@ def test_accumulated_bound_forces_full_step():
             run = 0.0
         assert run <= budget * (1 + 1e-5)  # the bound holds over the whole run
     assert ended >= 1 and any(r > 0.5 * budget for r in runs)
+    # the errors measured here choose spans (runtime.span_choice): e_l = k_l x median of delta_l
+    st = _state(model)
+    want = {b: float(st[f"{b}.error_per_delta"]) * statistics.median(r["delta"][i] for _, r in rows[1:])
+            for i, b in enumerate(blocks)}
+    got = block_errors(model)
+    assert got.keys() == want.keys() and all(abs(got[b] - want[b]) <= 1e-6 * want[b] for b in want)
+    sizes = fastcache_fx.choose_spans(model, num_spans=2, front_blocks=0)
+    assert sizes == tuple(balanced_partition([want[b] for b in blocks], 2)) and sum(sizes) == len(blocks)
     # the per-block rule with the same number approximates every block every step after warmup
     torch._dynamo.reset()
     model2, kw2 = zoo.build("dit")

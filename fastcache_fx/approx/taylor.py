@@ -18,7 +18,7 @@ class Taylor(Approximation):
 
     def add_inputs(self, io, block, metas, config):
         m = config.taylor_order
-        hist = [[io.state(f"{block}.res_hist.{s}.{j}", shape, dtype, 0.0) for j in range(1, m + 1)]
+        hist = [[io.state(f"{block}.res_hist.{s}.{j}", shape, config.store_dtype(dtype), 0.0) for j in range(1, m + 1)]
                 for s, (shape, dtype) in enumerate(metas)]
         return {"hist": hist, "hist_t": io.state(f"{block}.hist_t", (m + 1,), torch.float32, float("nan")),
                 "hist_n": io.state(f"{block}.hist_n", (), torch.int64, 0)}

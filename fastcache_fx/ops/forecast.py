@@ -15,6 +15,20 @@ is TaylorSeer's first-order forecast R_0 + (t - t_0) (R_0 - R_1) / (t_0 - t_1); 
 residuals that are polynomials of degree <= m in t. With fewer than m + 1 residuals of this
 trajectory (or coinciding timesteps) the order drops; with one, it is residual reuse.
 
+FoCa (Zheng et al., arXiv 2508.16211) treats the cached features as an ODE in t and forecasts with
+a BDF2 predictor and a Heun corrector. Without a model evaluation at the forecast step, the slope
+there can only be the last measured one, G_0 = (R_0 - R_1) / (t_0 - t_1). Then the variable-step
+BDF2 predictor (h = t - t_0, w = h / (t_0 - t_1))
+
+    P = ((1 + w)^2 R_0 - w^2 R_1 + (1 + w) h G_0) / (1 + 2 w) = R_0 + h G_0
+
+and Heun's corrector R_0 + h/2 (G_0 + (P - R_0) / h) = R_0 + h G_0 both equal the order-1 forecast
+(tests/test_forecast.py checks it on uneven steps); with three stored residuals any such rule
+exact on quadratics in t is the order-2 forecast (the linear functional of three values exact on
+degree <= 2 is unique). So a predictor-corrector on the stored residuals adds nothing to this
+family; compare.py's ``fastcache_step_taylor2`` row measures order 2 against order 1 at the step
+level (benchmarks/RESULTS.md, "Span forecast order and the bfloat16 state").
+
 ``decision="error"``: at every full computation the graph also evaluates what the
 approximation would have returned, Y_hat, and measures e = ||Y_hat - Y||_F / ||Y||_F (the error
 the approximation would have added to the residual stream, relative to it; per sample, the

@@ -206,11 +206,12 @@ def _block_inputs(io: ExtraIO, region: BlockRegion, metas: list, config: FastCac
     """The state and weight inputs of one block (the common anchors and counter, the decision
     rule's estimate, the approximation kind's own)."""
     name, kind = region.name, result.kind
-    h = {"a_in": [io.state(f"{name}.anchor_in.{s}", m[0], m[1], 0.0) for s, m in enumerate(metas)],
-         "a_res": [io.state(f"{name}.anchor_res.{s}", m[0], m[1], 0.0) for s, m in enumerate(metas)],
+    store = [config.store_dtype(m[1]) for m in metas]
+    h = {"a_in": [io.state(f"{name}.anchor_in.{s}", m[0], store[s], 0.0) for s, m in enumerate(metas)],
+         "a_res": [io.state(f"{name}.anchor_res.{s}", m[0], store[s], 0.0) for s, m in enumerate(metas)],
          "consec": io.state(f"{name}.consecutive", (), torch.int64, 0), "prev": None, "est": None}
     if config.reference == "previous":
-        h["prev"] = [io.state(f"{name}.previous_in.{s}", m[0], m[1], 0.0) for s, m in enumerate(metas)]
+        h["prev"] = [io.state(f"{name}.previous_in.{s}", m[0], store[s], 0.0) for s, m in enumerate(metas)]
     h["kind"] = kind.add_inputs(io, name, metas, config)
     if config.measures_error:  # running estimate of e / delta, and the last measured e
         h["est"] = io.state(f"{name}.error_per_delta", (), torch.float32, float("nan"))
@@ -358,6 +359,11 @@ def _new_state(io: ExtraIO, cur: Cursor, h: dict, kind: Approximation, config: F
             forecast.update_error_estimate, ok, err2, ref2, delta, step_node, h["est"], h["last_err"],
             groups=tuple(result.groups), verify=config.decision == "output"), 2)))
         err_node = new[-1][1]
+    model = {tensor_meta(x)[1] for x in streams}
+    lowered = {config.store_dtype(d) for d in model} - model  # ``state_dtype``: cast on the way in
     for ph, node in new:
-        io.output(io.specs[ph].role, io.specs[ph].name, node)
+        spec = io.specs[ph]
+        if len(spec.shape) and spec.dtype in lowered:
+            node = cur.method("to", node, spec.dtype)
+        io.output(spec.role, spec.name, node)
     return err_node

@@ -19,6 +19,7 @@ Pure: the regions are described with ``gm``'s nodes and ``gm`` is not modified.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from torch import fx
@@ -47,6 +48,10 @@ def span_bounds(n: int, config) -> list[tuple[int, int]]:
     lo, hi = min(config.front_blocks, n), max(min(config.front_blocks, n), n - config.back_blocks)
     if hi <= lo:
         return []
+    sizes = getattr(config, "span_sizes", None)
+    if config.cache_level == "span" and sizes and sum(sizes) == hi - lo:
+        cuts = list(itertools.accumulate(sizes, initial=lo))
+        return list(zip(cuts, cuts[1:]))
     k = 1 if config.cache_level == "step" else min(config.num_spans, hi - lo)
     cuts = [lo + (i * (hi - lo) + k // 2) // k for i in range(k + 1)]  # rounded half up
     return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
@@ -107,6 +112,9 @@ def group_spans(gm: fx.GraphModule, regions: list[BlockRegion], config) -> SpanR
                           f"to cache among {len(regions)}")
     covered = {i for a, b in bounds for i in range(a, b)}
     out = SpanResult([], [], [r.name for i, r in enumerate(regions) if i not in covered])
+    if config.cache_level == "span" and config.span_sizes and sum(config.span_sizes) != len(covered):
+        out.reason = (f"span_sizes={config.span_sizes} add up to {sum(config.span_sizes)}, the blocks between the "
+                      f"front and back blocks are {len(covered)}: spans of equal depth used")
     for a, b in bounds:
         for region, size, why in _spans_of(gm, regions[a:b], regions):
             out.regions.append(region)
@@ -126,5 +134,5 @@ def _spans_of(gm: fx.GraphModule, part: list[BlockRegion], regions: list[BlockRe
         out = []
         for name in lists:
             out += _spans_of(gm, [r for r in part if r.list_name == name], regions)
-        return [(r, n, why or span) for r, n, why in out]
-    return [(r, 1, span) for r in part]
+        return [(r, n, why or f"{span}; one span per block list") for r, n, why in out]
+    return [(r, 1, f"{span}; its blocks are cached one by one") for r in part]
