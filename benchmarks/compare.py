@@ -79,6 +79,15 @@ FASTCACHE_VARIANTS = {
                                    "state_dtype": "bfloat16"},
     "fastcache_output_bf16": {"decision": "output", "state_dtype": "bfloat16"},
     "fastcache_span": {"decision": "output", "cache_level": "span"},
+    # no front block: the whole stack is one span, decided on the change of its input (TeaCache-like)
+    "fastcache_step0_taylor2_mc8": {"decision": "output", "cache_level": "step", "front_blocks": 0, "approx": "taylor",
+                                    "taylor_order": 2, "max_consecutive_approx": 8},
+    "fastcache_step_taylor2_mc8": {"decision": "output", "cache_level": "step", "approx": "taylor",
+                                   "taylor_order": 2, "max_consecutive_approx": 8},
+    # never approximating: the rewritten graph's own cost (decisions, error sums, state) per call
+    "fastcache_off": {"decision": "output", "enable_block_approx": False},
+    "fastcache_step_off": {"decision": "output", "cache_level": "step", "approx": "taylor",
+                           "enable_block_approx": False},
 }
 FASTCACHE_LABELS = {"fastcache": "fastcache chi2", "fastcache_taylor": "fastcache taylor-1 chi2",
                     "fastcache_taylor2": "fastcache taylor-2 chi2", "fastcache_error": "fastcache error rule",
@@ -93,7 +102,12 @@ FASTCACHE_LABELS = {"fastcache": "fastcache chi2", "fastcache_taylor": "fastcach
                     "fastcache_step_taylor2": "fastcache step level + span Taylor-2 forecast",
                     "fastcache_step_taylor_bf16": "fastcache step level + span Taylor, bfloat16 state",
                     "fastcache_output_bf16": "fastcache output budget, bfloat16 state",
-                    "fastcache_span": "fastcache span level (2 spans)"}
+                    "fastcache_span": "fastcache span level (2 spans)",
+                    "fastcache_step0_taylor2_mc8": "fastcache step level, no front block, span Taylor-2, "
+                                                   "max_consecutive_approx=8",
+                    "fastcache_step_taylor2_mc8": "fastcache step level + span Taylor-2, max_consecutive_approx=8",
+                    "fastcache_off": "fastcache block level, never approximating",
+                    "fastcache_step_off": "fastcache step level + span Taylor, never approximating"}
 METHODS = BASELINES + tuple(FASTCACHE_VARIANTS) + P.PEERS
 DEFAULT_METHODS = ",".join(METHODS)
 
@@ -115,6 +129,10 @@ SWEEPS = {
     "fastcache_step_taylor_bf16": ("error_budget", "0.25,0.5,1.0"),
     "fastcache_output_bf16": ("error_budget", "0.5"),
     "fastcache_span": ("error_budget", "0.25,0.5,1.0"),
+    "fastcache_step0_taylor2_mc8": ("error_budget", "1.0,2.0,4.0"),
+    "fastcache_step_taylor2_mc8": ("error_budget", "1.0,2.0,4.0"),
+    "fastcache_off": ("error_budget", "0.5"),
+    "fastcache_step_off": ("error_budget", "0.5"),
     "fbcache": ("threshold", "0.05,0.1,0.2"),
     "taylorseer": ("cache_interval", "3,5"),
     "magcache": ("threshold", "0.06,0.12"),

@@ -130,15 +130,17 @@ def measure(model_name: str, samples: int, steps: int) -> list[dict]:
 
 def _peak_during(fn) -> int:
     """Bytes: the peak of the running sum of the CPU allocations and frees made while ``fn()``
-    runs (``torch.profiler`` memory events, in time order), relative to its start."""
+    runs, relative to its start: the profiler's raw "[memory]" records (Kineto results; the
+    ``events()`` list folds them into the ops that made them), in time order."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
     total = peak = 0
-    for e in events:
-        total += e.cpu_memory_usage
+    for _, n in records:
+        total += n
         peak = max(peak, total)
     return peak
 

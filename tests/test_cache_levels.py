@@ -9,6 +9,7 @@ import fastcache_fx
 from fastcache_fx import zoo
 from fastcache_fx.compat import Target, check
 from fastcache_fx.config import FastCacheConfig
+from fastcache_fx.debug.heatmap import decision_matrices
 from fastcache_fx.passes.block_cache import apply_block_cache
 from fastcache_fx.passes.spans import span_bounds
 from fastcache_fx.runtime import registry
@@ -58,6 +59,10 @@ def test_step_level_approximates_the_whole_stack_and_recomputes_on_a_jump(step_d
     assert st["block_approx_ratio"] == pytest.approx(6 / 16)
     assert block_share(st["trace"]) == pytest.approx(6 / 16)  # what the demo and compare.py report
     assert st["trajectory"]["default"]["block_approx_ratio"] == pytest.approx(6 / 16)
+    # the heat map: a row per region (the front block, the span), the span's decisions per step
+    mats = decision_matrices(st)
+    assert mats["blocks"] == ["transformer_blocks.0", "transformer_blocks.1-3"]
+    assert mats["approx"][1].tolist() == [False, True, True, False] and not mats["approx"][0].any()
     _, rec = _hooked(model, x, labels, 900)
     span_res = rec[3][1] - rec[1][0]  # the span's residual at the anchor step
     ref, _ = _hooked(model, x, labels, 890, replace={1: lambda h: h + span_res, 2: lambda h: h, 3: lambda h: h})
@@ -89,6 +94,7 @@ def test_one_cond_per_step_and_spans_cover_the_blocks():
                                 ({"cache_level": "step"}, 1, ["transformer_blocks.1-5"]),
                                 ({"cache_level": "step", "front_blocks": 2, "back_blocks": 1}, 1,
                                  ["transformer_blocks.2-4"]),
+                                ({"cache_level": "step", "front_blocks": 0}, 1, ["transformer_blocks.0-5"]),
                                 ({"cache_level": "span", "num_spans": 2}, 2,
                                  ["transformer_blocks.1-3", "transformer_blocks.4-5"]),
                                 ({"cache_level": "span", "span_sizes": (1, 4)}, 2,

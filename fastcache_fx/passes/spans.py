@@ -44,7 +44,8 @@ class SpanResult:
 
 def span_bounds(n: int, config) -> list[tuple[int, int]]:
     """[start, stop) block indices of each span for ``n`` block regions (empty when the front and
-    back blocks leave none)."""
+    back blocks leave none): ``config.span_sizes`` where they add up to the blocks between the front
+    and back blocks, else ``num_spans`` (1 at the step level) spans of equal depth."""
     lo, hi = min(config.front_blocks, n), max(min(config.front_blocks, n), n - config.back_blocks)
     if hi <= lo:
         return []
