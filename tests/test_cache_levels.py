@@ -205,8 +205,9 @@ def test_explain_names_the_level_and_its_spans():
     from fastcache_fx.debug.explain import explain
 
     model, kw = zoo.build("dit", num_layers=LAYERS)
-    text = explain(model, config={"cache_level": "step"}, **kw).text(diff=False)
+    text = explain(model, config={"cache_level": "step", "state_dtype": "bfloat16"}, **kw).text(diff=False)
     assert "cache_level=step: 1 cond(s) per step, over transformer_blocks.1-3 (3 blocks)" in text
+    assert "per span and CFG context, stored in bfloat16" in text
     assert "computed every step: transformer_blocks.0" in text and "per span and CFG context" in text
 
 

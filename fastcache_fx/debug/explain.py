@@ -99,7 +99,7 @@ class ExplainReport:
                f"(approx={self.approx}, {self._rule()})",
                f"approximation: {kind.describe(self.config)}; cache state: {kind.stream_tensors(self.config)} "
                f"stream-sized tensors per {'block' if self.config.cache_level == 'block' else 'span'} and CFG "
-               "context"]
+               "context" + (f", stored in {self.config.state_dtype}" if self.config.state_dtype else "")]
         for g in self.graphs:
             out.append(f"\ngraph {g.index}: {g.num_nodes} nodes")
             if g.graph_left_alone:
@@ -122,7 +122,7 @@ class ExplainReport:
                            + f"; computed every step: {', '.join(r.uncached) or '-'}; cache state "
                            f"{kind.stream_tensors(self.config)} stream-sized tensors per span and CFG context")
                 if r.span_reason:
-                    out.append(f"  span not formed: {r.span_reason}")
+                    out.append(f"  spans: {r.span_reason}")
             if g.result is not None and g.result.state:
                 out.append(f"  state inputs: {len(g.result.state)} (fc_*), timestep input: {g.timestep_input}")
             if diff and g.diff:
