@@ -27,7 +27,8 @@ and Heun's corrector R_0 + h/2 (G_0 + (P - R_0) / h) = R_0 + h G_0 both equal th
 exact on quadratics in t is the order-2 forecast (the linear functional of three values exact on
 degree <= 2 is unique). So a predictor-corrector on the stored residuals adds nothing to this
 family; compare.py's ``fastcache_step_taylor2`` row measures order 2 against order 1 at the step
-level (benchmarks/RESULTS.md, "Span forecast order and the bfloat16 state").
+level (benchmarks/RESULTS.md, "The span forecast's order, the bfloat16 state, and the video
+reference model").
 
 ``decision="error"``: at every full computation the graph also evaluates what the
 approximation would have returned, Y_hat, and measures e = ||Y_hat - Y||_F / ||Y||_F (the error

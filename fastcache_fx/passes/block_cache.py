@@ -360,7 +360,7 @@ def _new_state(io: ExtraIO, cur: Cursor, h: dict, kind: Approximation, config: F
             groups=tuple(result.groups), verify=config.decision == "output"), 2)))
         err_node = new[-1][1]
     model = {tensor_meta(x)[1] for x in streams}
-    lowered = {config.store_dtype(d) for d in model} - model  # ``state_dtype``: cast on the way in
+    lowered = {config.store_dtype(d) for d in model} - model  # ``state_dtype``: cast before it is stored
     for ph, node in new:
         spec = io.specs[ph]
         if len(spec.shape) and spec.dtype in lowered:
