@@ -63,6 +63,7 @@ def test_step_level_approximates_the_whole_stack_and_recomputes_on_a_jump(step_d
     mats = decision_matrices(st)
     assert mats["blocks"] == ["transformer_blocks.0", "transformer_blocks.1-3"]
     assert mats["approx"][1].tolist() == [False, True, True, False] and not mats["approx"][0].any()
+    assert mats["covered"].all()  # the front block ran every step, outside the cond
     _, rec = _hooked(model, x, labels, 900)
     span_res = rec[3][1] - rec[1][0]  # the span's residual at the anchor step
     ref, _ = _hooked(model, x, labels, 890, replace={1: lambda h: h + span_res, 2: lambda h: h, 3: lambda h: h})

@@ -81,6 +81,8 @@ def decision_matrices(stats: dict, context=None) -> dict:
             thr[rows, j] = t["threshold"]
             approx[rows, j] = t["approx"]
             covered[rows, j] = True
+            # the step / span levels' front and back blocks: computed every step, outside any cond
+            covered[[row[b] for b in t.get("computed", ()) if b in row], j] = True
             if has_tokens and "tokens" in t:
                 tok = np.asarray(t["tokens"], dtype=float)
                 if tokens is None:

@@ -42,7 +42,8 @@ def collect(entry: ModelEntry | None) -> dict:
         ``trace``: one dict per step with ``context``, ``step`` (index in its trajectory),
         ``blocks``, ``approx`` [L] bools, ``delta`` [L] and ``threshold`` [L] (the bound on delta),
         and under ``decision="output"`` ``output_error``, the step's predicted relative output
-        error (``ops.output_error``);
+        error (``ops.output_error``); at the step and span levels ``sizes`` (blocks per span),
+        ``uncached`` and ``computed`` (the count and names of the front / back blocks computed every step);
         ``token_merge``: for the last graph with the token-merge pyramid, ``{"stages": block
         names per stage, "tokens_per_stage": tokens per sample, "grid": (h, w), "window": (wh, ww)}``,
         else None;
@@ -106,7 +107,8 @@ def _graph_row(g, blocks: list, counts: dict, totals: dict, bytes_per_block: dic
                     "delta": [float(x) for x in rec.delta.tolist()],
                     "threshold": [float(x) for x in rec.threshold.tolist()],
                     **({} if rec.output_error is None else {"output_error": float(rec.output_error)}),
-                    **({"sizes": sizes, "uncached": len(uncached)} if uncached or set(sizes) != {1} else {})})
+                    **({"sizes": sizes, "uncached": len(uncached), "computed": uncached}
+                       if uncached or set(sizes) != {1} else {})})
         records.append((rec.seq, own[-1]))
         for n, a, k in zip(names + uncached, approx + [False] * len(uncached), sizes + [1] * len(uncached)):
             counts[n] = counts.get(n, 0) + int(a) * k
