@@ -49,9 +49,8 @@ def span_bounds(n: int, config) -> list[tuple[int, int]]:
     lo, hi = min(config.front_blocks, n), max(min(config.front_blocks, n), n - config.back_blocks)
     if hi <= lo:
         return []
-    sizes = getattr(config, "span_sizes", None)
-    if config.cache_level == "span" and sizes and sum(sizes) == hi - lo:
-        cuts = list(itertools.accumulate(sizes, initial=lo))
+    if config.span_sizes and sum(config.span_sizes) == hi - lo:  # only set at the span level (config)
+        cuts = list(itertools.accumulate(config.span_sizes, initial=lo))
         return list(zip(cuts, cuts[1:]))
     k = 1 if config.cache_level == "step" else min(config.num_spans, hi - lo)
     cuts = [lo + (i * (hi - lo) + k // 2) // k for i in range(k + 1)]  # rounded half up
@@ -113,7 +112,7 @@ def group_spans(gm: fx.GraphModule, regions: list[BlockRegion], config) -> SpanR
                           f"to cache among {len(regions)}")
     covered = {i for a, b in bounds for i in range(a, b)}
     out = SpanResult([], [], [r.name for i, r in enumerate(regions) if i not in covered])
-    if config.cache_level == "span" and config.span_sizes and sum(config.span_sizes) != len(covered):
+    if config.span_sizes and tuple(b - a for a, b in bounds) != config.span_sizes:
         out.reason = (f"span_sizes={config.span_sizes} add up to {sum(config.span_sizes)}, the blocks between the "
                       f"front and back blocks are {len(covered)}: spans of equal depth used")
     for a, b in bounds:
