@@ -13,8 +13,9 @@ from dataclasses import InitVar, asdict, dataclass, fields
 from typing import Any, Mapping
 
 from .config_groups import GROUPS, CacheLevelConfig, CalibrationConfig, DecisionConfig, TokenMergeConfig, TokenSelectConfig
-from .config_rules import (CACHE_LEVELS, CHI2_KNOBS, DECISIONS, LOWERINGS, REFERENCES, STATE_DTYPES,  # noqa: F401
-                           STATIC_APPROX_KINDS, _calibrated, check_value, conflicts)
+from .config_rules import (CACHE_LEVELS, CHI2_KNOBS, DECISIONS, DEFAULT_OUTPUT_BUDGET,  # noqa: F401
+                           LOWERINGS, MAX_TARGET_PSNR, PSNR_AT_UNIT_BUDGET, PSNR_PER_DECADE, REFERENCES, STATE_DTYPES,
+                           STATIC_APPROX_KINDS, _calibrated, budget_for_psnr, check_value, conflicts)
 from .presets import preset_options
 
 #: option -> (the feature it belongs to, its default where the feature is on); where the feature
@@ -28,26 +29,6 @@ _APPLIES = {
     "merge_ratio": ("merge", 0.5), "token_merge_window": ("merge", 4),
     "front_blocks": ("spans", 1), "back_blocks": ("spans", 0), "num_spans": ("span", 2),
 }
-
-#: the default ``error_budget`` of ``decision="output"`` (benchmarks/RESULTS.md, "The quality knob")
-DEFAULT_OUTPUT_BUDGET = 0.5
-#: PSNR ~ PSNR_AT_UNIT_BUDGET - PSNR_PER_DECADE log10(budget): the lowest PSNR of the bundled DiT, the
-#: MMDiT and the unseen DiT at each budget (benchmarks/output_error.py, 2026-12-03), in dB
-PSNR_AT_UNIT_BUDGET = 33.6
-PSNR_PER_DECADE = 10.0
-#: the highest target_psnr the relation is used for (dB; measured up to 46.6 dB at budget 0.05)
-MAX_TARGET_PSNR = 50.0
-
-
-def budget_for_psnr(target_psnr: float) -> float | None:
-    """The ``error_budget`` of ``decision="output"`` expected to give at least ``target_psnr`` dB:
-    10^((PSNR_AT_UNIT_BUDGET - target) / PSNR_PER_DECADE), the inverse of the lowest PSNR measured
-    over three models at each budget (benchmarks/output_error.py; RESULTS.md "The quality knob").
-    None above ``MAX_TARGET_PSNR``."""
-    if target_psnr > MAX_TARGET_PSNR:
-        return None
-    return 10.0 ** ((PSNR_AT_UNIT_BUDGET - target_psnr) / PSNR_PER_DECADE)
-
 
 @dataclass(frozen=True)
 class FastCacheConfig:

@@ -18,6 +18,26 @@ STATIC_APPROX_KINDS = ("cached", "cached_linear", "linear")
 CACHE_LEVELS = ("block", "span", "step")
 STATE_DTYPES = (None, "bfloat16")
 
+#: the default ``error_budget`` of ``decision="output"`` (benchmarks/RESULTS.md, "The quality knob")
+DEFAULT_OUTPUT_BUDGET = 0.5
+#: PSNR ~ PSNR_AT_UNIT_BUDGET - PSNR_PER_DECADE log10(budget): the lowest PSNR of the bundled DiT, the
+#: MMDiT and the unseen DiT at each budget (benchmarks/output_error.py, 2026-12-03), in dB
+PSNR_AT_UNIT_BUDGET = 33.6
+PSNR_PER_DECADE = 10.0
+#: the highest target_psnr the relation is used for (dB; measured up to 46.6 dB at budget 0.05)
+MAX_TARGET_PSNR = 50.0
+
+
+def budget_for_psnr(target_psnr: float) -> float | None:
+    """The ``error_budget`` of ``decision="output"`` expected to give at least ``target_psnr`` dB:
+    10^((PSNR_AT_UNIT_BUDGET - target) / PSNR_PER_DECADE), the inverse of the lowest PSNR measured
+    over three models at each budget (benchmarks/output_error.py; RESULTS.md "The quality knob").
+    None above ``MAX_TARGET_PSNR``."""
+    if target_psnr > MAX_TARGET_PSNR:
+        return None
+    return 10.0 ** ((PSNR_AT_UNIT_BUDGET - target_psnr) / PSNR_PER_DECADE)
+
+
 #: the knobs of the chi-square rule: giving one (without ``decision``) selects ``decision="chi2"``
 CHI2_KNOBS = ("cache_ratio_threshold", "significance_level", "adaptive_beta")
 #: options read only by token selection (``enable_spatial_approx``)
@@ -108,6 +128,13 @@ def check_value(name: str, value: Any, label: str | None = None) -> Any:
     return value
 
 
+def _psnr_budget(target_psnr) -> float | None:
+    """The budget a config with ``target_psnr`` derives (a resolved config carries both)."""
+    if not _number(target_psnr):
+        return None
+    return budget_for_psnr(min(float(target_psnr), MAX_TARGET_PSNR))
+
+
 def _calibrated(approx: str) -> bool:
     from .approx import KINDS
 
@@ -143,7 +170,7 @@ def conflicts(given: dict[str, Any]) -> list[tuple[str, str, str]]:
                                          "with decision='output', or cache_ratio_threshold with decision='chi2')"))
     elif rule == "error" and "target_psnr" in g:
         out.append(("target_psnr", "decision", "target_psnr sets the budget of decision='output'"))
-    if "target_psnr" in g and "error_budget" in g:
+    if "target_psnr" in g and "error_budget" in g and g["error_budget"] != _psnr_budget(g["target_psnr"]):
         out.append(("target_psnr", "error_budget", "target_psnr sets error_budget: give one of them"))
     if "adaptive_beta" in g and "cache_ratio_threshold" in g:
         out.append(("cache_ratio_threshold", "adaptive_beta", "adaptive_beta's tau(t) replaces the constant tau"))
