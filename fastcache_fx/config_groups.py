@@ -76,7 +76,7 @@ class DecisionConfig(_Group):
 
 @dataclass(frozen=True)
 class CacheLevelConfig(_Group):
-    """What one decision covers (``passes/spans.py``; README "Cache levels").
+    """What one decision covers (``passes/spans.py``; docs/architecture.md "Cache levels").
 
     Attributes:
         level: "block", "step" or "span" -> ``cache_level``.
