@@ -2,14 +2,16 @@
 
     transformer = torch.compile(transformer, backend="fastcache", options={...})
     fastcache_fx.stats(transformer); fastcache_fx.reset(transformer)
-    pipe = fastcache_fx.enable_fastcache(pipe, config=FastCacheConfig(preset="fast")); fastcache_fx.disable_fastcache(pipe)
+    pipe = fastcache_fx.enable_fastcache(pipe, config=FastCacheConfig(preset="fast"))
+    fastcache_fx.disable_fastcache(pipe)
 """
 
 from ._version import __version__
 from .api import calibrate, disable_fastcache, enable_fastcache, reset, stats
 from .backend import FastCacheBackend, fastcache_backend
 from .config import FastCacheConfig
-from .config_groups import CacheLevelConfig, CalibrationConfig, DecisionConfig, TokenMergeConfig, TokenSelectConfig
+from .config_groups import (CacheLevelConfig, CalibrationConfig, DecisionConfig, TokenMergeConfig,
+                            TokenSelectConfig)
 from .presets import PRESETS
 from .deploy.load import load_exported
 from .deploy.export import export

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import InitVar, asdict, dataclass, fields
 from typing import Any, Mapping
 
-from .config_groups import GROUPS, CacheLevelConfig, CalibrationConfig, DecisionConfig, TokenMergeConfig, TokenSelectConfig
+from .config_groups import (GROUPS, CacheLevelConfig, CalibrationConfig, DecisionConfig, TokenMergeConfig,
+                            TokenSelectConfig)
 from .config_rules import (CACHE_LEVELS, CHI2_KNOBS, DECISIONS, DEFAULT_OUTPUT_BUDGET,  # noqa: F401
                            LOWERINGS, MAX_TARGET_PSNR, PSNR_AT_UNIT_BUDGET, PSNR_PER_DECADE, REFERENCES, STATE_DTYPES,
                            STATIC_APPROX_KINDS, _calibrated, budget_for_psnr, check_value, conflicts)
