@@ -54,3 +54,14 @@ def test_pyproject_keeps_the_demo_dependencies_in_the_demo_extra():
         assert name not in core and any(d.startswith(name) for d in meta["optional-dependencies"]["demo"])
     assert "fastcache-fx[demo]" in meta["optional-dependencies"]["test"]
     assert meta["version"] == fastcache_fx.__version__
+
+
+def test_cli_names_the_demo_extra_when_its_packages_are_missing(monkeypatch, capsys):
+    from fastcache_fx import cli, demo
+
+    def run(args):
+        raise ModuleNotFoundError("No module named 'sklearn'", name="sklearn")
+
+    monkeypatch.setattr(demo, "run", run)
+    assert cli.main(["demo"]) == 2
+    assert 'pip install "fastcache-fx[demo]"' in capsys.readouterr().err
