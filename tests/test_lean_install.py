@@ -2,7 +2,8 @@
 dependencies): importing it and compiling a diffusers DiT with the backend never imports the
 demo's dependencies (scikit-learn, matplotlib, transformers; the ``demo`` extra). Checked in a
 subprocess in which those packages cannot be imported (``sys.modules[name] = None``), and peft,
-which needs transformers."""
+which needs transformers: every module imports (default tier); a tiny DiT compiles and runs with
+the backend (slow tier)."""
 
 import os
 import subprocess
@@ -38,11 +39,36 @@ print("lean ok", fastcache_fx.__version__)
 """
 
 
-def test_library_imports_and_compiles_without_the_demo_dependencies():
+BLOCK = f"""
+import sys
+for name in {BLOCKED!r}:
+    sys.modules[name] = None
+"""
+
+#: every module of the package imports (their heavy imports are inside functions)
+IMPORT_ALL = BLOCK + """
+import pkgutil
+import fastcache_fx
+for m in pkgutil.walk_packages(fastcache_fx.__path__, "fastcache_fx."):
+    __import__(m.name)
+print("imports ok")
+"""
+
+
+def _run(script: str) -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"lean ok {fastcache_fx.__version__}" in out.stdout
+    return out.stdout
+
+
+def test_every_module_imports_without_the_demo_dependencies():
+    assert "imports ok" in _run(IMPORT_ALL)
+
+
+@pytest.mark.slow
+def test_library_compiles_a_dit_without_the_demo_dependencies():
+    assert f"lean ok {fastcache_fx.__version__}" in _run(SCRIPT)
 
 
 def test_pyproject_keeps_the_demo_dependencies_in_the_demo_extra():
