@@ -42,7 +42,7 @@ class FastCacheConfig:
 
     Attributes:
         cache_ratio_threshold: tau, the relative change ||H - A||_F / ||A||_F of a block input
-            under which the block may be approximated (DESIGN.md "The block decision"); None: 0.05.
+            under which the block may be approximated (docs/advanced.md "The chi-square rule"); None: 0.05.
             Giving it (or ``significance_level`` / ``adaptive_beta``) selects ``decision="chi2"``
             unless ``decision`` is given.
         significance_level: alpha of the chi-square test; the bound is
