@@ -59,7 +59,8 @@ class FastCacheConfig:
 
     Attributes:
         cache_ratio_threshold: tau, the relative change ||H - A||_F / ||A||_F of a block input
-            under which the block may be approximated (docs/architecture.md); 0.05 under ``decision="chi2"``, else None.
+            under which the block may be approximated (docs/advanced.md "The chi-square rule"); 0.05
+            under ``decision="chi2"``, else None.
             Giving it (or ``significance_level`` / ``adaptive_beta``) selects ``decision="chi2"``
             unless ``decision`` is given.
         significance_level: alpha of the chi-square test (0.05 under ``decision="chi2"``); the bound is

@@ -18,7 +18,7 @@ STATIC_APPROX_KINDS = ("cached", "cached_linear", "linear")
 CACHE_LEVELS = ("block", "span", "step")
 STATE_DTYPES = (None, "bfloat16")
 
-#: the default ``error_budget`` of ``decision="output"`` (benchmarks/RESULTS.md, "The quality knob")
+#: the default ``error_budget`` of ``decision="output"`` (docs/quality.md, "How well a budget holds")
 DEFAULT_OUTPUT_BUDGET = 0.5
 #: PSNR ~ PSNR_AT_UNIT_BUDGET - PSNR_PER_DECADE log10(budget): the lowest PSNR of the bundled DiT, the
 #: MMDiT and the unseen DiT at each budget (benchmarks/output_error.py, 2026-12-03), in dB
@@ -31,7 +31,7 @@ MAX_TARGET_PSNR = 50.0
 def budget_for_psnr(target_psnr: float) -> float | None:
     """The ``error_budget`` of ``decision="output"`` expected to give at least ``target_psnr`` dB:
     10^((PSNR_AT_UNIT_BUDGET - target) / PSNR_PER_DECADE), the inverse of the lowest PSNR measured
-    over three models at each budget (benchmarks/output_error.py; RESULTS.md "The quality knob").
+    over three models at each budget (benchmarks/output_error.py; docs/quality.md "How well a budget holds").
     None above ``MAX_TARGET_PSNR``."""
     if target_psnr > MAX_TARGET_PSNR:
         return None
