@@ -1,4 +1,4 @@
-"""Public functions: enable_fastcache, stats, reset, calibrate."""
+"""Public functions: enable_fastcache, disable_fastcache, stats, reset, calibrate."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import torch
 
 from .config import FastCacheConfig
 from .runtime import registry
-from .runtime.context import attach_diffusers_context
-from .runtime.opaque import make_opaque_moe
+from .runtime.context import attach_diffusers_context, detach_diffusers_context
+from .runtime.opaque import make_opaque_moe, restore_moe
 from .runtime.traceable import traceable_hooks
-from .runtime.stats import collect
+from .runtime.stats import Stats, collect
 from .runtime.uncompiled import unskip, watch_calls
 
 
-def enable_fastcache(pipe_or_model, *, fullgraph: bool = False, mode: str | None = None, dynamic: bool | None = None,
-                     regional: bool = False, **options):
+def enable_fastcache(pipe_or_model, *, config: FastCacheConfig | dict | None = None, fullgraph: bool = False,
+                     mode: str | None = None, dynamic: bool | None = None, regional: bool = False, **options):
     """Compile every denoiser of a pipeline (or a transformer) with the fastcache backend.
 
     The denoisers are ``pipe.transformer`` and, where present, ``pipe.transformer_2`` (Wan 2.2's
@@ -31,8 +31,9 @@ def enable_fastcache(pipe_or_model, *, fullgraph: bool = False, mode: str | None
     (``runtime.opaque``). Classes in ``DYNAMIC_OUTPUT_SHAPE_CLASSES`` (Mochi) are traced with
     data-dependent output shapes captured, not split off by a graph break.
 
-    Options are FastCacheConfig fields (the reference code's names: cache_ratio_threshold,
-    significance_level, motion_threshold, adaptive_beta, enable_block_approx).
+    ``config``: a ``FastCacheConfig`` (the object ``FastCacheBackend`` and ``export`` take) or a
+    dict of its options; ``options``: FastCacheConfig keywords (flat names, ``preset``, group
+    objects), applied on top of ``config``. ``disable_fastcache`` undoes the call.
     ``dynamic`` goes to ``torch.compile``: None (default) lets Dynamo trace symbolic shapes from
     the second distinct shape on, so one graph serves every later resolution and batch size;
     False compiles one static graph per shape.
@@ -42,11 +43,12 @@ def enable_fastcache(pipe_or_model, *, fullgraph: bool = False, mode: str | None
     ``_suspend_model_offload``), so both orders work.
 
     Raises:
-        ValueError: a bad option value (the message names the field); ``regional=True`` with
+        ValueError: a bad option value (the message names the field), two options of which one
+            makes the other meaningless (both named); ``regional=True`` with
             token selection or token merging, or on a model without recognisable blocks.
         TypeError: neither a module nor an object with ``.transformer``.
     """
-    config = FastCacheConfig.from_options(options)
+    config = FastCacheConfig.from_options(config, **options)
     names = denoiser_names(pipe_or_model)
     if not names:
         if not isinstance(pipe_or_model, torch.nn.Module):
@@ -59,6 +61,48 @@ def enable_fastcache(pipe_or_model, *, fullgraph: bool = False, mode: str | None
     if offload_device is not None:
         pipe_or_model.enable_model_cpu_offload(device=offload_device)
     return pipe_or_model
+
+
+def disable_fastcache(pipe_or_model):
+    """Undo ``enable_fastcache``: every denoiser of the pipeline gets its uncompiled module back
+    (a compiled module given alone: that module is returned), with the cache state, statistics
+    and what ``enable_fastcache`` added removed (the regional step hook and compiled blocks, the
+    CFG-context hook, the opaque MoE forwards); model CPU offload, if on, is moved to the
+    restored module. The restored module computes exactly what it computed before compiling.
+    (Dynamo keeps the compiled code it cached; ``torch._dynamo.reset()`` drops it.)
+
+    Returns:
+        the pipeline, or the uncompiled module.
+
+    Raises:
+        TypeError: neither a module nor an object with ``.transformer``.
+    """
+    names = denoiser_names(pipe_or_model)
+    if not names:
+        if not isinstance(pipe_or_model, torch.nn.Module):
+            raise TypeError(f"expected a diffusers pipeline or an nn.Module, got {type(pipe_or_model).__name__}")
+        return _restore_module(pipe_or_model)
+    offload_device = _suspend_model_offload(pipe_or_model)
+    for name in names:
+        setattr(pipe_or_model, name, _restore_module(getattr(pipe_or_model, name)))
+    if offload_device is not None:
+        pipe_or_model.enable_model_cpu_offload(device=offload_device)
+    return pipe_or_model
+
+
+def _restore_module(target: torch.nn.Module) -> torch.nn.Module:
+    """The module behind ``target`` with what ``_compile_module`` added removed."""
+    module = registry.unwrap(target)
+    for m in module.modules():  # regional: blocks compiled in place (nn.Module.compile)
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None
+    handle = module.__dict__.pop("_fastcache_step_hook", None)
+    if handle is not None:
+        handle.remove()
+    restore_moe(module)
+    detach_diffusers_context(module)
+    registry.forget(module)
+    return module
 
 
 #: pipeline attributes that hold a denoiser (Wan 2.2: ``transformer`` for high noise,
@@ -167,9 +211,10 @@ def _compile_regional(module: torch.nn.Module, backend, **compile_kw) -> None:
             m.compile(backend=backend, **compile_kw)
 
 
-def stats(model) -> dict:
+def stats(model) -> Stats:
     """Decisions of every fastcache graph compiled for ``model`` (module, compiled module or
-    pipeline): see ``fastcache_fx.runtime.stats.collect`` for the fields."""
+    pipeline) since its last ``reset()``: a ``Stats`` (``fastcache_fx.runtime.stats.Stats``
+    documents the fields; ``st.block_approx_ratio`` or, as a mapping, ``st["block_approx_ratio"]``)."""
     return collect(registry.lookup(model))
 
 

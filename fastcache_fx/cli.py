@@ -43,6 +43,16 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"fastcache-fx {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in DEMO_MODULES:  # the reference models' dependencies
+            print(f"fastcache-fx {args.command}: error: {e.name} is missing; the bundled reference models need the "
+                  'demo extra: pip install "fastcache-fx[demo]"', file=sys.stderr)
+            return 2
+        raise
+
+
+#: the packages of the ``demo`` extra (pyproject.toml), imported only by the reference models and plots
+DEMO_MODULES = ("sklearn", "matplotlib", "transformers", "tqdm")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,20 @@ def _lookup_one(p: torch.Tensor) -> ModelEntry | None:
     return None
 
 
+def forget(module: torch.nn.Module) -> None:
+    """Drop the entry of ``module``'s parameters (``disable_fastcache``): its state and statistics
+    go; a later compile starts a new entry."""
+    entries = {}
+    for p in module.parameters():
+        hit = _ENTRIES.get(id(p))
+        if hit is not None and hit[0]() is p:
+            entries[id(hit[1])] = hit[1]
+            del _ENTRIES[id(p)]
+    for e in entries.values():
+        e.reset()
+        e.regional = None
+
+
 def unwrap(model):
     """The nn.Module behind a pipeline (``.transformer``) or a compiled module (``._orig_mod``)."""
     if not isinstance(model, torch.nn.Module) and hasattr(model, "transformer"):
