@@ -171,7 +171,23 @@ def lower(b: Build):
         from .lowering.tensorrt import compile_tensorrt
 
         return compile_tensorrt(b.gm, list(b.example_inputs) + extra, b.layout.blocks)
+    if b.config.lowering == "inductor_split":  # one piece per side of each cond (CUDA graphs on CUDA)
+        from .lowering.inductor_split import compile_inductor_split, piece_mode
+
+        return compile_inductor_split(b.gm, list(b.example_inputs) + extra, b.layout.blocks,
+                                      piece_mode(b.mode, b.device))
     return compile_graph(b.gm, list(b.example_inputs) + extra, b.mode)
+
+
+def _pooled_outputs(b: Build) -> bool:
+    """The lowered graph's outputs live in a CUDA-graph pool that its next call overwrites (the
+    runtime copies the new state out): ``mode="reduce-overhead"``, or the pieces of
+    ``lowering="inductor_split"`` on CUDA."""
+    if b.config.lowering == "inductor_split":
+        from .lowering.inductor_split import piece_mode, uses_cudagraphs
+
+        return uses_cudagraphs(piece_mode(b.mode, b.device))
+    return b.mode == "reduce-overhead"
 
 
 def _example_value(spec, b: Build) -> torch.Tensor:
@@ -295,7 +311,7 @@ def runtime_for(b: Build, entry: registry.ModelEntry | None = None) -> GraphRunt
         entry = registry.entry_for_params([x for x, n in zip(b.example_inputs, phs)
                                            if isinstance(x, torch.Tensor) and is_param(n)])
     runtime = GraphRuntime(entry, b.layout, b.compiled, b.weights, b.device, b.config.trace_steps,
-                           clone_outputs=b.mode == "reduce-overhead",
+                           clone_outputs=_pooled_outputs(b),
                            binder=ShapeBinder([node_value(p) for p in phs]) if b.dynamic else None,
                            significance_level=b.config.significance_level)
     runtime.token_merge = b.merge

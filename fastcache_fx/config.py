@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 DECISIONS = ("chi2", "error", "output")
 REFERENCES = ("anchor", "previous")
-LOWERINGS = ("inductor", "tensorrt")
+LOWERINGS = ("inductor", "tensorrt", "inductor_split")
 STATIC_APPROX_KINDS = ("cached", "cached_linear", "linear")
 CACHE_LEVELS = ("block", "span", "step")
 STATE_DTYPES = (None, "bfloat16")
@@ -99,7 +99,11 @@ class FastCacheConfig:
             (``residual`` until then); None: 2 D.
         timestep_max: the timestep value that maps to t_norm = 1 (1000 for DDPM-style
             timesteps, 1 for flow-matching pipelines that pass sigmas).
-        lowering: "inductor" or "tensorrt".
+        lowering: "inductor" (one graph, each cond a host-side branch; no CUDA graphs with a
+            cond), "tensorrt", or "inductor_split" (the step and span levels only: the graph cut
+            at its conds into pieces compiled separately by Inductor, each a CUDA graph on CUDA,
+            one host read of each decision per step; ``lowering/inductor_split.py``,
+            docs/cudagraphs.md).
         trace_steps: how many steps of per-block decisions ``stats()`` keeps (ring buffer).
         enable_token_merge: insert the token-merge pyramid (``passes/token_merge.py``, FastCache
             v3 token merging) before the block cache.
@@ -267,6 +271,10 @@ class FastCacheConfig:
                 raise bad("span_sizes", "needs cache_level='span'")
             object.__setattr__(self, "span_sizes", tuple(sz))
             object.__setattr__(self, "num_spans", len(sz))
+        if self.lowering == "inductor_split" and self.cache_level == "block":
+            raise bad("lowering", "'inductor_split' cuts the step at its decisions, one cut per span; the block "
+                                  "level has a decision per block (use cache_level='step' or 'span', or "
+                                  "lowering='inductor')")
         if self.cache_level != "block":
             if kinds[self.approx].calibrated:
                 raise bad("approx", f"cache_level={self.cache_level!r} approximates spans of blocks, which have no "
