@@ -179,17 +179,6 @@ def lower(b: Build):
     return compile_graph(b.gm, list(b.example_inputs) + extra, b.mode)
 
 
-def _pooled_outputs(b: Build) -> bool:
-    """The lowered graph's outputs live in a CUDA-graph pool that its next call overwrites (the
-    runtime copies the new state out): ``mode="reduce-overhead"``, or the pieces of
-    ``lowering="inductor_split"`` on CUDA."""
-    if b.config.lowering == "inductor_split":
-        from .lowering.inductor_split import piece_mode, uses_cudagraphs
-
-        return uses_cudagraphs(piece_mode(b.mode, b.device))
-    return b.mode == "reduce-overhead"
-
-
 def _example_value(spec, b: Build) -> torch.Tensor:
     """The example value of a state/control input: real for static shapes; in a dynamic graph a
     fake tensor of Dynamo's fake mode (its sizes are the graph's SymInts)."""
@@ -311,7 +300,8 @@ def runtime_for(b: Build, entry: registry.ModelEntry | None = None) -> GraphRunt
         entry = registry.entry_for_params([x for x, n in zip(b.example_inputs, phs)
                                            if isinstance(x, torch.Tensor) and is_param(n)])
     runtime = GraphRuntime(entry, b.layout, b.compiled, b.weights, b.device, b.config.trace_steps,
-                           clone_outputs=_pooled_outputs(b),
+                           # the split pieces copy their outputs out of the pool themselves
+                           clone_outputs=b.mode == "reduce-overhead" and b.config.lowering != "inductor_split",
                            binder=ShapeBinder([node_value(p) for p in phs]) if b.dynamic else None,
                            significance_level=b.config.significance_level)
     runtime.token_merge = b.merge

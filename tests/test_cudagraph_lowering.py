@@ -54,8 +54,8 @@ def _program(model):
 @pytest.fixture(scope="module")
 def runs():
     """The tiny DiT's trajectory under the whole-graph lowering and under the split one (the
-    latter with mode="reduce-overhead": on CPU no CUDA graph, but the runtime copies the state
-    out of the pieces' outputs as it does on CUDA), and the split's static input indices."""
+    latter with mode="reduce-overhead": on CPU no CUDA graph, but the program copies its outputs
+    out as it does on CUDA), and the split's static input indices."""
     torch._dynamo.reset()
     model, kw = zoo.build("dit", num_layers=LAYERS)
     whole = _trajectory(torch.compile(model, backend=fastcache_fx.FastCacheBackend(**OPTIONS), dynamic=False),
@@ -88,8 +88,7 @@ def test_split_equals_whole_graph_with_one_host_read_per_step(runs):
                    for p in prog.pieces for m in p.modules.values() for n in m.graph.nodes)
     assert prog.host_reads == len(STEPS)
     assert prog.branches["transformer_blocks.1-2"]["approx"] == sum(d[0] for d in s_dec)
-    rt = next(g for g in registry.lookup(model).graphs if g.compiled is prog)
-    assert rt.clone_outputs  # mode="reduce-overhead": the state is copied out of the pool
+    assert prog.copy_outputs  # mode="reduce-overhead": outputs and state are copied out of the pool
 
 
 def test_pieces_take_the_weights_as_static_inputs(runs):

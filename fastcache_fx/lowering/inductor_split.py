@@ -15,8 +15,12 @@ graph of Inductor's CUDA-graph trees: parameters are static inputs (read in plac
 copied), the other inputs are copied into the graph's static input buffers at each replay, the
 outputs live in the trees' memory pool, and ``SplitProgram`` reads the predicate on the host once
 per cond (one sync per step at the step level) to pick the branch: a tree path per branch. The
-runtime copies the new state out of the pool after each step (``GraphRuntime(clone_outputs=True)``),
-because the next step's replay overwrites it.
+program copies its outputs (the model's output, the new state, the decision trace) out of the pool
+at the end of each step (``SplitProgram.copy_outputs``): the next step's replay overwrites the
+pool, and a pipeline that calls the model twice per step (CFG as two calls) still holds the first
+output when the second call runs. Those copies (the output and about two stream tensors of state
+at the step level) and the trees' copy of the non-parameter inputs into the graphs' static input
+buffers are the price of replaying.
 
 Parameters stay inputs of the pieces (not baked), so one compiled piece set serves every model
 that shares the compiled graph (``runtime.state.SharedGraph``), as the whole-graph lowering does.
@@ -83,4 +87,6 @@ def compile_inductor_split(gm: fx.GraphModule, example_inputs: Sequence, block_n
     Raises:
         ValueError: a value other than a tensor would cross between two pieces.
     """
-    return compile_split(gm, example_inputs, inductor_engine(mode), block_names, bake_params=False)
+    program = compile_split(gm, example_inputs, inductor_engine(mode), block_names, bake_params=False)
+    program.copy_outputs = uses_cudagraphs(mode)
+    return program

@@ -222,7 +222,11 @@ class SplitProgram:
     rewritten graph (parameter positions ignored where the pieces baked them) and returns the
     graph's output tuple. ``program.branches`` counts how often each branch ran,
     ``program.host_reads`` the predicates read on the host (one per cond and call).
+    ``copy_outputs``: return copies of the outputs (pieces that are CUDA graphs return tensors of
+    their memory pool, which their next replay overwrites).
     """
+
+    copy_outputs = False
 
     def __init__(self, pieces: list[Piece], input_names: list[str | None], output_names: list[str]) -> None:
         self.pieces = pieces
@@ -245,6 +249,8 @@ class SplitProgram:
             if isinstance(outs, torch.Tensor):
                 outs = (outs,)
             env.update(zip(p.outputs, outs))
+        if self.copy_outputs:
+            return tuple(env[n].clone() for n in self.output_names)
         return tuple(env[n] for n in self.output_names)
 
 
