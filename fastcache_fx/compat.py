@@ -43,9 +43,12 @@ def check(config: FastCacheConfig, target: Target, *, stacklevel: int = 3) -> Fa
         ValueError: an option the target cannot run (the message names it and says why):
             token selection / merging in a block graph or under context parallelism; token
             passes or online calibration in an export; the step and span cache levels in a block
-            graph. (What depends on the config alone, e.g. a token pass at the step level, is
-            refused when the config is built.)
+            graph; ``lowering="inductor_split"`` in a block graph, with dynamic shapes or under
+            context parallelism. (What depends on the config alone, e.g. a token pass at the step
+            level, is refused when the config is built.)
     """
+    if config.lowering == "inductor_split":
+        _check_split(config, target)
     if config.cache_level != "block":
         _check_level(config, target)
     if target.block_graph:
@@ -89,3 +92,20 @@ def _check_level(config: FastCacheConfig, target: Target) -> None:
         raise ValueError(f"FastCacheConfig.cache_level: {level!r} decides once for a run of blocks, which needs the "
                          "whole transformer in one graph; regional compilation compiles one graph per block class "
                          "(use cache_level='block' there, or compile the whole transformer)")
+
+
+def _check_split(config: FastCacheConfig, target: Target) -> None:
+    """``lowering="inductor_split"`` (``lowering/inductor_split.py``) cuts one whole-transformer
+    graph of static shapes at its conds."""
+    if target.block_graph:
+        raise ValueError("FastCacheConfig.lowering: 'inductor_split' cuts the whole step at its decision; regional "
+                         "compilation compiles one graph per block class (compile the whole transformer, or use "
+                         "lowering='inductor')")
+    if target.dynamic:
+        raise ValueError("FastCacheConfig.lowering: 'inductor_split' needs static shapes (a CUDA graph replays one "
+                         "shape); pass dynamic=False to torch.compile: Dynamo then compiles one piece set per "
+                         "input shape")
+    if target.collectives:
+        raise ValueError("FastCacheConfig.lowering: 'inductor_split' is not available under context parallelism "
+                         "(the decision's collectives would sit in a separately captured piece; not checked yet): "
+                         "use lowering='inductor'")

@@ -121,7 +121,11 @@ class FastCacheConfig:
             (``residual`` until then); None: 2 D.
         timestep_max: the timestep value that maps to t_norm = 1 (1000 for DDPM-style
             timesteps, 1 for flow-matching pipelines that pass sigmas).
-        lowering: "inductor" or "tensorrt".
+        lowering: "inductor" (one graph, each cond a host-side branch; no CUDA graphs with a
+            cond), "tensorrt", or "inductor_split" (the step and span levels only: the graph cut
+            at its conds into pieces compiled separately by Inductor, each a CUDA graph on CUDA,
+            one host read of each decision per step; ``lowering/inductor_split.py``,
+            docs/cudagraphs.md).
         trace_steps: how many steps of per-block decisions ``stats()`` keeps (ring buffer).
         enable_token_merge: insert the token-merge pyramid (``passes/token_merge.py``, FastCache
             v3 token merging) before the block cache.

@@ -13,7 +13,7 @@ from typing import Any
 
 DECISIONS = ("chi2", "error", "output")
 REFERENCES = ("anchor", "previous")
-LOWERINGS = ("inductor", "tensorrt")
+LOWERINGS = ("inductor", "tensorrt", "inductor_split")
 STATIC_APPROX_KINDS = ("cached", "cached_linear", "linear")
 CACHE_LEVELS = ("block", "span", "step")
 STATE_DTYPES = (None, "bfloat16")
@@ -202,6 +202,10 @@ def conflicts(given: dict[str, Any]) -> list[tuple[str, str, str]]:
     if level == "block":
         out += [(n, "cache_level", "computes blocks every step at the step and span levels; cache_level='block' "
                                    "decides per block") for n in LEVEL_KNOBS if n in g]
+    if g.get("lowering") == "inductor_split" and level == "block":
+        out.append(("lowering", "cache_level", "'inductor_split' cuts the step at its decisions, one cut per span; "
+                                               "the block level has a decision per block (use cache_level='step' "
+                                               "or 'span', or lowering='inductor')"))
     for n in ("num_spans", "span_sizes"):
         if n in g and level != "span":
             out.append((n, "cache_level", f"cuts the middle into spans at cache_level='span', not {level!r}"))
