@@ -100,7 +100,13 @@ class FastCacheConfig:
         timestep_max: the timestep value that maps to t_norm = 1 (1000 for DDPM-style
             timesteps, 1 for flow-matching pipelines that pass sigmas).
         lowering: "inductor" or "tensorrt".
-        trace_steps: how many steps of per-block decisions ``stats()`` keeps (ring buffer).
+        trace_steps: how many steps of per-block decisions ``stats()`` keeps per request, and in
+            all (ring buffer).
+        trace_requests: of how many requests (the most recently active) ``stats()`` keeps the
+            steps and the state bytes at their end (>= 1; docs/serving.md).
+        max_live_requests: at most this many requests hold cache state in one model, each with
+            at most this many CFG contexts; one more drops the least recently used, whose next
+            step then computes fully (>= 1; docs/serving.md).
         enable_token_merge: insert the token-merge pyramid (``passes/token_merge.py``, FastCache
             v3 token merging) before the block cache.
         token_merge_k: K, neighbours of the k-NN spatial density (>= 1).
@@ -152,6 +158,8 @@ class FastCacheConfig:
     timestep_max: float = 1000.0
     lowering: str = "inductor"
     trace_steps: int = 10000
+    trace_requests: int = 64
+    max_live_requests: int = 8
     enable_spatial_approx: bool = False
     token_buckets: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     static_approx: str = "cached"
@@ -201,6 +209,8 @@ class FastCacheConfig:
         integer("warmup_steps", 0)
         integer("max_consecutive_approx", 0)
         integer("trace_steps", 1)
+        integer("trace_requests", 1)
+        integer("max_live_requests", 1)
         integer("token_merge_k", 1)
         integer("num_stages", 1)
         integer("token_merge_window", 1)
