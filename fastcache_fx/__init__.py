@@ -12,11 +12,12 @@ from .deploy.load import load_exported
 from .deploy.export import export
 from .runtime.context import cache_context
 from .runtime.replay import replay_decisions
+from .runtime.requests import request
 from .runtime.span_choice import choose_spans
 from .runtime.traceable import traceable_hooks
 from .tune import tune
 
 __all__ = [
     "FastCacheBackend", "FastCacheConfig", "cache_context", "calibrate", "choose_spans", "enable_fastcache", "export",
-    "fastcache_backend", "load_exported", "replay_decisions", "reset", "stats", "traceable_hooks", "tune", "__version__",
+    "fastcache_backend", "load_exported", "replay_decisions", "request", "reset", "stats", "traceable_hooks", "tune", "__version__",
 ]
