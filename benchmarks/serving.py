@@ -16,7 +16,7 @@ concurrency; after each checkpoint (requests so far) the live cache state
 (``stats()["state_bytes"]``, ``live_requests``) and the process's resident set (now and peak).
 
     python benchmarks/serving.py [--model dit] [--steps 10] [--requests 8] [--concurrency 1,2,4,8]
-                                 [--memory-requests 10,100,1000] [--out benchmarks/serving.json]
+                                 [--memory-requests 10,100,1000] [--threads N] [--out benchmarks/serving.json]
 
 The issue's configuration is ``--steps 50 --requests 50 --memory-requests 10,100,1000`` (long);
 the defaults finish in a few minutes. Timings need an idle machine.
@@ -171,8 +171,13 @@ def main(argv=None) -> int:
     p.add_argument("--memory-requests", default="10,100", help="checkpoints, e.g. 10,100,1000 ('' skips)")
     p.add_argument("--memory-steps", type=int, default=2, help="denoising steps of the memory requests")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads (torch.set_num_threads); concurrent requests share them, so on a "
+                        "busy or small machine cores / C avoids OpenMP oversubscription")
     p.add_argument("--out", default=str(HERE / "serving.json"))
     a = p.parse_args(argv)
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
     a.concurrency = [int(x) for x in a.concurrency.split(",")]
     a.memory_requests = sorted(int(x) for x in a.memory_requests.split(",") if x)
     variants = a.variants.split(",")

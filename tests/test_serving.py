@@ -223,3 +223,36 @@ def test_flux_cond_uncond_from_pipe_threads_equal_alone():
     for r in st["requests"].values():
         assert r["contexts"] == ["cond", "uncond"] and r["calls"] == 2 * STEPS and r["state_bytes"] > 0
     torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_regional_two_threads_equal_alone():
+    """Regional compilation (one graph per block class, the step clock in the runtime): two
+    threads stepping one model at once, each as alone."""
+    torch._dynamo.reset()
+    model, kw = zoo.build("dit")
+    fastcache_fx.enable_fastcache(model, regional=True, cache_ratio_threshold=10.0)
+    bare = {"hidden_states": kw["hidden_states"], "class_labels": kw["class_labels"]}
+    b = bare["hidden_states"].shape[0]
+
+    def traj(seed, barrier=None):
+        x = bare["hidden_states"] + torch.randn(bare["hidden_states"].shape,
+                                                generator=torch.Generator().manual_seed(seed))
+        for t in TIMESTEPS:
+            if barrier is not None:
+                barrier.wait()
+            x = x - 0.1 * model(x, timestep=torch.full((b,), t), class_labels=bare["class_labels"]).sample[:, :x.shape[1]]
+        return x
+
+    want = []
+    for s in (0, 1):
+        with fastcache_fx.request():
+            want.append(traj(s))
+    assert fastcache_fx.stats(model)["block_approx_ratio"] > 0
+    barrier = threading.Barrier(2)
+    got = in_threads(lambda i: traj(i, barrier), 2)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-6
+    st = fastcache_fx.stats(model)
+    assert st["live_requests"] == 0 and st["state_bytes"] == 0
+    torch._dynamo.reset()

@@ -180,11 +180,11 @@ class RegionalModel:
     def drop_request(self, request: str, context: str | None = None) -> None:
         """Forget the states and steps of ``request`` (an id): of its ``context``, or all of them."""
         hit = lambda k: k[0] == request and (context is None or k[1] == context)  # noqa: E731
-        for k in [k for k in self.clock.ticks if hit(k)]:
+        for k in [k for k in list(self.clock.ticks) if hit(k)]:
             self._flush(k, self.clock.ticks.pop(k))
             self.force.pop(k, None)
-        for k in [k for k in self.states if hit(k[1])]:
-            del self.states[k]
+        for k in [k for k in list(self.states) if hit(k[1])]:
+            self.states.pop(k, None)
 
     def reset(self) -> None:
         """Forget states, steps and statistics (the next call starts a trajectory)."""

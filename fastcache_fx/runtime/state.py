@@ -96,7 +96,7 @@ class GraphRuntime:
 
     def drop_request(self, request: str, context: str | None = None) -> None:
         """Forget the state of ``request`` (an id): of its ``context``, or of all its contexts."""
-        for k in [k for k in self.states if k[0] == request and (context is None or k[1] == context)]:
+        for k in [k for k in list(self.states) if k[0] == request and (context is None or k[1] == context)]:
             self.states.pop(k, None)
             self.keys.pop(k, None)
 

@@ -159,8 +159,8 @@ class TokenSelectRuntime:
 
     def drop_request(self, request: str, context: str | None = None) -> None:
         """Forget the state of ``request`` (an id): of its ``context``, or of all its contexts."""
-        for k in [k for k in self.states if k[0] == request and (context is None or k[1] == context)]:
-            del self.states[k]
+        for k in [k for k in list(self.states) if k[0] == request and (context is None or k[1] == context)]:
+            self.states.pop(k, None)
         if self.sub is not None:
             for g in self.sub.graphs:
                 g.drop_request(request, context)
