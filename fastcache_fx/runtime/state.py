@@ -33,6 +33,20 @@ from .registry import ModelEntry
 from .shapes import ShapeBinder
 
 
+def state_of(states: dict, context: str, request: str | None = None):
+    """``states[(request, context)]``; with ``request`` None, of the request that ran ``context``
+    last (dicts keep insertion order and a step stores its new state under its key again).
+
+    Raises:
+        KeyError: no live state of that context (and request)."""
+    if request is not None:
+        return states[(request, context)]
+    hits = [v for (_, c), v in list(states.items()) if c == context]
+    if not hits:
+        raise KeyError(context)
+    return hits[-1]
+
+
 class GraphRuntime:
     """The callable the backend hands to Dynamo for one graph.
 
@@ -93,6 +107,11 @@ class GraphRuntime:
         """Forget every context's cache state (the next step of each context is computed fully)."""
         self.states.clear()
         self.keys.clear()
+
+    def state_of(self, context: str = "default", request: str | None = None) -> list[torch.Tensor]:
+        """The live state list of ``context`` in ``request`` (an id; None: the request that ran that
+        context last), for inspection. Raises KeyError when there is none."""
+        return state_of(self.states, context, request)
 
     def drop_request(self, request: str, context: str | None = None) -> None:
         """Forget the state of ``request`` (an id): of its ``context``, or of all its contexts."""
@@ -173,6 +192,7 @@ class GraphRuntime:
         at = self._output_error_at
         with live.lock:
             if self.states.get(sk) is state:  # else dropped meanwhile (request ended or evicted)
+                del self.states[sk]  # re-inserted: the dict's order is the order of the last steps
                 self.states[sk] = new_state
             self.trace.append(StepRecord(ctx, new_state[self.contract.step_index], delta, thr, ok,
                                          output_error=None if at is None else new_state[at], request=req.id,

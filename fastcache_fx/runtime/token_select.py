@@ -157,6 +157,13 @@ class TokenSelectRuntime:
         if self.sub is not None:
             self.sub.drop_state()
 
+    def state_of(self, context: str = "default", request: str | None = None) -> dict:
+        """The shared state dict of ``context`` in ``request`` (None: the request that ran it last);
+        KeyError when there is none (``runtime.state.state_of``)."""
+        from .state import state_of
+
+        return state_of(self.states, context, request)
+
     def drop_request(self, request: str, context: str | None = None) -> None:
         """Forget the state of ``request`` (an id): of its ``context``, or of all its contexts."""
         for k in [k for k in list(self.states) if k[0] == request and (context is None or k[1] == context)]:
