@@ -9,6 +9,7 @@ request whose state another request touched computes something else than alone.
 
 import asyncio
 import concurrent.futures
+import copy
 import threading
 
 import pytest
@@ -59,6 +60,12 @@ def alone(transformer, bare, seeds) -> list[torch.Tensor]:
     return outs
 
 
+def per_request(cls, pipe):
+    """diffusers' server pattern: a pipeline per request around the shared compiled transformer,
+    with its own scheduler (schedulers keep per-call state)."""
+    return cls.from_pipe(pipe, scheduler=copy.deepcopy(pipe.scheduler))
+
+
 def in_threads(fn, n: int) -> list:
     results, errors = [None] * n, []
 
@@ -105,8 +112,8 @@ def test_pipelines_from_pipe_in_threads_equal_alone_and_free_their_state(served)
     # each pipeline call is a request, freed when the call ended
     assert len(st["requests"]) == 2 and st["live_requests"] == 0 and st["state_bytes"] == 0
     assert st["last_request"]["state_bytes"] > 0 and not st["last_request"]["live"]
-    # diffusers' server pattern: a pipeline per request around the shared compiled transformer
-    got = in_threads(lambda i: zoo.run_pipeline(DiTPipeline.from_pipe(pipe), kw, SIZE, seed=i), 2)
+    # a pipeline per request around the shared compiled transformer
+    got = in_threads(lambda i: zoo.run_pipeline(per_request(DiTPipeline, pipe), kw, SIZE, seed=i), 2)
     for g, w in zip(got, want):
         assert rel_err(g, w) < 1e-6
     st = fastcache_fx.stats(pipe)
@@ -215,7 +222,7 @@ def test_flux_cond_uncond_from_pipe_threads_equal_alone():
     want = [zoo.run_pipeline(pipe, kw, SIZE, seed=s) for s in (0, 1)]
     assert fastcache_fx.stats(pipe)["block_approx_ratio"] > 0
     fastcache_fx.reset(pipe)
-    got = in_threads(lambda i: zoo.run_pipeline(FluxPipeline.from_pipe(pipe), kw, SIZE, seed=i), 2)
+    got = in_threads(lambda i: zoo.run_pipeline(per_request(FluxPipeline, pipe), kw, SIZE, seed=i), 2)
     for g, w in zip(got, want):
         assert rel_err(g, w) < 1e-6
     st = fastcache_fx.stats(pipe)
