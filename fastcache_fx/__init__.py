@@ -17,6 +17,7 @@ from .deploy.load import load_exported
 from .deploy.export import export
 from .runtime.context import cache_context
 from .runtime.replay import replay_decisions
+from .runtime.requests import request
 from .runtime.span_choice import choose_spans
 from .runtime.stats import Stats
 from .runtime.traceable import traceable_hooks
@@ -25,6 +26,6 @@ from .tune import tune
 __all__ = [
     "CacheLevelConfig", "CalibrationConfig", "DecisionConfig", "FastCacheBackend", "FastCacheConfig", "PRESETS", "Stats",
     "TokenMergeConfig", "TokenSelectConfig", "cache_context", "calibrate", "choose_spans", "disable_fastcache",
-    "enable_fastcache", "export", "fastcache_backend", "load_exported", "replay_decisions", "reset", "stats",
+    "enable_fastcache", "export", "fastcache_backend", "load_exported", "replay_decisions", "request", "reset", "stats",
     "traceable_hooks", "tune", "__version__",
 ]

@@ -7,6 +7,7 @@ import torch
 from .config import FastCacheConfig
 from .runtime import registry
 from .runtime.context import attach_diffusers_context, detach_diffusers_context
+from .runtime.requests import end_current_request
 from .runtime.opaque import make_opaque_moe, restore_moe
 from .runtime.traceable import traceable_hooks
 from .runtime.stats import Stats, collect
@@ -99,6 +100,7 @@ def _restore_module(target: torch.nn.Module) -> torch.nn.Module:
     handle = module.__dict__.pop("_fastcache_step_hook", None)
     if handle is not None:
         handle.remove()
+    module.__dict__.pop("_reset_stateful_cache", None)  # end_request_with_pipeline_call's hook
     restore_moe(module)
     detach_diffusers_context(module)
     registry.forget(module)
@@ -123,7 +125,7 @@ def _compile_module(target: torch.nn.Module, config: FastCacheConfig, fullgraph:
     its own registry entry, so its own cache state and statistics."""
     module = registry.unwrap(target)
     entry = registry.entry_for_params(module.parameters())
-    attach_diffusers_context(module, on_reset=entry.drop_state)
+    end_request_with_pipeline_call(module)
     backend = _backend_for(config, mode)
     make_opaque_moe(module)  # HiDream: its MoE routing would break the graph inside every block
     traceable_hooks(module)  # context parallelism's hooks on a block (Wan) would break the block loop
@@ -137,6 +139,26 @@ def _compile_module(target: torch.nn.Module, config: FastCacheConfig, fullgraph:
         forward = torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)(forward)
     compiled.forward = watch_calls(forward, entry, module)
     return compiled
+
+
+def end_request_with_pipeline_call(module: torch.nn.Module) -> None:
+    """Free a request's cache state when the diffusers pipeline call that runs ``module`` ends.
+
+    Every diffusers pipeline ends its ``__call__`` with ``maybe_free_model_hooks()``, which calls
+    ``component._reset_stateful_cache()`` on each component that has it (a compiled module
+    forwards the lookup to the module it wraps). Models with diffusers' CacheMixin have it: it
+    resets their stateful hooks, among them ours (``runtime.context.attach_diffusers_context``),
+    which ends the calling thread's request (``runtime.requests.end_current_request``). Models
+    without CacheMixin (DiT, PixArt) get an instance attribute of that name that does the same.
+    Other requests, running concurrently, keep their state. Idempotent."""
+    if attach_diffusers_context(module, on_reset=end_current_request):
+        return
+    if "_reset_stateful_cache" not in module.__dict__:
+        module.__dict__["_reset_stateful_cache"] = _end_request_hook
+
+
+def _end_request_hook(*_args, **_kwargs) -> None:
+    end_current_request()
 
 
 #: classes ``enable_fastcache`` traces with ``capture_dynamic_output_shape_ops`` (direct
@@ -201,7 +223,7 @@ def _compile_regional(module: torch.nn.Module, backend, **compile_kw) -> None:
                          "no ModuleList of identical blocks)")
     entry = registry.entry_for_params(module.parameters())
     if entry.regional is None:
-        entry.regional = RegionalModel(entry, config.trace_steps)
+        entry.regional = RegionalModel(entry, config)
     entry.regional.register_blocks(blocks)
     install_step_hook(module, entry.regional)
     if repeated:

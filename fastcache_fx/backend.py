@@ -303,7 +303,8 @@ def runtime_for(b: Build, entry: registry.ModelEntry | None = None) -> GraphRunt
                            # the split pieces copy their outputs out of the pool themselves
                            clone_outputs=b.mode == "reduce-overhead" and b.config.lowering != "inductor_split",
                            binder=ShapeBinder([node_value(p) for p in phs]) if b.dynamic else None,
-                           significance_level=b.config.significance_level)
+                           significance_level=b.config.significance_level, trace_requests=b.config.trace_requests,
+                           max_live_requests=b.config.max_live_requests)
     runtime.token_merge = b.merge
     runtime.online = b.online
     runtime.timestep_at = next((i for i, p in enumerate(phs) if p.name == b.layout.timestep_input), None)

@@ -126,7 +126,13 @@ class FastCacheConfig:
             at its conds into pieces compiled separately by Inductor, each a CUDA graph on CUDA,
             one host read of each decision per step; ``lowering/inductor_split.py``,
             docs/cudagraphs.md).
-        trace_steps: how many steps of per-block decisions ``stats()`` keeps (ring buffer).
+        trace_steps: how many steps of per-block decisions ``stats()`` keeps per request, and in
+            all (ring buffer).
+        trace_requests: of how many requests (the most recently active) ``stats()`` keeps the
+            steps and the state bytes at their end (>= 1; docs/serving.md).
+        max_live_requests: at most this many requests hold cache state in one model, each with
+            at most this many CFG contexts; one more drops the least recently used, whose next
+            step then computes fully (>= 1; docs/serving.md).
         enable_token_merge: insert the token-merge pyramid (``passes/token_merge.py``, FastCache
             v3 token merging) before the block cache.
         token_merge_k: K, neighbours of the k-NN spatial density (>= 1). The token-merge options
@@ -179,6 +185,8 @@ class FastCacheConfig:
     timestep_max: float = 1000.0
     lowering: str = "inductor"
     trace_steps: int = 10000
+    trace_requests: int = 64
+    max_live_requests: int = 8
     enable_spatial_approx: bool = False
     token_buckets: tuple[float, ...] | None = None
     static_approx: str | None = None

@@ -51,7 +51,7 @@ ONLINE_KNOBS = ("refit_every", "online_min_samples")
 #: options read only at the step and span cache levels
 LEVEL_KNOBS = ("front_blocks", "back_blocks")
 
-_INTEGERS = {"warmup_steps": 0, "max_consecutive_approx": 0, "trace_steps": 1, "token_merge_k": 1, "num_stages": 1,
+_INTEGERS = {"warmup_steps": 0, "max_consecutive_approx": 0, "trace_steps": 1, "trace_requests": 1, "max_live_requests": 1, "token_merge_k": 1, "num_stages": 1,
              "token_merge_window": 1, "rank": 1, "time_buckets": 1, "refit_every": 1, "online_min_samples": 1,
              "front_blocks": 0, "back_blocks": 0, "num_spans": 1}
 _REALS = {

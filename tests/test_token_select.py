@@ -239,7 +239,7 @@ def selected_run():
     _trajectory(sel, kw, moves)
     rt = registry.lookup(model).graphs[-1]
     st1 = fastcache_fx.stats(sel)
-    snap = rt.states["default"]
+    snap = rt.state_of("default")
     snap = {"idx": snap["idx"][8].clone(), "x_ref": snap["shared"][0].clone(), "y_ref": snap["shared"][1].clone()}
     # a new trajectory (timestep back up) while the small variant is picked: every token runs
     _trajectory(sel, kw, [[0]], timesteps=[900])

@@ -187,7 +187,7 @@ def _trajectory(model, kw, moves, snaps):
             x[:, :, 2 * r:2 * r + 2, 2 * c:2 * c + 2] += 1.0
         model(**dict(kw, hidden_states=x, timestep=torch.full((2,), t, dtype=torch.long)))
         rt = registry.lookup(model).graphs[-1]
-        st = rt.states["default"]
+        st = rt.state_of("default")
         k = rt.select_trace[-1].k
         snaps.append((k, st["idx"][k].clone() if k < 16 else None, st["shared"][0].clone(), st["shared"][1].clone()))
 

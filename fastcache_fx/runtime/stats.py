@@ -1,7 +1,9 @@
 """Statistics of a model's compiled graphs, computed from the lazily kept step trace.
 
 Everything describes the calls since the last ``reset()`` of the model (``reset`` clears the
-statistics with the cache); ``trajectory`` narrows it to the current trajectory of each context.
+statistics with the cache) that the bounded trace still holds (``FastCacheConfig.trace_steps``,
+``trace_requests``); ``trajectory`` narrows it to the current trajectory of each context of the
+latest request, ``requests`` splits it by request (``runtime.requests``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 from .registry import ModelEntry
+from .requests import end_finished
 
 
 @dataclass(eq=False)
@@ -41,8 +44,16 @@ class Stats(Mapping):
         state_bytes_per_block: {block name: bytes} (the trajectory counters under ``""``).
         state_bytes_per_context: {CFG context: bytes} (whole-graph runtimes).
         trajectory: {context: {"steps", "block_approx_ratio"}} of the current trajectory of each
-            context (the steps since its last step 0).
-        trace: one dict per step with ``context``, ``step`` (index in its trajectory), ``blocks``,
+            context of the latest request (the steps since its last step 0).
+        requests: {request id: {"calls", "contexts", "block_approx_ratio", "evicted" (steps that
+            started afresh because the bound on live requests had dropped the state), "live"
+            (holds state now), "state_bytes" (now if live, else what it held when it ended)}} for
+            the requests the trace holds (docs/serving.md).
+        live_requests: requests holding state now.
+        evictions: (request, context) states dropped by ``max_live_requests`` so far.
+        last_request: the latest request's entry, with its ``id`` (None before any call).
+        trace: one dict per step with ``context``, ``request`` (its id), ``evicted``, ``step``
+            (index in its trajectory), ``blocks``,
             ``approx`` [L] bools, ``delta`` [L] and ``threshold`` [L] (the bound on delta), and
             under ``decision="output"`` ``output_error``, the step's predicted relative output
             error (``ops.output_error``); at the step and span levels ``sizes`` (blocks per span),
@@ -75,6 +86,10 @@ class Stats(Mapping):
     token_merge: dict | None = None
     spatial_approx_ratio: float = 0.0
     token_select: dict | None = None
+    requests: dict = field(default_factory=dict)
+    live_requests: int = 0
+    evictions: int = 0
+    last_request: dict | None = None
 
     def __getitem__(self, key: str):
         if key not in _FIELDS:
@@ -97,6 +112,7 @@ _FIELDS = tuple(f.name for f in fields(Stats))
 
 def collect(entry: ModelEntry | None) -> Stats:
     """Aggregate every graph compiled for a model into a ``Stats`` (see its fields)."""
+    end_finished()  # requests of threads and tasks that ended: free their state first
     if entry is None or not entry.graphs:
         return Stats(**_uncompiled(entry))
     counts, totals, blocks, per_graph = {}, {}, [], []
@@ -107,6 +123,7 @@ def collect(entry: ModelEntry | None) -> Stats:
         per_graph.append(_graph_row(g, blocks, counts, totals, bytes_per_block, records, per_context))
     trace = [r for _, r in sorted(records, key=lambda x: x[0])]
     total = sum(totals.values())
+    requests = _requests(entry, trace)
     return Stats(**{
         "block_approx_ratio": (sum(counts.values()) / total) if total else 0.0,
         "per_block": {n: counts.get(n, 0) / totals[n] for n in blocks if totals.get(n)},
@@ -119,7 +136,11 @@ def collect(entry: ModelEntry | None) -> Stats:
         "state_bytes": sum(bytes_per_block.values()),
         "state_bytes_per_block": bytes_per_block,
         "state_bytes_per_context": per_context,
-        "trajectory": _trajectories(trace),
+        "trajectory": _trajectories([t for t in trace if t["request"] == trace[-1]["request"]]),
+        "requests": requests,
+        "live_requests": len(entry.requests.live),
+        "evictions": entry.requests.evictions,
+        "last_request": {"id": trace[-1]["request"], **requests[trace[-1]["request"]]} if trace else None,
         "token_merge": _token_merge(entry),
         **_token_select(entry),
         "trace": trace,
@@ -147,7 +168,8 @@ def _graph_row(g, blocks: list, counts: dict, totals: dict, bytes_per_block: dic
     own = []
     for rec in g.trace:
         approx = [bool(x) for x in rec.approx.tolist()]
-        own.append({"context": rec.context, "step": int(rec.step), "blocks": names, "approx": approx,
+        own.append({"context": rec.context, "request": rec.request, "evicted": rec.evicted,
+                    "step": int(rec.step), "blocks": names, "approx": approx,
                     "delta": [float(x) for x in rec.delta.tolist()],
                     "threshold": [float(x) for x in rec.threshold.tolist()],
                     **({} if rec.output_error is None else {"output_error": float(rec.output_error)}),
@@ -159,8 +181,9 @@ def _graph_row(g, blocks: list, counts: dict, totals: dict, bytes_per_block: dic
             totals[n] = totals.get(n, 0) + k
     a, n = block_counts(own)
     approx_n, done = approx_n + a, done + n
-    for ctx, st in (getattr(g, "states", None) or {}).items():
+    for key, st in list((getattr(g, "states", None) or {}).items()):
         if isinstance(st, list):
+            ctx = key[1] if isinstance(key, tuple) else key  # (request id, context)
             per_context[ctx] = per_context.get(ctx, 0) + sum(t.numel() * t.element_size() for t in st)
     gb = g.state_bytes()
     for b, n in gb.items():
@@ -170,6 +193,24 @@ def _graph_row(g, blocks: list, counts: dict, totals: dict, bytes_per_block: dic
             "streams": [len(x) for x in getattr(layout, "stream_shapes", [])],
             "steps": g.calls, "block_approx_ratio": approx_n / done if done else 0.0,
             "state_bytes": sum(gb.values())}
+
+
+def _requests(entry: ModelEntry, trace: list[dict]) -> dict:
+    """``stats()["requests"]``: the trace's records per request (see ``collect``)."""
+    by: dict[str, list[dict]] = {}
+    for t in trace:
+        by.setdefault(t["request"], []).append(t)
+    live = entry.requests
+    with live.lock:
+        now = {rid: sum(sum(g.state_bytes(rid).values()) for g in entry.graphs) for rid in live.live}
+        ended = dict(live.ended)
+    out = {}
+    for rid, recs in by.items():
+        a, n = block_counts(recs)
+        out[rid] = {"calls": len(recs), "contexts": sorted({r["context"] for r in recs}),
+                    "block_approx_ratio": a / n if n else 0.0, "evicted": sum(r["evicted"] for r in recs),
+                    "live": rid in now, "state_bytes": now[rid] if rid in now else ended.get(rid, 0)}
+    return out
 
 
 def _uncompiled(entry: ModelEntry | None) -> dict:
