@@ -5,7 +5,7 @@
 """
 
 from ._version import __version__
-from .api import calibrate, enable_fastcache, reset, stats
+from .api import calibrate, calibrate_target, enable_fastcache, reset, set_sampler, set_target_psnr, stats
 from .backend import FastCacheBackend, fastcache_backend
 from .config import FastCacheConfig
 from .deploy.load import load_exported
@@ -17,6 +17,6 @@ from .runtime.traceable import traceable_hooks
 from .tune import tune
 
 __all__ = [
-    "FastCacheBackend", "FastCacheConfig", "cache_context", "calibrate", "choose_spans", "enable_fastcache", "export",
-    "fastcache_backend", "load_exported", "replay_decisions", "reset", "stats", "traceable_hooks", "tune", "__version__",
+    "FastCacheBackend", "FastCacheConfig", "cache_context", "calibrate", "calibrate_target", "choose_spans", "enable_fastcache", "export",
+    "fastcache_backend", "load_exported", "replay_decisions", "reset", "set_sampler", "set_target_psnr", "stats", "traceable_hooks", "tune", "__version__",
 ]

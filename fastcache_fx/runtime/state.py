@@ -117,6 +117,8 @@ class GraphRuntime:
                 q = self._q_ratio[key] = torch.tensor([D.chi2_quantile_ratio(self.alpha, nd) for nd in nds],
                                                       dtype=torch.float32, device=self.device)
             controls["q_ratio"] = q
+        if self.entry.quality is not None and "output.weight" in controls:  # target_psnr with a known sampler
+            controls.update(self.entry.quality.controls(current_context(), self.device))
         if self.entry.replay is not None and "force" in controls:
             row = self.entry.replay.next_row(len(self.layout.blocks))
             if row is not None:
@@ -150,6 +152,8 @@ class GraphRuntime:
         at = self._output_error_at
         self.trace.append(StepRecord(ctx, new_state[self.contract.step_index], delta, thr, ok,
                                      output_error=None if at is None else new_state[at]))
+        if self.entry.quality is not None and at is not None:
+            self.entry.quality.after_step(ctx, new_state[at])
         if self.online is not None:  # may refit and swap self.weights
             self.online.after_step(got.accums, self.weights, clone=self.clone_outputs)
         self.calls += 1

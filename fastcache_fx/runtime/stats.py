@@ -12,7 +12,7 @@ from .registry import ModelEntry
 def _empty() -> dict:
     return {"block_approx_ratio": 0.0, "per_block": {}, "steps": 0, "blocks": [], "graphs": 0, "per_graph": [],
             "fallback": [], "uncompiled_calls": 0, "state_bytes": 0, "state_bytes_per_block": {},
-            "state_bytes_per_context": {}, "trajectory": {}, "trace": [], "token_merge": None, "spatial_approx_ratio": 0.0, "token_select": None}
+            "state_bytes_per_context": {}, "trajectory": {}, "quality": None, "trace": [], "token_merge": None, "spatial_approx_ratio": 0.0, "token_select": None}
 
 
 def collect(entry: ModelEntry | None) -> dict:
@@ -39,6 +39,9 @@ def collect(entry: ModelEntry | None) -> dict:
         runtimes);
         ``trajectory``: {context: {"steps", "block_approx_ratio"}} of the current trajectory of
         each context (the steps since its last step 0);
+        ``quality``: with ``enable_fastcache(..., target_psnr=...)`` whole-graph,
+        ``runtime.quality.QualityTarget.describe()`` (target, whether the sampler is known, the
+        trajectory's predicted final error), else None;
         ``trace``: one dict per step with ``context``, ``step`` (index in its trajectory),
         ``blocks``, ``approx`` [L] bools, ``delta`` [L] and ``threshold`` [L] (the bound on delta),
         and under ``decision="output"`` ``output_error``, the step's predicted relative output
@@ -76,6 +79,7 @@ def collect(entry: ModelEntry | None) -> dict:
         "state_bytes_per_block": bytes_per_block,
         "state_bytes_per_context": per_context,
         "trajectory": _trajectories(trace),
+        "quality": entry.quality.describe() if entry.quality is not None else None,
         "token_merge": _token_merge(entry),
         **_token_select(entry),
         "trace": trace,
