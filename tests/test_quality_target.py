@@ -12,7 +12,7 @@ from fastcache_fx import zoo
 from fastcache_fx.config import MAX_TARGET_PSNR, budget_for_psnr
 from fastcache_fx.ops import output_error as O
 from fastcache_fx.runtime import registry
-from fastcache_fx.runtime.quality import UNKNOWN_WEIGHT, QualityTarget, calibrate
+from fastcache_fx.runtime.quality import UNCALIBRATED_SCALE, UNKNOWN_WEIGHT, QualityTarget, calibrate
 from fastcache_fx.sensitivity import output_sensitivity, step_index
 
 COSINE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
@@ -102,7 +102,7 @@ def test_controls_weight_offset_and_pacing():
     q.before_call(sched.timesteps[3], (2, 1, 8, 8))
     s = output_sensitivity(sched).abs()
     w = float(q.controls("default", "cpu")["output.weight"])
-    assert w == pytest.approx(3.0 * float(s[3]) * 0.5 / q.allowed, rel=1e-5)  # batched CFG: factor g
+    assert w == pytest.approx(UNCALIBRATED_SCALE * float(s[3]) * 0.5 / q.allowed, rel=1e-5)  # batched: factor 1
     assert q.context_factor("uncond") == 2.0 and q.context_factor("cond") == 3.0
     q.after_step("default", torch.tensor(0.1))
     q.after_step("default", torch.tensor(0.05))
@@ -121,13 +121,14 @@ def test_calibration_reused_for_the_same_setting_and_redone_for_another():
         def run():
             q.bind(sched, guidance)
             calls.append(q.full)
-            return _fake_generation(q, sched, shape) + (0.0 if q.full else 2 * 10 ** (-36 / 20))  # 36 dB
+            return _fake_generation(q, sched, shape) + (0.0 if q.full else 2 * 10 ** (-37 / 20))  # 37 dB
         return run
 
     s10 = _ddim(10)
     rec = calibrate(q, run_for(s10, shape))
     assert calls[0] is True and not any(calls[1:]) and rec["generations"] == len(calls)
-    assert rec["rounds"][0]["psnr"] == pytest.approx(36.0, abs=0.01) and rec["scale"] == 1.0  # in [T-1, T+3]
+    assert rec["rounds"][0]["psnr"] == pytest.approx(37.0, abs=0.01)
+    assert rec["scale"] == UNCALIBRATED_SCALE  # 37 dB is in [T + 1, T + 4]: kept
     # the same setting later: the record is used
     run_for(_ddim(10), shape)()
     assert q.scale == rec["scale"] and q.describe()["calibration"] is rec
@@ -145,7 +146,7 @@ def test_calibration_reused_for_the_same_setting_and_redone_for_another():
 
     rec2 = calibrate(q2, missing)
     kept = [r for r in rec2["rounds"] if r["scale"] == rec2["scale"]]
-    assert rec2["scale"] > 1.0 and kept and kept[0]["psnr"] >= 49.0 and rec2["rounds"][0]["psnr"] < 49.0
+    assert rec2["scale"] > UNCALIBRATED_SCALE and kept and kept[0]["psnr"] >= 51.0 and rec2["rounds"][0]["psnr"] < 51.0
 
 
 def test_pipeline_target_shares_one_graph_and_meets_the_final_error_budget():
