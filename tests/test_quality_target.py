@@ -102,7 +102,8 @@ def test_controls_weight_offset_and_pacing():
     q.before_call(sched.timesteps[3], (2, 1, 8, 8))
     s = output_sensitivity(sched).abs()
     w = float(q.controls("default", "cpu")["output.weight"])
-    assert w == pytest.approx(UNCALIBRATED_SCALE * float(s[3]) * 0.5 / q.allowed, rel=1e-5)  # batched: factor 1
+    scale = UNCALIBRATED_SCALE * (50 / 10) ** 0.5  # 10 steps: sqrt(REFERENCE_STEPS / N)
+    assert w == pytest.approx(scale * float(s[3]) * 0.5 / q.allowed, rel=1e-5)  # batched CFG: factor 1
     assert q.context_factor("uncond") == 2.0 and q.context_factor("cond") == 3.0
     q.after_step("default", torch.tensor(0.1))
     q.after_step("default", torch.tensor(0.05))
@@ -128,7 +129,7 @@ def test_calibration_reused_for_the_same_setting_and_redone_for_another():
     rec = calibrate(q, run_for(s10, shape))
     assert calls[0] is True and not any(calls[1:]) and rec["generations"] == len(calls)
     assert rec["rounds"][0]["psnr"] == pytest.approx(37.0, abs=0.01)
-    assert rec["scale"] == UNCALIBRATED_SCALE  # 37 dB is in [T + 1, T + 4]: kept
+    assert rec["scale"] == q.uncalibrated_scale()  # 37 dB is in [T + 1, T + 4]: kept
     # the same setting later: the record is used
     run_for(_ddim(10), shape)()
     assert q.scale == rec["scale"] and q.describe()["calibration"] is rec
@@ -146,7 +147,7 @@ def test_calibration_reused_for_the_same_setting_and_redone_for_another():
 
     rec2 = calibrate(q2, missing)
     kept = [r for r in rec2["rounds"] if r["scale"] == rec2["scale"]]
-    assert rec2["scale"] > UNCALIBRATED_SCALE and kept and kept[0]["psnr"] >= 51.0 and rec2["rounds"][0]["psnr"] < 51.0
+    assert rec2["scale"] > q2.uncalibrated_scale() and kept and kept[0]["psnr"] >= 51.0 and rec2["rounds"][0]["psnr"] < 51.0
 
 
 def test_pipeline_target_shares_one_graph_and_meets_the_final_error_budget():

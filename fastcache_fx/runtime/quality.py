@@ -40,6 +40,11 @@ from ..sensitivity import output_sensitivity, step_index
 #: predicted 0.18-0.28 with the batched-CFG factor 1; benchmarks/quality_target.py, 2026-12-07),
 #: because errors of different steps are not aligned and the model's own feedback damps them
 UNCALIBRATED_SCALE = 0.3
+#: ... at this step count; at N steps the factor is UNCALIBRATED_SCALE sqrt(REFERENCE_STEPS / N):
+#: the overestimate of a linear sum over n approximated steps of unaligned errors is about
+#: sqrt(n), so short trajectories need a larger factor (at 10 steps the 0.3 missed the target by
+#: up to 2.6 dB on the MMDiT and the cosine DiT)
+REFERENCE_STEPS = 50
 #: dB above the target a calibration's own samples must reach (``calibrate``)
 CALIBRATION_MARGIN = 1.0
 #: the weight of a call before its context's output scale is known (the first step, which is
@@ -120,6 +125,11 @@ class QualityTarget:
         ts = tuple(round(float(t), 3) for t in self.timesteps)
         return (self.sampler_name, ts, round(self.guidance, 4), tuple(shape) if shape is not None else None)
 
+    def uncalibrated_scale(self) -> float:
+        """The weight's factor of a setting without calibration (``UNCALIBRATED_SCALE``)."""
+        n = len(self.sens) if self.sens is not None else REFERENCE_STEPS
+        return UNCALIBRATED_SCALE * (REFERENCE_STEPS / n) ** 0.5
+
     def before_call(self, timestep, shape=None) -> None:
         """A transformer call at ``timestep`` on an input of ``shape``: find the sampler (a
         pipeline's scheduler after a new ``set_timesteps``) and the step index; a step index below
@@ -141,7 +151,7 @@ class QualityTarget:
         if self.key is None:
             self.key = self.setting_key(shape)
             cal = self.calibrations.get(self.key)
-            self.scale = cal["scale"] if cal is not None else UNCALIBRATED_SCALE
+            self.scale = cal["scale"] if cal is not None else self.uncalibrated_scale()
         self.k = k
 
     def after_call(self, ctx: str, output) -> None:
@@ -245,7 +255,7 @@ def calibrate(q: QualityTarget, run, *, rounds: int = 3) -> dict:
     finally:
         q.full = False
     key = q.key
-    scale, tried = UNCALIBRATED_SCALE, []
+    scale, tried = q.uncalibrated_scale(), []
     for _ in range(rounds):
         q.calibrations[key] = {"scale": scale}
         out = run().detach().float()
