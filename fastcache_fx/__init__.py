@@ -7,7 +7,8 @@
 """
 
 from ._version import __version__
-from .api import calibrate, disable_fastcache, enable_fastcache, reset, stats
+from .api import (calibrate, calibrate_target, disable_fastcache, enable_fastcache, reset, set_sampler,
+                  set_target_psnr, stats)
 from .backend import FastCacheBackend, fastcache_backend
 from .config import FastCacheConfig
 from .config_groups import (CacheLevelConfig, CalibrationConfig, DecisionConfig, TokenMergeConfig,
@@ -25,7 +26,7 @@ from .tune import tune
 
 __all__ = [
     "CacheLevelConfig", "CalibrationConfig", "DecisionConfig", "FastCacheBackend", "FastCacheConfig", "PRESETS", "Stats",
-    "TokenMergeConfig", "TokenSelectConfig", "cache_context", "calibrate", "choose_spans", "disable_fastcache",
-    "enable_fastcache", "export", "fastcache_backend", "load_exported", "replay_decisions", "request", "reset", "stats",
-    "traceable_hooks", "tune", "__version__",
+    "TokenMergeConfig", "TokenSelectConfig", "cache_context", "calibrate", "calibrate_target", "choose_spans",
+    "disable_fastcache", "enable_fastcache", "export", "fastcache_backend", "load_exported", "replay_decisions",
+    "request", "reset", "set_sampler", "set_target_psnr", "stats", "traceable_hooks", "tune", "__version__",
 ]

@@ -1,4 +1,5 @@
-"""Public functions: enable_fastcache, disable_fastcache, stats, reset, calibrate."""
+"""Public functions: enable_fastcache, disable_fastcache, set_sampler, set_target_psnr, calibrate_target, stats,
+reset, calibrate."""
 
 from __future__ import annotations
 
@@ -35,6 +36,14 @@ def enable_fastcache(pipe_or_model, *, config: FastCacheConfig | dict | None = N
     ``config``: a ``FastCacheConfig`` (the object ``FastCacheBackend`` and ``export`` take) or a
     dict of its options; ``options``: FastCacheConfig keywords (flat names, ``preset``, group
     objects), applied on top of ``config``. ``disable_fastcache`` undoes the call.
+
+    ``target_psnr`` (whole-graph mode): the target is met on the final sample, not through a
+    fixed budget: the final sample's sensitivity to each step's output, read off the pipeline's
+    scheduler, the guidance scale and how CFG is called weigh the output budget step by step
+    (``runtime.quality``; docs/quality.md). A bare module learns its sampler from ``set_sampler``
+    and until then uses the fixed relation ``config.budget_for_psnr``. Every target shares one
+    compiled graph.
+
     ``dynamic`` goes to ``torch.compile``: None (default) lets Dynamo trace symbolic shapes from
     the second distinct shape on, so one graph serves every later resolution and batch size;
     False compiles one static graph per shape.
@@ -50,15 +59,18 @@ def enable_fastcache(pipe_or_model, *, config: FastCacheConfig | dict | None = N
         TypeError: neither a module nor an object with ``.transformer``.
     """
     config = FastCacheConfig.from_options(config, **options)
+    target = _sampler_target(config, regional)
+    if target is not None:  # one graph serves every target: the target enters as per-step controls
+        config = config.replace(target_psnr=None)
     names = denoiser_names(pipe_or_model)
     if not names:
         if not isinstance(pipe_or_model, torch.nn.Module):
             raise TypeError(f"expected a diffusers pipeline or an nn.Module, got {type(pipe_or_model).__name__}")
-        return _compile_module(pipe_or_model, config, fullgraph, mode, dynamic, regional)
+        return _compile_module(pipe_or_model, config, fullgraph, mode, dynamic, regional, target)
     offload_device = _suspend_model_offload(pipe_or_model)
     for name in names:
-        setattr(pipe_or_model, name,
-                _compile_module(getattr(pipe_or_model, name), config, fullgraph, mode, dynamic, regional))
+        setattr(pipe_or_model, name, _compile_module(getattr(pipe_or_model, name), config, fullgraph, mode, dynamic,
+                                                     regional, target, pipe=pipe_or_model))
     if offload_device is not None:
         pipe_or_model.enable_model_cpu_offload(device=offload_device)
     return pipe_or_model
@@ -120,9 +132,21 @@ def denoiser_names(pipe) -> list[str]:
     return [n for n in DENOISER_ATTRIBUTES if isinstance(getattr(pipe, n, None), torch.nn.Module)]
 
 
-def _compile_module(target: torch.nn.Module, config: FastCacheConfig, fullgraph: bool, mode, dynamic, regional: bool):
+def _sampler_target(config: FastCacheConfig, regional: bool) -> float | None:
+    """The ``target_psnr`` that ``runtime.quality`` meets per step (None: none, regional mode,
+    or a target the config already turned into computing fully)."""
+    if config.target_psnr is None or regional or not config.enable_block_approx:
+        return None
+    from .config import budget_for_psnr
+
+    return float(config.target_psnr) if budget_for_psnr(float(config.target_psnr)) is not None else None
+
+
+def _compile_module(target: torch.nn.Module, config: FastCacheConfig, fullgraph: bool, mode, dynamic, regional: bool,
+                    target_psnr: float | None = None, pipe=None):
     """One denoiser compiled (whole graph) or its blocks compiled in place (regional); each model
-    its own registry entry, so its own cache state and statistics."""
+    its own registry entry, so its own cache state and statistics. ``target_psnr``: the model's
+    ``runtime.quality.QualityTarget`` (its sampler from ``pipe``'s scheduler when given)."""
     module = registry.unwrap(target)
     entry = registry.entry_for_params(module.parameters())
     end_request_with_pipeline_call(module)
@@ -138,6 +162,11 @@ def _compile_module(target: torch.nn.Module, config: FastCacheConfig, fullgraph:
     if type(module).__name__ in DYNAMIC_OUTPUT_SHAPE_CLASSES:
         forward = torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)(forward)
     compiled.forward = watch_calls(forward, entry, module)
+    if target_psnr is not None:
+        from .runtime.quality import QualityTarget, quality_forward
+
+        entry.quality = QualityTarget(target_psnr, config.error_budget, pipe=pipe)
+        compiled.forward = quality_forward(compiled.forward, entry)
     return compiled
 
 
@@ -159,6 +188,63 @@ def end_request_with_pipeline_call(module: torch.nn.Module) -> None:
 
 def _end_request_hook(*_args, **_kwargs) -> None:
     end_current_request()
+
+
+def set_target_psnr(pipe_or_model, target_psnr: float, *, sampler_aware: bool = True) -> None:
+    """Change the ``target_psnr`` of a pipeline or model that ``enable_fastcache`` compiled with
+    one (whole-graph), without recompiling: the target is a per-step control of the graph.
+    ``sampler_aware=False`` uses the fixed relation ``config.budget_for_psnr`` as a bare backend
+    does (for comparisons).
+
+    Raises:
+        ValueError: the model was not compiled with a ``target_psnr``, or a target outside
+            0 < target <= ``config.MAX_TARGET_PSNR``.
+    """
+    from .runtime.quality import QualityTarget
+
+    names = denoiser_names(pipe_or_model)
+    models = [getattr(pipe_or_model, n) for n in names] if names else [pipe_or_model]
+    for m in models:
+        entry = registry.lookup(m)
+        if entry is None or entry.quality is None:
+            raise ValueError("target_psnr: the model was not compiled by enable_fastcache(..., target_psnr=...)")
+        q = entry.quality
+        entry.quality = QualityTarget(target_psnr, q.budget, pipe=pipe_or_model if names else None,
+                                      aware=sampler_aware)
+
+
+def calibrate_target(pipe_or_model, run, *, rounds: int = 3) -> dict:
+    """Calibrate ``target_psnr`` for one setting (scheduler and its timesteps, guidance scale,
+    input shape) of a model compiled by ``enable_fastcache(..., target_psnr=...)``: ``run()``
+    generates once with that setting and the same noise every call (fixed generator / latents)
+    and returns the final sample. It runs 1 generation computing every block and up to
+    ``rounds`` cached ones (``runtime.quality.calibrate``); later generations of the same setting
+    use the factor found, another setting is calibrated anew (or uses the uncalibrated
+    sampler-aware weight). Returns the record (scale, PSNR per round, generations, seconds), which
+    ``stats()["quality"]["calibration"]`` also shows for each call that used it.
+
+    Raises:
+        ValueError: the model was not compiled with a ``target_psnr``.
+    """
+    from .runtime.quality import calibrate
+
+    names = denoiser_names(pipe_or_model)
+    entry = registry.lookup(getattr(pipe_or_model, names[0]) if names else pipe_or_model)
+    if entry is None or entry.quality is None:
+        raise ValueError("target_psnr: the model was not compiled by enable_fastcache(..., target_psnr=...)")
+    return calibrate(entry.quality, run, rounds=rounds)
+
+
+def set_sampler(model, scheduler, guidance_scale: float = 1.0) -> bool:
+    """Tell a model compiled by ``enable_fastcache(model, target_psnr=...)`` the sampler of the
+    next generation (custom sampling loops; pipelines need not call it): ``scheduler`` after
+    ``set_timesteps``, before its first step, and the CFG scale. Returns False (and does nothing)
+    for a model without a target. Raises ValueError for a scheduler without timesteps."""
+    entry = registry.lookup(model)
+    if entry is None or entry.quality is None:
+        return False
+    entry.quality.bind(scheduler, guidance_scale)
+    return True
 
 
 #: classes ``enable_fastcache`` traces with ``capture_dynamic_output_shape_ops`` (direct

@@ -20,6 +20,12 @@ run of consecutive steps with approximations:
   Errors of consecutive approximated steps add up in the sampler's trajectory; the budget is
   on their sum, so a run ends with a full step once it is spent.
 
+Two controls let a sampler-aware caller (``runtime.quality``) steer the budget per step without a
+recompile: "output.weight" w multiplies every p (the final sample's sensitivity to this step's
+output error, in units of the allowed final error) and "output.offset" c is added to A at the
+start of the step (the error spent by earlier runs of the trajectory, and the pacing). With
+w = 1 and c = 0 (their fills, the bare backend) the rule is the one above.
+
 Verification (SpeCa, arXiv 2509.11628, forecasts then verifies): every full computation measures
 the error the approximation would have made; where it exceeds the prediction, the estimate
 (k_l, g) takes the measured value at once, and relaxes only halfway toward a smaller one, so the
@@ -48,12 +54,15 @@ def spend(spent: torch.Tensor, approx: torch.Tensor, delta: torch.Tensor, estima
     return spent + torch.where(approx, torch.nan_to_num(p, nan=0.0, posinf=0.0), torch.zeros_like(p))
 
 
-def end_of_step(run_before: torch.Tensor, spent: torch.Tensor):
+def end_of_step(run_before: torch.Tensor, spent: torch.Tensor, offset: torch.Tensor | None = None):
     """After the last block: (A for the next step, E = this step's predicted output error).
 
-    A = the run's total if the step approximated something, else 0 (a full step ends the run)."""
+    A = the run's total if the step approximated something, else 0 (a full step ends the run).
+    ``offset``: the "output.offset" control the step started from (``run_before`` = A + offset),
+    which A does not keep."""
     step_error = (spent - run_before).clamp_min(0.0)
-    return torch.where(step_error > 0, spent, torch.zeros_like(spent)).contiguous(), step_error.contiguous()
+    run = spent if offset is None else spent - offset
+    return torch.where(step_error > 0, run, torch.zeros_like(spent)).contiguous(), step_error.contiguous()
 
 
 def tail_errors(perturbed: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], groups: Sequence[str] = ()):

@@ -32,7 +32,7 @@ from .graph_utils import clone_graph_module, node_value
 from .branches import approx_branch, fake_flat, full_branch, scalar_constants
 from .extra_io import Cursor, ExtraIO, symbolic
 from .operands import contiguous_operands
-from .output_budget import finish_output_budget, output_budget, tail_streams
+from .output_budget import finish_output_budget, output_budget, tail_streams, weigh
 
 
 @dataclass
@@ -267,7 +267,7 @@ def _decision_kwargs(cur: Cursor, h: dict, kind: Approximation, config: FastCach
     if h["est"] is not None:
         kw.update(error_per_delta=h["est"], error_budget=config.error_budget)
     if budget is not None:
-        kw.update(output_gain=budget["gain"], spent=budget["spent"])
+        kw.update(output_gain=budget["weighted_gain"], spent=budget["spent"])
     kw["force"] = cur.get(force_in, k, val=_meta((), torch.int8))
     return kw
 
@@ -307,11 +307,14 @@ def _rewrite_block(gm: fx.GraphModule, io: ExtraIO, result: BlockCacheResult, k:
     cur = Cursor(graph, region.nodes[-1])
     operands, streams = contiguous_operands(cur, region, operands)
 
+    if budget is not None:
+        weigh(cur, budget)
     kw = _decision_kwargs(cur, h, kind, config, result, k, q, q_in, force_in, weights, budget)
     refs = h["prev"] if h["prev"] is not None else h["a_in"]
     ok, delta, thr = cur.unpack(cur.call(D.block_decision, streams, refs, step_node, h["consec"], t_node, **kw), 3)
     if budget is not None:
-        budget["spent"] = cur.call(O.spend, budget["spent"], ok, delta, h["est"], budget["gain"], val=_meta())
+        budget["spent"] = cur.call(O.spend, budget["spent"], ok, delta, h["est"], budget["weighted_gain"],
+                                   val=_meta())
     with graph.inserting_after(cur.node):
         attr_t = graph.get_attr(f"fc_{tag}_approx")
     with graph.inserting_after(attr_t):

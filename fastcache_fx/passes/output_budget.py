@@ -29,9 +29,21 @@ def output_budget(io: ExtraIO, regions: list[BlockRegion], config: FastCacheConf
     has_tail = bool(tail_streams(io, regions[-1].stream_outputs))
     b = {"tail": has_tail, "gain": io.state("output.gain", (), torch.float32, float("nan") if has_tail else 1.0),
          "run": io.state("output.run_error", (), torch.float32, 0.0),
-         "step_error": io.state("output.step_error", (), torch.float32, 0.0)}
+         "step_error": io.state("output.step_error", (), torch.float32, 0.0),
+         # set per call by a sampler-aware caller (runtime.quality); 1 and 0 in the bare backend
+         "weight": io.control("output.weight", (), torch.float32, 1.0),
+         "offset": io.control("output.offset", (), torch.float32, 0.0)}
     b["spent"] = b["run"]
+    b["weighted_gain"] = None
     return b
+
+
+def weigh(cur, b: dict) -> None:
+    """Before the first block's decision: the weighted gain w g every decision and ``spend`` use,
+    and the step's starting spent budget A + c (controls "output.weight" w, "output.offset" c)."""
+    if b["weighted_gain"] is None:
+        b["weighted_gain"] = cur.call(torch.mul, b["gain"], b["weight"], val=_meta())
+        b["spent"] = b["start"] = cur.call(torch.add, b["run"], b["offset"], val=_meta())
 
 
 def _user_outputs(io: ExtraIO) -> list[fx.Node]:
@@ -52,7 +64,7 @@ def finish_output_budget(io: ExtraIO, result, b: dict, step_node) -> None:
     ``result``: the pass's ``BlockCacheResult`` (its process groups)."""
     graph = io.graph
     with graph.inserting_before(io.out_node):
-        ends = graph.call_function(O.end_of_step, (b["run"], b["spent"]))
+        ends = graph.call_function(O.end_of_step, (b.get("start", b["run"]), b["spent"], b["offset"]))
         run_new = set_val(graph.call_function(operator.getitem, (ends, 0)), _meta())
         step_err = set_val(graph.call_function(operator.getitem, (ends, 1)), _meta())
         gain_new = b["gain"]

@@ -13,7 +13,7 @@ import torch
 from .model import NULL_CLASS
 from .model import scheduler_config as bundled_scheduler_config
 
-SCHEDULERS = ("ddim", "dpmsolver", "euler")
+SCHEDULERS = ("ddim", "dpmsolver", "euler", "unipc")
 
 
 def make_scheduler(name: str = "ddim", config: dict | None = None):
@@ -22,9 +22,10 @@ def make_scheduler(name: str = "ddim", config: dict | None = None):
     Raises:
         ValueError: ``name`` is not one of ``SCHEDULERS``.
     """
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
 
-    classes = {"ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
+    classes = {"ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
+               "unipc": UniPCMultistepScheduler}
     if name not in classes:
         raise ValueError(f"scheduler: expected one of {SCHEDULERS}, got {name!r}")
     cfg = dict(config or bundled_scheduler_config())
@@ -73,6 +74,8 @@ def sample(
     progress: bool = False,
     callback=None,
     scheduler_config: dict | None = None,
+    image_size: int = 8,
+    cfg: str = "batched",
 ) -> torch.Tensor:
     """Generate digits with batched CFG.
 
@@ -82,9 +85,12 @@ def sample(
         seed: one int (sample i uses ``seed + i``) or B ints.
         callback: optional ``callback(step_index, timestep)`` after each step.
         scheduler_config: the noise schedule (diffusers config keys); default the bundled DiT's.
+        image_size: side S of the samples in pixels (8, or 16 for ``model.COSINE_NAME``).
+        cfg: "batched" (one call on [2B] per step) or "separate" (a "cond" and an "uncond" call
+            on [B] each, under ``fastcache_fx.cache_context``, as Wan's pipeline calls them).
 
     Returns:
-        images [B, 1, 8, 8] float32 in [-1, 1].
+        images [B, 1, S, S] float32 in [-1, 1].
 
     Raises:
         ValueError: bad scheduler name, step count or label.
@@ -96,18 +102,33 @@ def sample(
         raise ValueError(f"class_labels: expected values in 0..{NULL_CLASS - 1}")
     if int(num_inference_steps) < 1:
         raise ValueError("num_inference_steps: must be >= 1")
+    if cfg not in ("batched", "separate"):
+        raise ValueError(f"cfg: expected 'batched' or 'separate', got {cfg!r}")
     b = labels.numel()
     seeds = sample_seeds(seed, b)
     sched = make_scheduler(scheduler, scheduler_config)
     sched.set_timesteps(int(num_inference_steps))
-    x = initial_noise(seeds) * sched.init_noise_sigma
+    from ..api import set_sampler
+
+    set_sampler(transformer, sched, guidance_scale)  # a model with target_psnr spends it on the final sample
+    x = initial_noise(seeds, (1, image_size, image_size)) * sched.init_noise_sigma
     cfg_labels = torch.cat([labels, torch.full_like(labels, NULL_CLASS)])
     it = sched.timesteps
     for i, t in enumerate(tqdm(it, desc="sampling", leave=False, disable=not progress)):
-        xin = sched.scale_model_input(torch.cat([x, x]), t)
-        tt = t.expand(2 * b).contiguous() if t.ndim == 0 else t
-        out = transformer(xin, timestep=tt, class_labels=cfg_labels).sample
-        cond, uncond = out.chunk(2)
+        if cfg == "separate":
+            from ..runtime.context import cache_context
+
+            xin = sched.scale_model_input(x, t)
+            tt = t.expand(b).contiguous()
+            with cache_context("cond"):
+                cond = transformer(xin, timestep=tt, class_labels=labels).sample
+            with cache_context("uncond"):
+                uncond = transformer(xin, timestep=tt, class_labels=cfg_labels[b:]).sample
+        else:
+            xin = sched.scale_model_input(torch.cat([x, x]), t)
+            tt = t.expand(2 * b).contiguous() if t.ndim == 0 else t
+            out = transformer(xin, timestep=tt, class_labels=cfg_labels).sample
+            cond, uncond = out.chunk(2)
         guided = uncond + guidance_scale * (cond - uncond)
         x = sched.step(guided, t, x).prev_sample
         if callback is not None:

@@ -3,6 +3,7 @@
     python -m fastcache_fx.reference.train classifier      # ~1 min
     python -m fastcache_fx.reference.train dit --steps 4000 # ~1 h on 2 cores
     python -m fastcache_fx.reference.train dit_unseen       # the unseen variant (epsilon, linear schedule)
+    python -m fastcache_fx.reference.train dit_cosine --steps 2000  # issue 37's held-out model (epsilon, cosine, 16x16)
     python -m fastcache_fx.reference.train mmdit            # the flow-matching MMDiT: see train_mmdit
     python -m fastcache_fx.reference.train wan              # the video DiT (WanTransformer3DModel): see train_wan
 
@@ -83,21 +84,23 @@ def _loss(model, sched, x0, labels, gen) -> torch.Tensor:
     return F.mse_loss(pred, target)
 
 
-def _preview(model, path: Path, scheduler_config: dict, steps: int = 25) -> float | None:
-    """Write a 10x4 grid of samples; return the classifier's accuracy on them if one exists."""
+def _preview(model, path: Path, scheduler_config: dict, steps: int = 25, image_size: int = 8) -> float | None:
+    """Write a 10x4 grid of samples; return the classifier's accuracy on them if one exists
+    (16x16 samples are 2x2 average-pooled to the classifier's 8x8)."""
     from .metrics import save_grid
+    from .mmdit import to_classifier_space
     from .model import load_classifier
     from .sampling import sample
 
     labels = torch.arange(10).repeat_interleave(4)
     imgs = sample(model, labels, num_inference_steps=steps, guidance_scale=2.0, seed=1000,
-                  scheduler_config=scheduler_config)
+                  scheduler_config=scheduler_config, image_size=image_size)
     save_grid(imgs, path, nrow=10, col_major=True)
     try:
         clf = load_classifier()
     except FileNotFoundError:
         return None
-    return _classifier_accuracy(clf, imgs, labels)
+    return _classifier_accuracy(clf, to_classifier_space(imgs), labels)
 
 
 def train_dit(steps: int = 4000, batch_size: int = 128, lr: float = 1e-3, seed: int | None = None,
@@ -113,6 +116,11 @@ def train_dit(steps: int = 4000, batch_size: int = 128, lr: float = 1e-3, seed: 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     (xtr, ytr), (xte, yte) = data.train_test_split()
+    image_size = model_config.get("sample_size", data.IMAGE_SIZE)
+    if image_size != data.IMAGE_SIZE:  # dit_cosine: 16x16, the digits upsampled as for the MMDiT
+        from .mmdit import upsample_digits
+
+        xtr, xte = upsample_digits(xtr), upsample_digits(xte)
     model = build_dit(model_config)
     ema = copy.deepcopy(model).requires_grad_(False)
     # eval(): diffusers' LabelEmbedding would otherwise drop labels independently in every block;
@@ -136,7 +144,8 @@ def train_dit(steps: int = 4000, batch_size: int = 128, lr: float = 1e-3, seed: 
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             with torch.no_grad():
                 held = float(_loss(ema, sched, xte, yte, torch.Generator().manual_seed(123)))
-            acc = _preview(ema, preview_dir / f"{name}_step{step + 1:05d}.png", scheduler_config)
+            acc = _preview(ema, preview_dir / f"{name}_step{step + 1:05d}.png", scheduler_config,
+                           image_size=image_size)
             history.append({"step": step + 1, "train_loss": loss.item(), "held_out_loss": held,
                             "preview_class_accuracy": acc, "elapsed_s": round(time.time() - t0, 1)})
             tqdm.write(str(history[-1]))
@@ -145,7 +154,8 @@ def train_dit(steps: int = 4000, batch_size: int = 128, lr: float = 1e-3, seed: 
                 "scheduler_config": scheduler_config, "null_class": NULL_CLASS,
                 "training": {"steps": step + 1, "batch_size": batch_size, "lr": lr, "seed": seed,
                              "ema_decay": ema_decay, "label_dropout": 0.1, "grad_clip": 1.0,
-                             "data": "sklearn load_digits 8x8, [-1,1], train split",
+                             "data": "sklearn load_digits 8x8, [-1,1], train split"
+                                     + ("" if image_size == 8 else ", upsampled bilinearly to 16x16"),
                              "history": history},
             }, out_dir)
 
@@ -165,7 +175,7 @@ def main(argv=None) -> None:
         train_wan.main(argv[1:])
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["classifier", "dit", "dit_unseen", "all", "mmdit", "wan"])
+    p.add_argument("what", choices=["classifier", "dit", "dit_unseen", "dit_cosine", "all", "mmdit", "wan"])
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -176,7 +186,7 @@ def main(argv=None) -> None:
         train_classifier(out_dir=a.out_dir)
     if a.what in ("dit", "all"):
         train_dit(steps=a.steps, batch_size=a.batch_size, lr=a.lr, eval_every=a.eval_every, out_dir=a.out_dir)
-    if a.what == "dit_unseen":
+    if a.what in ("dit_unseen", "dit_cosine"):
         train_dit(steps=a.steps, batch_size=a.batch_size, lr=a.lr, eval_every=a.eval_every, out_dir=a.out_dir,
                   name=a.what)
 

@@ -326,6 +326,9 @@ class BlockRuntime:
                         "t": torch.tensor(tick.t, dtype=torch.float32, device=self.device),
                         "force": (force[col:col + 1] if force is not None and col < len(force)
                                   else torch.full((1,), -1, dtype=torch.int8)).to(self.device)}
+            for c in self.layout.contract.controls:  # the output budget's weight / offset: their fills (1, 0)
+                if c.name.startswith("output."):
+                    controls.setdefault(c.name, c.initial(self.device))
             if self.binder is not None and any(c.name == "q_ratio" for c in self.layout.controls):
                 controls["q_ratio"] = self._q_ratio(key)
             weights = self._weights(model, name)

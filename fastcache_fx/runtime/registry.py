@@ -30,6 +30,7 @@ class ModelEntry:
         self.regional = None  # runtime.regional.RegionalModel in regional compilation
         self.warned = False  # the one fallback warning of this model was given
         self.uncompiled_calls = 0  # calls no compiled graph served (runtime.uncompiled)
+        self.quality = None  # runtime.quality.QualityTarget: per-step output-budget controls (target_psnr)
         self.uncompiled_reason: str | None = None
 
     def note_call(self, graph, key: tuple = (), request: str = "") -> bool:

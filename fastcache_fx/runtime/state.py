@@ -177,6 +177,8 @@ class GraphRuntime:
                 self.drop_request(req.id)
             state = self._state_for(sk, key)
             controls = self._controls(key)
+            if self.entry.quality is not None and "output.weight" in controls:  # target_psnr, sampler known
+                controls.update(self.entry.quality.controls(ctx, self.device))
             extra = self.contract.bind(state, controls, self.weights, self.online.accum if self.online else None)
         try:
             outs = self.compiled(*args, *extra)  # Dynamo's convention for backend results: positional args
@@ -197,6 +199,8 @@ class GraphRuntime:
             self.trace.append(StepRecord(ctx, new_state[self.contract.step_index], delta, thr, ok,
                                          output_error=None if at is None else new_state[at], request=req.id,
                                          evicted=evicted))
+            if self.entry.quality is not None and at is not None:
+                self.entry.quality.after_step(ctx, new_state[at])
             if self.online is not None:  # may refit and swap self.weights
                 self.online.after_step(got.accums, self.weights, clone=self.clone_outputs)
             self.calls += 1

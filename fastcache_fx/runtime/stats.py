@@ -52,6 +52,9 @@ class Stats(Mapping):
         live_requests: requests holding state now.
         evictions: (request, context) states dropped by ``max_live_requests`` so far.
         last_request: the latest request's entry, with its ``id`` (None before any call).
+        quality: with ``enable_fastcache(..., target_psnr=...)`` whole-graph,
+            ``runtime.quality.QualityTarget.describe()`` (target, whether the sampler is known, the
+            trajectory's predicted final error), else None.
         trace: one dict per step with ``context``, ``request`` (its id), ``evicted``, ``step``
             (index in its trajectory), ``blocks``,
             ``approx`` [L] bools, ``delta`` [L] and ``threshold`` [L] (the bound on delta), and
@@ -90,6 +93,7 @@ class Stats(Mapping):
     live_requests: int = 0
     evictions: int = 0
     last_request: dict | None = None
+    quality: dict | None = None
 
     def __getitem__(self, key: str):
         if key not in _FIELDS:
@@ -141,6 +145,7 @@ def collect(entry: ModelEntry | None) -> Stats:
         "live_requests": len(entry.requests.live),
         "evictions": entry.requests.evictions,
         "last_request": {"id": trace[-1]["request"], **requests[trace[-1]["request"]]} if trace else None,
+        "quality": entry.quality.describe() if entry.quality is not None else None,
         "token_merge": _token_merge(entry),
         **_token_select(entry),
         "trace": trace,
