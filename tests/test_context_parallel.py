@@ -1,6 +1,7 @@
 """The block cache under diffusers context parallelism: 2 gloo processes on this CPU, every
 rank takes the branch one process takes on the whole sequence (issue: many devices)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,20 +9,61 @@ import sys
 import pytest
 import torch
 
-from conftest import assert_parallel_equals_one_process, dynamo_graph
+from conftest import assert_parallel_equals_one_process, dynamo_graph, rel_err
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _run_worker(family: str, tmp_path) -> dict:
+def _run_worker(family: str, tmp_path, *extra: str) -> dict:
     out = tmp_path / f"{family}.pt"
     # a hang (ranks disagreeing on a branch, so one waits in a collective) fails here
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "cp_worker.py"), family, str(out)],
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "cp_worker.py"), family, str(out), *extra],
                           capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out, weights_only=False)
 
 
+def _assert_repro_equal(res: dict) -> None:
+    """Every rank equals one process on every step (relative error < 1e-4), with the same
+    decisions, the same share of block computations approximated, and the same step counter."""
+    single = res["single"]
+    assert 0 < single["ratio"] < 1  # the trajectory approximates, and not everything
+    for rank in res["ranks"]:
+        errs = [rel_err(a, b) for a, b in zip(rank["outs"], single["outs"])]
+        assert max(errs) < 1e-4, errs
+        assert [(s, a) for s, a, _ in rank["trace"]] == [(s, a) for s, a, _ in single["trace"]]
+        assert rank["ratio"] == pytest.approx(single["ratio"], abs=1e-12)
+        # the decision sums are those of the whole sequence: the same delta as one process
+        for (_, _, d), (_, _, d1) in zip(rank["trace"], single["trace"]):
+            assert d == pytest.approx(d1, rel=1e-4)
+    # diffusers' context-parallel hook caches the forward's signature on the first call, so a bare
+    # torch.compile recompiles at the second step: that identical graph must continue the trajectory
+    assert res["ranks"][0]["graphs"] == 2 and single["graphs"] == 1
+
+
+REPRO = {  # issue 36's options: cache_ratio_threshold selects the chi-square rule; {} the default rule
+    "chi2": {"cache_ratio_threshold": 0.3},
+    "output": {},
+    "step": {"cache_ratio_threshold": 0.3, "cache_level": "step"},
+}
+
+
+def test_ulysses_repro_equals_one_process(tmp_path):
+    """Issue 36: tiny Flux (1 double + 2 single blocks, 16 image + 6 text tokens) under Ulysses 2,
+    a bare ``torch.compile`` with no warm-up run before it, 7 steps, the input constant for 4
+    steps and then only rank 1's shard changing: the chi-square rule at the block level."""
+    _assert_repro_equal(_run_worker("repro", tmp_path, json.dumps(REPRO["chi2"])))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["output", "step"])
+def test_ulysses_repro_equals_one_process_other_rules(rule, tmp_path):
+    """The same trajectory with the default options (``decision="output"``: the gain, the run's
+    spent budget and the error sums cross ranks too) and at the step level."""
+    _assert_repro_equal(_run_worker("repro", tmp_path, json.dumps(REPRO[rule])))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["flux", "qwenimage", "wan"])
 def test_ulysses_decisions_equal_one_process(family, tmp_path):
     """Flux (double + single blocks), an MMDiT with joint blocks (QwenImage: diffusers' SD3
@@ -41,6 +83,7 @@ def test_ulysses_decisions_equal_one_process(family, tmp_path):
     assert cp["on_delta"][6][0] == pytest.approx(single["on_delta"][6][0], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_ulysses_step_level_equals_one_process(tmp_path):
     """cache_level="step" on Flux under Ulysses 2: the span's decision sums are all-reduced, so
     every rank takes the branch one process takes, including step 4, where only rank 1's shard
@@ -116,17 +159,22 @@ def test_token_shards_and_stream_weights(monkeypatch):
     assert shards[gathered] == 1 and shards[out.args[0][2]] == 1
     assert all(shards[n] == 1 for n in gm.graph.nodes if n.op == "placeholder")
     # two ranks, each with half of the image (h, anchor a) and all of the text (t, anchor u): the
-    # all-reduce (here: rank 1's sums added to rank 0's) of the weighted sums gives one process's delta
+    # all-reduce (here: rank 1's sums added to rank 0's) of the weighted sums (k / M: 1 for the
+    # image, 1/2 for the text) gives one process's sums, each element counted once, and its delta
     from fastcache_fx.ops import decision as D
+    from fastcache_fx.passes.shards import sum_weights
 
     h, a, t, u = torch.randn(1, 8, 8), torch.randn(1, 8, 8), torch.randn(1, 6, 8), torch.randn(1, 6, 8)
     kw = dict(q_ratio=1.0, tau=1.0, beta=None, timestep_max=1.0, min_step=1, max_consecutive=3, enabled=True)
     state = (torch.tensor(2), torch.tensor(0), torch.tensor(0.5))
     one = block_decision([h, t], [a, u], *state, **kw)[1]
-    for weights, equal in (((2, 1), True), (None, False)):
+    whole = torch.stack([(h - a).pow(2).sum() + (t - u).pow(2).sum(), a.pow(2).sum() + u.pow(2).sum()])
+    assert sum_weights([2, 1], 2, []) is None
+    for weights, equal in ((sum_weights([2, 1], 2, ["g"]), True), (None, False)):
         sent = {}
         monkeypatch.setattr(D, "sum_over_groups", lambda x, g: sent.setdefault("x", x))
         block_decision([h[:, 4:], t], [a[:, 4:], u], *state, groups=("g",), stream_weights=weights, **kw)
-        monkeypatch.setattr(D, "sum_over_groups", lambda x, g: x + sent["x"])
+        monkeypatch.setattr(D, "sum_over_groups", lambda x, g: sent.setdefault("sum", x + sent["x"]))
         two = block_decision([h[:, :4], t], [a[:, :4], u], *state, groups=("g",), stream_weights=weights, **kw)[1]
         assert (float(two) == pytest.approx(float(one), rel=1e-5)) is equal
+        assert torch.allclose(sent["sum"].reshape(2), whole, rtol=1e-5) is equal

@@ -94,12 +94,11 @@ def block_decision(
             on the whole sequence. ND (``q_ratio``) is then that of the whole sequence too
             (``passes.block_cache``: the shard's elements times the ranks its tokens are split
             over, ``passes.shards.token_shards``).
-        stream_weights: context parallelism with streams split over different numbers of ranks
-            k_s (a text stream replicated on every rank, k = 1, beside a sharded image stream,
-            k = W): stream s's local sums are multiplied by k_s before the all-reduce. The sum
-            over the mesh counts a stream W / k_s times, so every stream is then counted W
-            times, a factor common to both sums that cancels; without the weights a replicated
-            stream would weigh W times its share. None: all 1 (all streams split alike).
+        stream_weights: context parallelism: stream s's local sums are multiplied by k_s / M
+            before the all-reduce (``passes.shards.sum_weights``; k_s: the ranks its tokens are
+            split over, 1 for a text stream replicated on every rank; M: the multiplicity of
+            ``sum_over_groups``), so that the all-reduced sums count every element of the whole
+            sequence once and equal one process's sums. None: the plain sums (one process).
         history_ok: [] bool (``approx="taylor"``): the stored residuals are finite; False forces a
             full computation (folded into the sums, so that all ranks agree).
         error_per_delta, error_budget: ``decision="error"``: the block's estimate k of e / delta
@@ -165,9 +164,10 @@ def sum_over_groups(x: torch.Tensor, groups: Sequence[str]) -> torch.Tensor:
     Summing over every group the graph's collectives use gives each rank c * (the sum over all
     ranks of the mesh) with the same c on every rank and for every element: over the axes of a
     device mesh (Ulysses x ring) the sums compose to the whole mesh, and a sum over a group whose
-    ranks already hold equal values multiplies by the group size. The block decision divides two
-    such sums, so c cancels. A stream replicated on some ranks enters that mesh sum once per
-    rank holding it: ``block_decision``'s ``stream_weights`` even the streams out. Cost: one
+    ranks already hold equal values multiplies by the group size, so a value replicated on every
+    rank comes back times M, the product of the groups' sizes. The callers scale each tensor's
+    local sums by k / M (``passes.shards.sum_weights``) first: the result is then the sum over the
+    whole sequence, every element counted once. Cost: one
     all-reduce of ``x.numel()`` float32 per group.
     """
     for g in groups:

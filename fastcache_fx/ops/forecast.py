@@ -125,8 +125,8 @@ def history_finite(history) -> torch.Tensor:
 def error_sums(y_hat: Sequence[torch.Tensor], y: Sequence[torch.Tensor], weights: Sequence[float] | None = None):
     """Per-sample (||Y_hat - Y||^2, ||Y||^2) summed over the streams: two [B] float32.
 
-    ``weights``: one factor per stream (context parallelism with streams split over different
-    numbers of ranks: ``decision.block_decision``); None: all 1."""
+    ``weights``: one factor per stream (context parallelism: k / M, ``passes.shards.sum_weights``,
+    so that the all-reduced sums count every element of the whole sequence once); None: all 1."""
     err = weighted_sum([(a.float() - b.float()).pow(2).flatten(1).sum(1) for a, b in zip(y_hat, y)], weights)
     ref = weighted_sum([b.float().pow(2).flatten(1).sum(1) for b in y], weights)
     return err, ref

@@ -1,5 +1,6 @@
-"""Context parallelism as the graph shows it: the process groups of its collectives and how many ranks
-each stream's tokens are split over (``token_shards``)."""
+"""Context parallelism as the graph shows it: the process groups of its collectives, how many ranks
+each stream's tokens are split over (``token_shards``), and the factors that make an all-reduced
+sum count every element of the whole sequence once (``sum_weights``)."""
 
 from __future__ import annotations
 
@@ -108,3 +109,14 @@ def token_shards(gm: fx.GraphModule, groups: list[str] | None = None, sizes: dic
             k = n if n in counts else 1
         out[node] = k
     return out
+
+
+def sum_weights(shards: list[int], mesh: int, groups: list[str]) -> tuple[float, ...] | None:
+    """The factor of each tensor's local sums before ``decision.sum_over_groups``: k / M for a
+    tensor whose tokens are split over k of the M ranks the all-reduce counts (M: the product of
+    the groups' sizes), so that the all-reduced sum counts every element of the whole sequence
+    exactly once, a replicated tensor (k = 1) included: the sum equals one process's. None
+    without process groups (one process: the plain sums)."""
+    if not groups:
+        return None
+    return tuple(k / mesh for k in shards)

@@ -22,6 +22,7 @@ class ModelEntry:
     def __init__(self) -> None:
         self.graphs: list = []
         self.last_run: dict[str, tuple[object, tuple]] = {}  # block name -> (graph, shape key)
+        self.previous: tuple[object, tuple] | None = None  # set by note_call: the (graph, key) it replaces
         self.replay = None  # a runtime.replay.DecisionReplay while replay_decisions() is active
         self.regional = None  # runtime.regional.RegionalModel in regional compilation
         self.warned = False  # the one fallback warning of this model was given
@@ -32,13 +33,17 @@ class ModelEntry:
         """Record that ``graph`` computes its blocks now for the call with shape ``key``; True
         when another graph, or this graph at another shape, computed one of those blocks last
         (shape, dtype, device or batch changed): the caller must drop its cached state.
-        Graphs with disjoint blocks (a model split by graph breaks) never invalidate each other."""
+        Graphs with disjoint blocks (a model split by graph breaks) never invalidate each other.
+        ``self.previous`` is then the one (graph, key) that computed all of those blocks last, or
+        None (several, or some block never computed): the state the caller may take over."""
         me = (graph, key)
         changed = False
-        for b in graph.blocks:
-            last = self.last_run.get(b)
+        lasts = [self.last_run.get(b) for b in graph.blocks]
+        for b, last in zip(graph.blocks, lasts):
             changed |= last is not None and (last[0] is not graph or last[1] != key)
             self.last_run[b] = me
+        same = lasts and all(x is not None and x[0] is lasts[0][0] and x[1] == lasts[0][1] for x in lasts)
+        self.previous = lasts[0] if changed and same else None
         return changed
 
     def drop_state(self) -> None:

@@ -6,7 +6,8 @@ context, created lazily (diffusers StateManager style), sized for the call's sha
 traced with symbolic shapes serves many shapes: ``runtime.shapes.ShapeBinder``), and dropped on
 ``reset()``, when the call's shape differs from the one the state was built for, or when another
 graph computed the same blocks since this one last ran (a change of shape, dtype, device or batch
-size that Dynamo served with another graph). ``FallbackRuntime`` is a graph compiled without the
+size that Dynamo served with another graph); a graph that differs from that one in nothing the
+state describes (a recompile on a guard over Python state) takes its state over instead. ``FallbackRuntime`` is a graph compiled without the
 cache; it is registered too, so ``stats()`` says so.
 """
 
@@ -69,6 +70,7 @@ class GraphRuntime:
         self.online = None  # runtime.online.OnlineCalibration with calibration="online" (accumulator inputs)
         self.token_merge = None  # passes.token_merge result, read by stats()
         self.timestep_at = None  # position of the timestep input (drives block graphs' clock)
+        self.source = ""  # the code of the Dynamo graph it was built from ("": unknown, never taken over)
         entry.graphs.append(self)
 
     @property
@@ -99,6 +101,28 @@ class GraphRuntime:
                 block = next((b for b in self.layout.blocks if spec.name.startswith(b + ".")), "")
                 out[block] = out.get(block, 0) + t.numel() * t.element_size()
         return out
+
+    def _take_over(self, previous: tuple | None, key: tuple) -> None:
+        """Continue the trajectory of the graph this one replaces when the two differ in nothing
+        the cache state describes: the same Dynamo graph (its code: the same ops, parameters and
+        constants, so a LoRA loaded or fused, which changes it, still starts over), the same
+        blocks, the same state specs (names, static shapes, dtypes) and the same call shape. Dynamo recompiles on guards over Python state too:
+        diffusers' context-parallel hooks cache the forward's signature on the first call
+        (``ModuleForwardMetadata.cached_parameter_indices``), so a bare ``torch.compile`` of a
+        parallelised model gets a second, identical graph at the second step; starting fresh
+        there would make every rank diverge from one process. ``previous``: (graph, shape key)
+        from ``ModelEntry.note_call``. The state tensors move (the old graph drops them); its
+        statistics and the online accumulators stay where they are."""
+        if previous is None:
+            return
+        old, old_key = previous
+        if (old is self or old_key != key or not isinstance(old, GraphRuntime) or not self.source
+                or old.source != self.source or self.binder is not None
+                or old.binder is not None or old.blocks != self.blocks or old.device != self.device
+                or _state_layout(old.contract) != _state_layout(self.contract)):
+            return
+        self.states, self.keys = dict(old.states), dict(old.keys)
+        old.drop_state()
 
     def _state_for(self, ctx: str, key: tuple) -> list[torch.Tensor]:
         st = self.states.get(ctx)
@@ -132,6 +156,7 @@ class GraphRuntime:
         key = self.binder.key(args) if self.binder is not None else ()
         if self.entry.note_call(self, key):
             self.drop_state()
+            self._take_over(self.entry.previous, key)
         ctx = current_context()
         state = self._state_for(ctx, key)
         controls = self._controls(key)
@@ -154,6 +179,11 @@ class GraphRuntime:
             self.online.after_step(got.accums, self.weights, clone=self.clone_outputs)
         self.calls += 1
         return self.contract.user_result(got.user)
+
+
+def _state_layout(contract) -> list[tuple]:
+    """(name, shape, dtype) of each state spec, in order (what ``GraphRuntime._take_over`` compares)."""
+    return [(s.name, tuple(s.shape), s.dtype) for s in contract.state]
 
 
 class FallbackRuntime:
