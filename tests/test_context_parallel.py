@@ -178,3 +178,51 @@ def test_token_shards_and_stream_weights(monkeypatch):
         two = block_decision([h[:, :4], t], [a[:, :4], u], *state, groups=("g",), stream_weights=weights, **kw)[1]
         assert (float(two) == pytest.approx(float(one), rel=1e-5)) is equal
         assert torch.allclose(sent["sum"].reshape(2), whole, rtol=1e-5) is equal
+
+
+class _SingleStreamOfTextAndImage(torch.nn.Module):
+    """Text every rank holds whole concatenated with a sharded image before the blocks (a
+    single-stream block loop, as older diffusers Flux and xDiT wrappers build it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_JointBlock() for _ in range(2))
+
+    def forward(self, x, txt, temb):
+        s = torch.cat([txt, x.chunk(2, dim=1)[0]], dim=1)
+        c = txt
+        for blk in self.blocks:
+            s, c = blk(s, c, temb)
+        return s, c
+
+
+def test_token_segments_of_a_concatenated_stream(monkeypatch):
+    """A stream that joins the replicated text (k = 1) and the sharded image (k = 2): ND and the
+    weights go per token segment, so the all-reduced sums count the text once, not once per rank."""
+    from fastcache_fx.ops import decision as D
+    from fastcache_fx.passes.blocks import find_blocks
+    from fastcache_fx.passes.shards import sum_weights, token_segments, token_shards
+
+    gm, _ = dynamo_graph(_SingleStreamOfTextAndImage(), dict(x=torch.randn(1, 8, 8), txt=torch.randn(1, 6, 8),
+                                                             temb=torch.randn(1, 8)))
+    shards = token_shards(gm, ["g"], sizes={"g": 2})
+    segments = token_segments(gm, shards)
+    regions = find_blocks(gm).regions
+    assert [segments.get(r.stream_inputs[0]) for r in regions] == [((6, 1), (4, 2))] * 2
+    assert all(r.stream_inputs[1] not in segments for r in regions)
+    weights = sum_weights([segments[regions[0].stream_inputs[0]]], 2, ["g"])
+    assert weights == ((0.5,) * 6 + (1.0,) * 4,)
+    # two ranks: the text (6 tokens) on both, the image's halves (4 + 4); one process: 6 + 8 tokens
+    t, i = torch.randn(1, 6, 8), torch.randn(1, 8, 8)
+    ta, ia = torch.randn(1, 6, 8), torch.randn(1, 8, 8)
+    kw = dict(q_ratio=1.0, tau=1.0, beta=None, timestep_max=1.0, min_step=1, max_consecutive=3, enabled=True)
+    state = (torch.tensor(2), torch.tensor(0), torch.tensor(0.5))
+    one = D.block_decision([torch.cat([t, i], 1)], [torch.cat([ta, ia], 1)], *state, **kw)[1]
+    sent = {}
+    monkeypatch.setattr(D, "sum_over_groups", lambda x, g: sent.setdefault("x", x))
+    D.block_decision([torch.cat([t, i[:, 4:]], 1)], [torch.cat([ta, ia[:, 4:]], 1)], *state, groups=("g",),
+                     stream_weights=weights, **kw)
+    monkeypatch.setattr(D, "sum_over_groups", lambda x, g: x + sent["x"])
+    two = D.block_decision([torch.cat([t, i[:, :4]], 1)], [torch.cat([ta, ia[:, :4]], 1)], *state, groups=("g",),
+                           stream_weights=weights, **kw)[1]
+    assert float(two) == pytest.approx(float(one), rel=1e-5)

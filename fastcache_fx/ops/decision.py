@@ -111,9 +111,8 @@ def block_decision(
     Returns:
         (approx [] bool, delta [] float32, threshold [] float32 = sqrt of the squared bound).
     """
-    diff2 = weighted_sum([(h.float() - a.float()).pow(2).flatten(1).sum(1) for h, a in zip(streams, refs)],
-                         stream_weights)
-    ref2 = weighted_sum([a.float().pow(2).flatten(1).sum(1) for a in refs], stream_weights)
+    diff2 = sq_sums([h.float() - a.float() for h, a in zip(streams, refs)], stream_weights)
+    ref2 = sq_sums(refs, stream_weights)
     if history_ok is not None:
         diff2 = diff2 + torch.where(history_ok, 0.0, float("inf"))
     if groups:  # context parallelism: the sums over the whole sequence, identical on every rank
@@ -150,11 +149,23 @@ def _bound_sq(d2, delta, t, q_ratio, tau, beta, timestep_max, error_per_delta, e
     return tau_t * tau_t * q_ratio
 
 
-def weighted_sum(terms: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
-    """sum_s weights_s * terms_s (a plain sum when ``weights`` is None)."""
-    if weights is None:
-        return sum(terms)
-    return sum(k * t for k, t in zip(weights, terms))
+def sq_sums(xs: Sequence[torch.Tensor], weights: Sequence | None = None) -> torch.Tensor:
+    """sum_s w_s ||x_s[b]||^2 per sample b: [B] float32 from tensors x_s [B, N_s, ...].
+
+    ``weights`` (context parallelism, ``passes.shards.sum_weights``): one entry per tensor, a
+    float (every element of x_s weighs it) or a tuple of N_s floats, one per token along dim 1
+    (a tensor whose token segments are split over different numbers of ranks); None: all 1."""
+    out = None
+    for s, x in enumerate(xs):
+        x2 = x.float().pow(2)
+        w = None if weights is None else weights[s]
+        if isinstance(w, tuple):
+            v = (x2.flatten(2).sum(2) * torch.tensor(w, dtype=torch.float32, device=x.device)).sum(1)
+        else:
+            v = x2.flatten(1).sum(1)
+            v = v if w is None else v * w
+        out = v if out is None else out + v
+    return out
 
 
 def sum_over_groups(x: torch.Tensor, groups: Sequence[str]) -> torch.Tensor:

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import torch
 
-from .decision import sum_over_groups, weighted_sum
+from .decision import sq_sums, sum_over_groups
 
 
 def predicted_error(delta: torch.Tensor, estimate: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
@@ -65,9 +65,8 @@ def tail_errors(perturbed: Sequence[torch.Tensor], outputs: Sequence[torch.Tenso
     (k / M, ``passes.shards.sum_weights``: an output gathered whole on every rank counts once,
     not once per rank), are all-reduced over ``groups`` (every rank gets the same value;
     ``decision.sum_over_groups``)."""
-    err = weighted_sum([(a.float() - b.float()).pow(2).flatten(1).sum(1) for a, b in zip(perturbed, outputs)],
-                       weights)
-    ref = weighted_sum([b.float().pow(2).flatten(1).sum(1) for b in outputs], weights)
+    err = sq_sums([a.float() - b.float() for a, b in zip(perturbed, outputs)], weights)
+    ref = sq_sums(outputs, weights)
     if groups:
         err, ref = sum_over_groups(torch.stack([err, ref]), groups).unbind(0)
     return (err / ref).max().sqrt()

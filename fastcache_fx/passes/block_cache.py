@@ -26,7 +26,7 @@ from ..ops import decision as D
 from ..ops import forecast
 from ..ops import output_error as O
 from .blocks import BlockRegion, find_blocks, find_timestep, remap_region, tensor_meta
-from .shards import collective_groups, group_size, sum_weights, token_shards
+from .shards import collective_groups, group_size, sum_weights, token_segments, token_shards
 from .spans import SpanResult, group_spans
 from .graph_utils import clone_graph_module, node_value
 from .branches import approx_branch, fake_flat, full_branch, scalar_constants
@@ -52,7 +52,7 @@ class BlockCacheResult:
     online: bool = False
     dofs: list = field(default_factory=list)  # ND per block (whole sequence): int, or SymInt in a dynamic-shape graph
     groups: list[str] = field(default_factory=list)  # process groups the decision sums are all-reduced over
-    shards: list[list[int]] = field(default_factory=list)  # per block and stream: ranks its tokens are split over
+    shards: list[list] = field(default_factory=list)  # per block and stream: ranks its tokens are split over (int), or its segments ((tokens, ranks), ...)
     mesh: int = 1  # M: product of the groups' sizes; sum_over_groups returns a replicated value times M
     output_shards: dict = field(default_factory=dict, repr=False)  # user output node -> ranks its tokens are split over
     level: str = "block"  # FastCacheConfig.cache_level the regions were grouped at
@@ -191,6 +191,14 @@ def _relint(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _whole_numel(shape, k) -> int | torch.SymInt:
+    """Elements per sample of the whole sequence of a stream of local ``shape`` split over k ranks
+    (or over the ranks of each token segment ((tokens, k), ...))."""
+    if isinstance(k, tuple):
+        return sum(n * kk for n, kk in k) * _numel(shape[2:])
+    return _numel(shape[1:]) * k
+
+
 def _degrees_of_freedom(gm: fx.GraphModule, regions: list[BlockRegion], result: BlockCacheResult) -> None:
     """ND per block (``result.dofs``) and, under context parallelism, the groups, the token shards
     of the streams and of the model's outputs, and the mesh multiplicity M.
@@ -202,8 +210,9 @@ def _degrees_of_freedom(gm: fx.GraphModule, regions: list[BlockRegion], result: 
     shards = token_shards(gm, result.groups, sizes) if result.groups else {}
     for n in sizes.values():
         result.mesh *= n
-    result.shards = [[shards.get(h, 1) for h in r.stream_inputs] for r in regions]
-    result.dofs = [sum(_numel(tensor_meta(h)[0][1:]) * k for h, k in zip(r.stream_inputs, ks))
+    segments = token_segments(gm, shards) if shards else {}
+    result.shards = [[segments.get(h, shards.get(h, 1)) for h in r.stream_inputs] for r in regions]
+    result.dofs = [sum(_whole_numel(tensor_meta(h)[0], k) for h, k in zip(r.stream_inputs, ks))
                    for r, ks in zip(regions, result.shards)]
     out = next(n for n in gm.graph.nodes if n.op == "output")
     result.output_shards = {o: shards.get(o, 1) for o in out.all_input_nodes}
