@@ -7,8 +7,9 @@ traced with symbolic shapes serves many shapes: ``runtime.shapes.ShapeBinder``),
 ``reset()``, when the call's shape differs from the one the state was built for, or when another
 graph computed the same blocks since this one last ran (a change of shape, dtype, device or batch
 size that Dynamo served with another graph); a graph that differs from that one in nothing the
-state describes (a recompile on a guard over Python state) takes its state over instead. ``FallbackRuntime`` is a graph compiled without the
-cache; it is registered too, so ``stats()`` says so.
+state describes (a recompile on a guard over Python state) takes its state over instead.
+``FallbackRuntime`` is a graph compiled without the cache; it is registered too, so ``stats()``
+says so.
 """
 
 from __future__ import annotations
@@ -106,13 +107,14 @@ class GraphRuntime:
         """Continue the trajectory of the graph this one replaces when the two differ in nothing
         the cache state describes: the same Dynamo graph (its code: the same ops, parameters and
         constants, so a LoRA loaded or fused, which changes it, still starts over), the same
-        blocks, the same state specs (names, static shapes, dtypes) and the same call shape. Dynamo recompiles on guards over Python state too:
-        diffusers' context-parallel hooks cache the forward's signature on the first call
+        blocks, the same state specs (names, static shapes, dtypes) and the same call shape.
+        Dynamo recompiles on guards over Python state too: diffusers' context-parallel hooks
+        cache the forward's signature on the first call
         (``ModuleForwardMetadata.cached_parameter_indices``), so a bare ``torch.compile`` of a
         parallelised model gets a second, identical graph at the second step; starting fresh
-        there would make every rank diverge from one process. ``previous``: (graph, shape key)
-        from ``ModelEntry.note_call``. The state tensors move (the old graph drops them); its
-        statistics and the online accumulators stay where they are."""
+        there (warm-up again) made every rank diverge from one process. ``previous``: (graph,
+        shape key) from ``ModelEntry.note_call``. The state tensors move (the old graph drops
+        them); its statistics and the online accumulators stay where they are."""
         if previous is None:
             return
         old, old_key = previous
