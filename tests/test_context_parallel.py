@@ -3,6 +3,7 @@ rank takes the branch one process takes on the whole sequence (issue: many devic
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -14,12 +15,22 @@ from conftest import assert_parallel_equals_one_process, dynamo_graph, rel_err
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+TIMEOUT_S = 900  # under a loaded 2-core machine the repro takes minutes; a hang waits forever
+
+
 def _run_worker(family: str, tmp_path, *extra: str) -> dict:
     out = tmp_path / f"{family}.pt"
-    # a hang (ranks disagreeing on a branch, so one waits in a collective) fails here
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "cp_worker.py"), family, str(out), *extra],
-                          capture_output=True, text=True, timeout=420)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # own session, so that on a timeout the spawned ranks are killed with their parent
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "cp_worker.py"), family, str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        # a hang (ranks disagreeing on a branch, so one waits in a collective) fails here
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"context-parallel workers ({family}) did not finish within {TIMEOUT_S} s:\n{log[-3000:]}")
+    assert proc.returncode == 0, log[-3000:]
     return torch.load(out, weights_only=False)
 
 
