@@ -15,7 +15,7 @@ from conftest import assert_parallel_equals_one_process, dynamo_graph, rel_err
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-TIMEOUT_S = 900  # under a loaded 2-core machine the repro takes minutes; a hang waits forever
+TIMEOUT_S = 900  # seconds: the repro takes minutes on a loaded 2-core machine; a hang fails here
 
 
 def _run_worker(family: str, tmp_path, *extra: str) -> dict:
@@ -46,7 +46,7 @@ def _assert_repro_equal(res: dict) -> None:
         assert rank["ratio"] == pytest.approx(single["ratio"], abs=1e-12)
         # the decision sums are those of the whole sequence: the same delta as one process
         for (_, _, d), (_, _, d1) in zip(rank["trace"], single["trace"]):
-            assert d == pytest.approx(d1, rel=1e-4)
+            assert d == pytest.approx(d1, rel=1e-4, abs=1e-6)  # ~1e-9 on an unchanged input: rounding
     # diffusers' context-parallel hook caches the forward's signature on the first call, so a bare
     # torch.compile recompiles at the second step: that identical graph must continue the trajectory
     assert res["ranks"][0]["graphs"] == 2 and single["graphs"] == 1
