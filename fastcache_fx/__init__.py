@@ -2,21 +2,30 @@
 
     transformer = torch.compile(transformer, backend="fastcache", options={...})
     fastcache_fx.stats(transformer); fastcache_fx.reset(transformer)
+    pipe = fastcache_fx.enable_fastcache(pipe, config=FastCacheConfig(preset="fast"))
+    fastcache_fx.disable_fastcache(pipe)
 """
 
 from ._version import __version__
-from .api import calibrate, enable_fastcache, reset, stats
+from .api import calibrate, disable_fastcache, enable_fastcache, reset, stats
 from .backend import FastCacheBackend, fastcache_backend
 from .config import FastCacheConfig
+from .config_groups import (CacheLevelConfig, CalibrationConfig, DecisionConfig, TokenMergeConfig,
+                            TokenSelectConfig)
+from .presets import PRESETS
 from .deploy.load import load_exported
 from .deploy.export import export
 from .runtime.context import cache_context
 from .runtime.replay import replay_decisions
+from .runtime.requests import request
 from .runtime.span_choice import choose_spans
+from .runtime.stats import Stats
 from .runtime.traceable import traceable_hooks
 from .tune import tune
 
 __all__ = [
-    "FastCacheBackend", "FastCacheConfig", "cache_context", "calibrate", "choose_spans", "enable_fastcache", "export",
-    "fastcache_backend", "load_exported", "replay_decisions", "reset", "stats", "traceable_hooks", "tune", "__version__",
+    "CacheLevelConfig", "CalibrationConfig", "DecisionConfig", "FastCacheBackend", "FastCacheConfig", "PRESETS", "Stats",
+    "TokenMergeConfig", "TokenSelectConfig", "cache_context", "calibrate", "choose_spans", "disable_fastcache",
+    "enable_fastcache", "export", "fastcache_backend", "load_exported", "replay_decisions", "request", "reset", "stats",
+    "traceable_hooks", "tune", "__version__",
 ]

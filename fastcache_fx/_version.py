@@ -1,3 +1,3 @@
 """The package version (pyproject.toml repeats it: keep the two equal)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

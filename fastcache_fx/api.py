@@ -1,4 +1,4 @@
-"""Public functions: enable_fastcache, stats, reset, calibrate."""
+"""Public functions: enable_fastcache, disable_fastcache, stats, reset, calibrate."""
 
 from __future__ import annotations
 
@@ -6,15 +6,16 @@ import torch
 
 from .config import FastCacheConfig
 from .runtime import registry
-from .runtime.context import attach_diffusers_context
-from .runtime.opaque import make_opaque_moe
+from .runtime.context import attach_diffusers_context, detach_diffusers_context
+from .runtime.requests import end_current_request
+from .runtime.opaque import make_opaque_moe, restore_moe
 from .runtime.traceable import traceable_hooks
-from .runtime.stats import collect
+from .runtime.stats import Stats, collect
 from .runtime.uncompiled import unskip, watch_calls
 
 
-def enable_fastcache(pipe_or_model, *, fullgraph: bool = False, mode: str | None = None, dynamic: bool | None = None,
-                     regional: bool = False, **options):
+def enable_fastcache(pipe_or_model, *, config: FastCacheConfig | dict | None = None, fullgraph: bool = False,
+                     mode: str | None = None, dynamic: bool | None = None, regional: bool = False, **options):
     """Compile every denoiser of a pipeline (or a transformer) with the fastcache backend.
 
     The denoisers are ``pipe.transformer`` and, where present, ``pipe.transformer_2`` (Wan 2.2's
@@ -31,8 +32,9 @@ def enable_fastcache(pipe_or_model, *, fullgraph: bool = False, mode: str | None
     (``runtime.opaque``). Classes in ``DYNAMIC_OUTPUT_SHAPE_CLASSES`` (Mochi) are traced with
     data-dependent output shapes captured, not split off by a graph break.
 
-    Options are FastCacheConfig fields (the reference code's names: cache_ratio_threshold,
-    significance_level, motion_threshold, adaptive_beta, enable_block_approx).
+    ``config``: a ``FastCacheConfig`` (the object ``FastCacheBackend`` and ``export`` take) or a
+    dict of its options; ``options``: FastCacheConfig keywords (flat names, ``preset``, group
+    objects), applied on top of ``config``. ``disable_fastcache`` undoes the call.
     ``dynamic`` goes to ``torch.compile``: None (default) lets Dynamo trace symbolic shapes from
     the second distinct shape on, so one graph serves every later resolution and batch size;
     False compiles one static graph per shape.
@@ -42,11 +44,12 @@ def enable_fastcache(pipe_or_model, *, fullgraph: bool = False, mode: str | None
     ``_suspend_model_offload``), so both orders work.
 
     Raises:
-        ValueError: a bad option value (the message names the field); ``regional=True`` with
+        ValueError: a bad option value (the message names the field), two options of which one
+            makes the other meaningless (both named); ``regional=True`` with
             token selection or token merging, or on a model without recognisable blocks.
         TypeError: neither a module nor an object with ``.transformer``.
     """
-    config = FastCacheConfig.from_options(options)
+    config = FastCacheConfig.from_options(config, **options)
     names = denoiser_names(pipe_or_model)
     if not names:
         if not isinstance(pipe_or_model, torch.nn.Module):
@@ -59,6 +62,49 @@ def enable_fastcache(pipe_or_model, *, fullgraph: bool = False, mode: str | None
     if offload_device is not None:
         pipe_or_model.enable_model_cpu_offload(device=offload_device)
     return pipe_or_model
+
+
+def disable_fastcache(pipe_or_model):
+    """Undo ``enable_fastcache``: every denoiser of the pipeline gets its uncompiled module back
+    (a compiled module given alone: that module is returned), with the cache state, statistics
+    and what ``enable_fastcache`` added removed (the regional step hook and compiled blocks, the
+    CFG-context hook, the opaque MoE forwards); model CPU offload, if on, is moved to the
+    restored module. The restored module computes exactly what it computed before compiling.
+    (Dynamo keeps the compiled code it cached; ``torch._dynamo.reset()`` drops it.)
+
+    Returns:
+        the pipeline, or the uncompiled module.
+
+    Raises:
+        TypeError: neither a module nor an object with ``.transformer``.
+    """
+    names = denoiser_names(pipe_or_model)
+    if not names:
+        if not isinstance(pipe_or_model, torch.nn.Module):
+            raise TypeError(f"expected a diffusers pipeline or an nn.Module, got {type(pipe_or_model).__name__}")
+        return _restore_module(pipe_or_model)
+    offload_device = _suspend_model_offload(pipe_or_model)
+    for name in names:
+        setattr(pipe_or_model, name, _restore_module(getattr(pipe_or_model, name)))
+    if offload_device is not None:
+        pipe_or_model.enable_model_cpu_offload(device=offload_device)
+    return pipe_or_model
+
+
+def _restore_module(target: torch.nn.Module) -> torch.nn.Module:
+    """The module behind ``target`` with what ``_compile_module`` added removed."""
+    module = registry.unwrap(target)
+    for m in module.modules():  # regional: blocks compiled in place (nn.Module.compile)
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None
+    handle = module.__dict__.pop("_fastcache_step_hook", None)
+    if handle is not None:
+        handle.remove()
+    module.__dict__.pop("_reset_stateful_cache", None)  # end_request_with_pipeline_call's hook
+    restore_moe(module)
+    detach_diffusers_context(module)
+    registry.forget(module)
+    return module
 
 
 #: pipeline attributes that hold a denoiser (Wan 2.2: ``transformer`` for high noise,
@@ -79,7 +125,7 @@ def _compile_module(target: torch.nn.Module, config: FastCacheConfig, fullgraph:
     its own registry entry, so its own cache state and statistics."""
     module = registry.unwrap(target)
     entry = registry.entry_for_params(module.parameters())
-    attach_diffusers_context(module, on_reset=entry.drop_state)
+    end_request_with_pipeline_call(module)
     backend = _backend_for(config, mode)
     make_opaque_moe(module)  # HiDream: its MoE routing would break the graph inside every block
     traceable_hooks(module)  # context parallelism's hooks on a block (Wan) would break the block loop
@@ -95,8 +141,28 @@ def _compile_module(target: torch.nn.Module, config: FastCacheConfig, fullgraph:
     return compiled
 
 
+def end_request_with_pipeline_call(module: torch.nn.Module) -> None:
+    """Free a request's cache state when the diffusers pipeline call that runs ``module`` ends.
+
+    Every diffusers pipeline ends its ``__call__`` with ``maybe_free_model_hooks()``, which calls
+    ``component._reset_stateful_cache()`` on each component that has it (a compiled module
+    forwards the lookup to the module it wraps). Models with diffusers' CacheMixin have it: it
+    resets their stateful hooks, among them ours (``runtime.context.attach_diffusers_context``),
+    which ends the calling thread's request (``runtime.requests.end_current_request``). Models
+    without CacheMixin (DiT, PixArt) get an instance attribute of that name that does the same.
+    Other requests, running concurrently, keep their state. Idempotent."""
+    if attach_diffusers_context(module, on_reset=end_current_request):
+        return
+    if "_reset_stateful_cache" not in module.__dict__:
+        module.__dict__["_reset_stateful_cache"] = _end_request_hook
+
+
+def _end_request_hook(*_args, **_kwargs) -> None:
+    end_current_request()
+
+
 #: classes ``enable_fastcache`` traces with ``capture_dynamic_output_shape_ops`` (direct
-#: ``torch.compile`` users set it themselves, README "Many models in one process"): Mochi's text
+#: ``torch.compile`` users set it themselves, docs/pipelines.md "Around the pipeline"): Mochi's text
 #: mask selects tokens by value (``nonzero``), a data-dependent shape; without it Dynamo breaks the
 #: graph inside every block. Not for every class: HunyuanVideo 1.5's graph, traced with it, hides
 #: its main blocks from the block search (unbacked sizes)
@@ -157,7 +223,7 @@ def _compile_regional(module: torch.nn.Module, backend, **compile_kw) -> None:
                          "no ModuleList of identical blocks)")
     entry = registry.entry_for_params(module.parameters())
     if entry.regional is None:
-        entry.regional = RegionalModel(entry, config.trace_steps)
+        entry.regional = RegionalModel(entry, config)
     entry.regional.register_blocks(blocks)
     install_step_hook(module, entry.regional)
     if repeated:
@@ -167,9 +233,10 @@ def _compile_regional(module: torch.nn.Module, backend, **compile_kw) -> None:
             m.compile(backend=backend, **compile_kw)
 
 
-def stats(model) -> dict:
+def stats(model) -> Stats:
     """Decisions of every fastcache graph compiled for ``model`` (module, compiled module or
-    pipeline): see ``fastcache_fx.runtime.stats.collect`` for the fields."""
+    pipeline) since its last ``reset()``: a ``Stats`` (``fastcache_fx.runtime.stats.Stats``
+    documents the fields; ``st.block_approx_ratio`` or, as a mapping, ``st["block_approx_ratio"]``)."""
     return collect(registry.lookup(model))
 
 

@@ -172,6 +172,11 @@ def lower(b: Build):
         from .lowering.tensorrt import compile_tensorrt
 
         return compile_tensorrt(b.gm, list(b.example_inputs) + extra, b.layout.blocks)
+    if b.config.lowering == "inductor_split":  # one piece per side of each cond (CUDA graphs on CUDA)
+        from .lowering.inductor_split import compile_inductor_split, piece_mode
+
+        return compile_inductor_split(b.gm, list(b.example_inputs) + extra, b.layout.blocks,
+                                      piece_mode(b.mode, b.device))
     return compile_graph(b.gm, list(b.example_inputs) + extra, b.mode)
 
 
@@ -296,9 +301,11 @@ def runtime_for(b: Build, entry: registry.ModelEntry | None = None) -> GraphRunt
         entry = registry.entry_for_params([x for x, n in zip(b.example_inputs, phs)
                                            if isinstance(x, torch.Tensor) and is_param(n)])
     runtime = GraphRuntime(entry, b.layout, b.compiled, b.weights, b.device, b.config.trace_steps,
-                           clone_outputs=b.mode == "reduce-overhead",
+                           # the split pieces copy their outputs out of the pool themselves
+                           clone_outputs=b.mode == "reduce-overhead" and b.config.lowering != "inductor_split",
                            binder=ShapeBinder([node_value(p) for p in phs]) if b.dynamic else None,
-                           significance_level=b.config.significance_level)
+                           significance_level=b.config.significance_level, trace_requests=b.config.trace_requests,
+                           max_live_requests=b.config.max_live_requests)
     runtime.token_merge = b.merge
     runtime.source = b.source
     runtime.online = b.online

@@ -12,7 +12,7 @@ import sys
 
 # subcommand -> module implementing add_arguments/run
 COMMANDS = {
-    "demo": ("fastcache_fx.demo", "baseline vs fastcache on a bundled reference model (--model dit | mmdit)"),
+    "demo": ("fastcache_fx.demo", "baseline vs fastcache on a bundled reference model (--model dit | mmdit | wan | dit_unseen)"),
     "calibrate": ("fastcache_fx.calibration.cli", "fit linear block maps (ridge) on the reference model"),
     "explain": ("fastcache_fx.debug.explain_cli", "show the blocks found and the graph diff of each pass"),
     "diff": ("fastcache_fx.debug.diff_cli", "compare two graph dumps or export manifests"),
@@ -43,6 +43,16 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"fastcache-fx {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in DEMO_MODULES:  # the reference models' dependencies
+            print(f"fastcache-fx {args.command}: error: {e.name} is missing; the bundled reference models need the "
+                  'demo extra: pip install "fastcache-fx[demo]"', file=sys.stderr)
+            return 2
+        raise
+
+
+#: the packages of the ``demo`` extra (pyproject.toml), imported only by the reference models and plots
+DEMO_MODULES = ("sklearn", "matplotlib", "transformers", "tqdm")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 
 from .config import FastCacheConfig
+from .config_rules import TOKEN_MERGE_KNOBS, TOKEN_SELECT_KNOBS
 
 #: the options that change the token count across blocks (what one block graph cannot do)
 TOKEN_PASSES = (("enable_spatial_approx", "token selection"), ("enable_token_merge", "token merging"))
@@ -42,8 +43,12 @@ def check(config: FastCacheConfig, target: Target, *, stacklevel: int = 3) -> Fa
         ValueError: an option the target cannot run (the message names it and says why):
             token selection / merging in a block graph or under context parallelism; token
             passes or online calibration in an export; the step and span cache levels in a block
-            graph or with a token pass.
+            graph; ``lowering="inductor_split"`` in a block graph, with dynamic shapes or under
+            context parallelism. (What depends on the config alone, e.g. a token pass at the step
+            level, is refused when the config is built.)
     """
+    if config.lowering == "inductor_split":
+        _check_split(config, target)
     if config.cache_level != "block":
         _check_level(config, target)
     if target.block_graph:
@@ -66,10 +71,6 @@ def check(config: FastCacheConfig, target: Target, *, stacklevel: int = 3) -> Fa
                 raise ValueError(f"FastCacheConfig.{name}: {why}")
         if config.calibration == "online":
             raise ValueError("FastCacheConfig.calibration: export needs fixed maps (a calibration file), not 'online'")
-    if config.enable_spatial_approx and config.enable_token_merge and not target.export:
-        warnings.warn("fastcache: enable_spatial_approx with enable_token_merge is not supported; "
-                      "compiled without token selection", stacklevel=stacklevel)
-        config = config.replace(enable_spatial_approx=False)
     if config.lowering == "tensorrt" and target.dynamic:
         warnings.warn("fastcache: lowering='tensorrt' needs static shapes; this dynamic-shape graph is lowered "
                       "by Inductor", stacklevel=stacklevel)
@@ -78,19 +79,33 @@ def check(config: FastCacheConfig, target: Target, *, stacklevel: int = 3) -> Fa
             if getattr(config, name) and not target.block_graph:
                 warnings.warn(f"fastcache: {what} needs static shapes; this dynamic-shape graph keeps the block "
                               f"cache only (pass dynamic=False to torch.compile for {what})", stacklevel=stacklevel)
-        config = config.replace(enable_spatial_approx=False, enable_token_merge=False)
+        config = config.replace(enable_spatial_approx=False, enable_token_merge=False,
+                                **dict.fromkeys(TOKEN_SELECT_KNOBS + TOKEN_MERGE_KNOBS))  # their knobs go with them
     return config
 
 
 def _check_level(config: FastCacheConfig, target: Target) -> None:
-    """The step and span levels (``passes.spans``) need the whole stack in one graph and the
-    same tokens through it."""
+    """The step and span levels (``passes.spans``) need the whole stack in one graph (the token
+    passes, which they exclude too, are refused when the config is built)."""
     level = config.cache_level
     if target.block_graph:
         raise ValueError(f"FastCacheConfig.cache_level: {level!r} decides once for a run of blocks, which needs the "
                          "whole transformer in one graph; regional compilation compiles one graph per block class "
                          "(use cache_level='block' there, or compile the whole transformer)")
-    for name, what in TOKEN_PASSES:
-        if getattr(config, name):
-            raise ValueError(f"FastCacheConfig.{name}: {what} changes the tokens between blocks, which a span's "
-                             f"residual cannot follow; not with cache_level={level!r}")
+
+
+def _check_split(config: FastCacheConfig, target: Target) -> None:
+    """``lowering="inductor_split"`` (``lowering/inductor_split.py``) cuts one whole-transformer
+    graph of static shapes at its conds."""
+    if target.block_graph:
+        raise ValueError("FastCacheConfig.lowering: 'inductor_split' cuts the whole step at its decision; regional "
+                         "compilation compiles one graph per block class (compile the whole transformer, or use "
+                         "lowering='inductor')")
+    if target.dynamic:
+        raise ValueError("FastCacheConfig.lowering: 'inductor_split' needs static shapes (a CUDA graph replays one "
+                         "shape); pass dynamic=False to torch.compile: Dynamo then compiles one piece set per "
+                         "input shape")
+    if target.collectives:
+        raise ValueError("FastCacheConfig.lowering: 'inductor_split' is not available under context parallelism "
+                         "(the decision's collectives would sit in a separately captured piece; not checked yet): "
+                         "use lowering='inductor'")

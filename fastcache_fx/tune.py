@@ -57,8 +57,8 @@ class TuneResult:
 
 
 def psnr_db(output: torch.Tensor, reference: torch.Tensor) -> float:
-    """``reference.metrics.psnr_db`` with the reference's own range (model outputs of any range)."""
-    from .reference.metrics import psnr_db as _psnr_db
+    """``metrics.psnr_db`` with the reference's own range (model outputs of any range)."""
+    from .metrics import psnr_db as _psnr_db
 
     out, ref = output.detach().float(), reference.detach().float()
     return _psnr_db(out.reshape(1, -1) if out.dim() < 2 else out, ref.reshape(1, -1) if ref.dim() < 2 else ref,

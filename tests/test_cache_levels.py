@@ -177,7 +177,7 @@ def test_span_taylor_forecast_equals_eager_extrapolation(state_dtype):
     assert hist
     big = {s.dtype for s in g.layout.state if len(s.shape) == 3}
     assert big == {torch.bfloat16 if state_dtype else torch.float32}
-    g.states["default"][names.index(hist[-1])][0, 0, 0] = float("nan")
+    g.state_of("default")[names.index(hist[-1])][0, 0, 0] = float("nan")
     out = compiled(x, timestep=torch.full((2,), 600), class_labels=labels).sample
     assert fastcache_fx.stats(model)["trace"][-1]["approx"] == [False] and torch.isfinite(out).all()
 

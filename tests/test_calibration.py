@@ -385,8 +385,9 @@ def test_compiled_residual_linear_from_a_file(tmp_path, decision):
     cal = calibrate(model, _run_fn(kw), out=path, kind="residual_linear")
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="fastcache", dynamic=False, options={
-        "approx": "residual_linear", "calibration": str(path), "decision": decision, "cache_ratio_threshold": 1e6,
-        "error_budget": 1e6, "warmup_steps": 1, "max_consecutive_approx": 100})
+        "approx": "residual_linear", "calibration": str(path), "decision": decision,
+        ("cache_ratio_threshold" if decision == "chi2" else "error_budget"): 1e6, "warmup_steps": 1,
+        "max_consecutive_approx": 100})
     step = lambda m, t: m(**{**kw, "timestep": torch.full_like(kw["timestep"], t)}).sample  # noqa: E731
     if decision == "error":
         with torch.no_grad():

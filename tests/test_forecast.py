@@ -146,7 +146,7 @@ def test_nan_in_history_forces_full_compute(taylor_dit):
     graph = registry.lookup(model).graphs[-1]
     names = [s.name for s in graph.layout.state]
     assert "transformer_blocks.1.res_hist.0.1" in names and "transformer_blocks.1.hist_t" in names
-    state = graph.states["default"]
+    state = graph.state_of("default")
     state[names.index("transformer_blocks.1.res_hist.0.1")][0, 0, 0] = float("nan")
     out = compiled(x, timestep=torch.full((2,), 700), class_labels=labels).sample
     assert fastcache_fx.stats(model)["trace"][-1]["approx"] == [True, False] and torch.isfinite(out).all()
@@ -173,7 +173,7 @@ def test_error_estimate_equals_eager_recomputation():
         compiled(xi, timestep=torch.full((2,), t), class_labels=labels)
         g = registry.lookup(model).graphs[-1]
         names = [s.name for s in g.layout.state]
-        got.append([float(g.states["default"][names.index(f"transformer_blocks.{i}.error")]) for i in range(2)])
+        got.append([float(g.state_of("default")[names.index(f"transformer_blocks.{i}.error")]) for i in range(2)])
     assert not any(any(r) for r in (t["approx"] for t in fastcache_fx.stats(model)["trace"]))
     rec = []
     for xi, t in zip(xs, ts):
@@ -190,7 +190,7 @@ def test_error_estimate_equals_eager_recomputation():
     delta = [t["delta"] for t in fastcache_fx.stats(model)["trace"]]
     g = registry.lookup(model).graphs[-1]
     names = [s.name for s in g.layout.state]
-    k = float(g.states["default"][names.index("transformer_blocks.1.error_per_delta")])
+    k = float(g.state_of("default")[names.index("transformer_blocks.1.error_per_delta")])
     expect = 0.5 * (got[1][1] / delta[1][1] + got[2][1] / delta[2][1])
     assert abs(k - expect) <= 1e-4 * expect
 
@@ -216,5 +216,5 @@ def test_taylor_with_a_float32_timestep():
     ts[-1].fill_(5000.0)  # the caller reuses its buffer: the cached prev_t must not follow it
     assert fastcache_fx.stats(compiled)["block_approx_ratio"] > 0
     assert all(torch.isfinite(o).all() for o in outs)
-    prev_t = registry.lookup(compiled).graphs[0].states["default"][1]
+    prev_t = registry.lookup(compiled).graphs[0].state_of("default")[1]
     assert float(prev_t) == 600.0

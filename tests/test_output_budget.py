@@ -23,7 +23,7 @@ def _rel(a, b):
 
 def _state(model):
     g = registry.lookup(model).graphs[-1]
-    return dict(zip([s.name for s in g.layout.state], g.states["default"]))
+    return dict(zip([s.name for s in g.layout.state], g.state_of("default")))
 
 
 def _eager_step(model, x, labels, t, perturb=None):

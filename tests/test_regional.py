@@ -78,7 +78,7 @@ def test_regional_decisions_and_outputs_equal_whole_graph():
     # contexts have their own state
     with fastcache_fx.cache_context("uncond"):
         regional(x, timestep=torch.full((2,), 900), class_labels=labels)
-    assert {c for _, c in reg.states} == {"default", "uncond"}
+    assert {c for _, (_, c) in reg.states} == {"default", "uncond"}  # keys: (block, (request, context))
 
 
 def test_compile_repeated_blocks_with_fastcache_backend():

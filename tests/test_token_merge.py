@@ -161,10 +161,10 @@ def _run(gm, ex, result):
 def test_pass_merge_ratio_one_is_identity_and_shapes_follow(dit_graph):
     gm, ex = dit_graph
     ref = gm(*ex)[0]
-    gm1, res = apply_token_merge(gm, FastCacheConfig(merge_ratio=1.0, num_stages=3))
+    gm1, res = apply_token_merge(gm, FastCacheConfig(enable_token_merge=True, merge_ratio=1.0, num_stages=3))
     assert res.applied and res.tokens_per_stage == [16, 16, 16]
     torch.testing.assert_close(_run(gm1, ex, res)[0], ref, rtol=1e-5, atol=1e-5)
-    gm5, res5 = apply_token_merge(gm, FastCacheConfig(merge_ratio=0.5, num_stages=3))
+    gm5, res5 = apply_token_merge(gm, FastCacheConfig(enable_token_merge=True, merge_ratio=0.5, num_stages=3))
     assert res5.tokens_per_stage == [16, 8, 4] and res5.grid == (4, 4)
     # the block finder sees the merged stream shapes (meta["val"] refreshed)
     assert [tuple(node_value(r.stream_inputs[0]).shape) for r in find_blocks(gm5).regions] == [(2, 16, 16), (2, 8, 16), (2, 4, 16)]
@@ -180,7 +180,7 @@ def test_pass_leaves_blocks_alone_that_bake_the_token_count():
     torch._dynamo.reset()
     torch.compile(model, backend=lambda gm, ex, **_: got.setdefault("gm", gm).forward, dynamic=False)(**kw)
     torch._dynamo.reset()
-    gm, res = apply_token_merge(got["gm"], FastCacheConfig(merge_ratio=0.5, num_stages=2))
+    gm, res = apply_token_merge(got["gm"], FastCacheConfig(enable_token_merge=True, merge_ratio=0.5, num_stages=2))
     assert not res.applied and "token-count generic" in res.reason and gm is got["gm"]
 
 

@@ -70,7 +70,7 @@ def test_unchanged_tokens_are_static():
 def test_bucket_sizes_and_config():
     assert bucket_sizes(16, (0.25, 0.5, 0.75, 1.0)) == [4, 8, 12, 16]
     assert bucket_sizes(10, (0.25,)) == [3, 10]
-    assert FastCacheConfig(token_buckets=[0.5, 0.25]).token_buckets == (0.25, 0.5)
+    assert FastCacheConfig(enable_spatial_approx=True, token_buckets=[0.5, 0.25]).token_buckets == (0.25, 0.5)
     for field, value in (("token_buckets", (0.0,)), ("token_buckets", ()), ("token_buckets", (1.5,)),
                          ("static_approx", "linear_cached")):
         with pytest.raises(ValueError, match=f"FastCacheConfig.{field}"):
@@ -84,7 +84,7 @@ def test_bucket_sizes_and_config():
 def test_flux_variant_matches_eager_on_the_same_token_subset():
     model, kw = zoo.build("flux", "tiny")
     gm, inputs = dynamo_graph(model, kw)
-    cfg = FastCacheConfig(motion_threshold=0.0)
+    cfg = FastCacheConfig(enable_spatial_approx=True, motion_threshold=0.0)
     gm8, res = apply_token_select(gm, cfg, 8)
     assert res.applied, res.reason
     assert res.tokens == 16 and res.text_tokens == 6 and len(res.contexts) == 2  # rotary cos, sin
@@ -141,7 +141,7 @@ def test_changed_token_set_forces_full_blocks():
 
     model, kw = zoo.build("dit", "tiny")
     gm, inputs = dynamo_graph(model, kw)
-    cfg = FastCacheConfig(motion_threshold=0.0, warmup_steps=0)
+    cfg = FastCacheConfig(enable_spatial_approx=True, motion_threshold=0.0, warmup_steps=0)
     gm4, res = apply_token_select(gm, cfg, 4)
     gm4, layout = apply_block_cache(gm4, cfg, find_blocks(gm4).regions)
     gm4 = attach_token_select(gm4)
@@ -239,7 +239,7 @@ def selected_run():
     _trajectory(sel, kw, moves)
     rt = registry.lookup(model).graphs[-1]
     st1 = fastcache_fx.stats(sel)
-    snap = rt.states["default"]
+    snap = rt.state_of("default")
     snap = {"idx": snap["idx"][8].clone(), "x_ref": snap["shared"][0].clone(), "y_ref": snap["shared"][1].clone()}
     # a new trajectory (timestep back up) while the small variant is picked: every token runs
     _trajectory(sel, kw, [[0]], timesteps=[900])

@@ -122,12 +122,16 @@ def test_missing_stack_map_warns_and_falls_back_to_cached(dit, dit_graph, tmp_pa
     model, kw = dit
     regions = find_blocks(dit_graph[0]).regions
     C.save(C.calibrate(model, _run_fn(kw, (0,)), kind="linear"), tmp_path / "blocks.safetensors")
-    for cal, why in ((None, "no calibration"), ("online", "online"), (str(tmp_path / "blocks.safetensors"), "no stack map")):
+    for cal, why in ((None, "no calibration"), (str(tmp_path / "blocks.safetensors"), "no stack map")):
         with pytest.warns(UserWarning, match=why):
-            assert _stack_map(FastCacheConfig(static_approx="linear", calibration=cal), regions, "cpu") == ("cached", None)
+            cfg = FastCacheConfig(enable_spatial_approx=True, static_approx="linear", calibration=cal)
+            assert _stack_map(cfg, regions, "cpu") == ("cached", None)
+    with pytest.raises(ValueError, match="calibration.*approx"):  # online fits block maps, never a stack map
+        FastCacheConfig(enable_spatial_approx=True, static_approx="linear", calibration="online")
     C.calibrate_stack(model, _run_fn(kw, (0,)), out=tmp_path / "s.safetensors", kind="stack_cached_linear")
-    got, (w, b) = _stack_map(FastCacheConfig(static_approx="cached_linear", calibration=str(tmp_path / "s.safetensors")),
-                             regions, "cpu")
+    cfg = FastCacheConfig(enable_spatial_approx=True, static_approx="cached_linear",
+                          calibration=str(tmp_path / "s.safetensors"))
+    got, (w, b) = _stack_map(cfg, regions, "cpu")
     assert got == "cached_linear" and w.shape == (16, 16) and b.shape == (16,)
 
 
@@ -183,7 +187,7 @@ def _trajectory(model, kw, moves, snaps):
             x[:, :, 2 * r:2 * r + 2, 2 * c:2 * c + 2] += 1.0
         model(**dict(kw, hidden_states=x, timestep=torch.full((2,), t, dtype=torch.long)))
         rt = registry.lookup(model).graphs[-1]
-        st = rt.states["default"]
+        st = rt.state_of("default")
         k = rt.select_trace[-1].k
         snaps.append((k, st["idx"][k].clone() if k < 16 else None, st["shared"][0].clone(), st["shared"][1].clone()))
 

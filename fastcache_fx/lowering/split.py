@@ -1,6 +1,6 @@
 """Split a rewritten graph at its block conds: glue pieces and per-block branch pieces.
 
-TensorRT has no cond converter (DESIGN.md), so ``lowering="tensorrt"`` and
+TensorRT has no cond converter (docs/deployment.md "TensorRT"), so ``lowering="tensorrt"`` and
 ``export(format="tensorrt")`` cut the graph produced by ``passes.block_cache`` into
 
     glue_0, block_0 (approx | full), glue_1, block_1 (approx | full), ..., glue_L
@@ -59,6 +59,18 @@ def _val(n: fx.Node):
     return node_value(n)
 
 
+def _input_placeholder(g: fx.Graph, name: str, source: fx.Node, meta: dict) -> fx.Node:
+    """A placeholder of a piece standing for ``source``, a value of the split graph: a placeholder of
+    it (a parameter, a user input, state) keeps Dynamo's metadata (its ``_dynamo_source`` and its
+    meta: ``tensor_dict`` marks parameters static for CUDA graphs); an intermediate value gets
+    ``_dynamo_source = None``, as the pieces of Dynamo's DDPOptimizer do."""
+    ph = g.placeholder(name)
+    ph.meta = dict(source.meta) if source.op == "placeholder" else {}
+    ph.meta.update(meta)
+    ph._dynamo_source = getattr(source, "_dynamo_source", None) if source.op == "placeholder" else None
+    return ph
+
+
 def _piece_module(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node],
                   consts: dict[fx.Node, torch.Tensor]) -> fx.GraphModule:
     """GraphModule computing ``outputs`` (tuple) from ``inputs``; ``consts`` become buffers."""
@@ -66,8 +78,7 @@ def _piece_module(nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for i, n in enumerate(inputs):
-        env[n] = g.placeholder(f"in{i}_{n.name}")
-        env[n].meta["val"] = _val(n)
+        env[n] = _input_placeholder(g, f"in{i}_{n.name}", n, {"val": _val(n)})
     for n in nodes:
         for a in n.all_input_nodes:
             if a not in env and a in consts:
@@ -85,14 +96,19 @@ def _bake_branch(branch: fx.GraphModule, operands: Sequence, consts: dict[fx.Nod
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     phs = [n for n in branch.graph.nodes if n.op == "placeholder"]
+    seen: set[fx.Node] = set()
     for ph, op in zip(phs, operands):
         if isinstance(op, fx.Node) and op in consts:
             name = f"c{len(root._buffers)}"
             root.register_buffer(name, consts[op].detach())
             env[ph] = g.get_attr(name)
+        elif isinstance(op, fx.Node) and op not in seen:  # one Dynamo source per piece input
+            seen.add(op)
+            env[ph] = _input_placeholder(g, ph.name, op, ph.meta)
         else:
             env[ph] = g.placeholder(ph.name)
             env[ph].meta = dict(ph.meta)
+            env[ph]._dynamo_source = None
     for n in branch.graph.nodes:
         if n.op == "placeholder":
             continue
@@ -105,8 +121,8 @@ def _bake_branch(branch: fx.GraphModule, operands: Sequence, consts: dict[fx.Nod
     return fx.GraphModule(root, g)
 
 
-def split_graph(gm: fx.GraphModule, example_inputs: Sequence,
-                block_names: Sequence[str] | None = None) -> tuple[list[Piece], list[str | None], list[str]]:
+def split_graph(gm: fx.GraphModule, example_inputs: Sequence, block_names: Sequence[str] | None = None,
+                bake_params: bool = True) -> tuple[list[Piece], list[str | None], list[str]]:
     """Cut ``gm`` (output of ``apply_block_cache``) at its conds.
 
     Args:
@@ -114,6 +130,10 @@ def split_graph(gm: fx.GraphModule, example_inputs: Sequence,
         example_inputs: one real value per placeholder (parameters are baked from these).
         block_names: names of the blocks in cond order (``BlockCacheResult.blocks``); default:
             the cond's branch module tag.
+        bake_params: parameters become buffers of the pieces (engines, exports); False keeps
+            them inputs of the pieces (``lowering.inductor_split``: Inductor reads them where the
+            model holds them, and each piece carries ``gm``'s Dynamo metadata so that AOTAutograd
+            marks them static for CUDA graphs).
 
     Returns:
         (pieces in execution order, program input names per placeholder (None for a baked
@@ -126,7 +146,8 @@ def split_graph(gm: fx.GraphModule, example_inputs: Sequence,
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(example_inputs):
         raise ValueError(f"example_inputs: expected {len(placeholders)} values, got {len(example_inputs)}")
-    consts = {p: x for p, x in zip(placeholders, example_inputs) if is_param(p) and isinstance(x, torch.Tensor)}
+    consts = {p: x for p, x in zip(placeholders, example_inputs)
+              if bake_params and is_param(p) and isinstance(x, torch.Tensor)}
     input_names = [None if p in consts else p.name for p in placeholders]
     out_node = next(n for n in graph.nodes if n.op == "output")
     outputs = list(out_node.args[0]) if isinstance(out_node.args[0], (tuple, list)) else [out_node.args[0]]
@@ -184,22 +205,35 @@ def split_graph(gm: fx.GraphModule, example_inputs: Sequence,
             block_i += 1
             pieces.append(Piece("block", name, [o.name for o in live], [g.name for g in gets],
                                 {"approx": approx, "full": full}, pred=pred.name))
+    if not bake_params:  # what AOTAutograd reads off a Dynamo graph (passes.graph_utils.clone_graph_module)
+        for p in pieces:
+            for mod in p.modules.values():
+                mod.meta = dict(gm.meta)
+                if hasattr(gm, "_param_name_to_source"):
+                    mod._param_name_to_source = gm._param_name_to_source
     return pieces, input_names, [o.name for o in outputs]
 
 
 class SplitProgram:
-    """Runs split pieces in order and picks each block's branch (the TensorRT runtime).
+    """Runs split pieces in order and picks each block's branch (the TensorRT and
+    ``inductor_split`` runtime).
 
     Called like the rewritten graph: ``program(*inputs)`` with one value per placeholder of the
-    rewritten graph (parameter positions ignored: baked) and returns the graph's output tuple.
-    ``program.branches`` counts how often each branch ran.
+    rewritten graph (parameter positions ignored where the pieces baked them) and returns the
+    graph's output tuple. ``program.branches`` counts how often each branch ran,
+    ``program.host_reads`` the predicates read on the host (one per cond and call).
+    ``copy_outputs``: return copies of the outputs (pieces that are CUDA graphs return tensors of
+    their memory pool, which their next replay overwrites).
     """
+
+    copy_outputs = False
 
     def __init__(self, pieces: list[Piece], input_names: list[str | None], output_names: list[str]) -> None:
         self.pieces = pieces
         self.input_names = input_names
         self.output_names = output_names
         self.branches = {p.name: {"approx": 0, "full": 0} for p in pieces if p.kind == "block"}
+        self.host_reads = 0
 
     def __call__(self, *args):
         env = {name: a for name, a in zip(self.input_names, args) if name is not None}
@@ -209,16 +243,19 @@ class SplitProgram:
                 outs = p.engines["glue"](*ins)
             else:
                 which = "approx" if bool(env[p.pred]) else "full"  # host sync, as Inductor's cond
+                self.host_reads += 1
                 self.branches[p.name][which] += 1
                 outs = p.engines[which](*ins)
             if isinstance(outs, torch.Tensor):
                 outs = (outs,)
             env.update(zip(p.outputs, outs))
+        if self.copy_outputs:
+            return tuple(env[n].clone() for n in self.output_names)
         return tuple(env[n] for n in self.output_names)
 
 
 def compile_split(gm: fx.GraphModule, example_inputs: Sequence, engine_compiler: EngineCompiler = eager_engine,
-                  block_names: Sequence[str] | None = None) -> SplitProgram:
+                  block_names: Sequence[str] | None = None, bake_params: bool = True) -> SplitProgram:
     """Split ``gm`` at its conds and lower every piece with ``engine_compiler``.
 
     Each piece's example inputs come from one eager run of the pieces on ``example_inputs``
@@ -231,6 +268,7 @@ def compile_split(gm: fx.GraphModule, example_inputs: Sequence, engine_compiler:
         engine_compiler: ``(piece GraphModule, example inputs, piece name) -> callable``; piece
             names are ``glue_<i>`` and ``<block>.approx`` / ``<block>.full``.
         block_names: ``BlockCacheResult.blocks`` (names the block pieces).
+        bake_params: parameters as buffers of the pieces (True) or as their inputs (``split_graph``).
 
     Returns:
         a SplitProgram with the same call convention and outputs as ``gm``.
@@ -238,7 +276,7 @@ def compile_split(gm: fx.GraphModule, example_inputs: Sequence, engine_compiler:
     Raises:
         ValueError: a value other than a tensor would cross between pieces.
     """
-    pieces, input_names, output_names = split_graph(gm, example_inputs, block_names)
+    pieces, input_names, output_names = split_graph(gm, example_inputs, block_names, bake_params)
     env = {name: a for name, a in zip(input_names, example_inputs) if name is not None}
     with torch.no_grad():
         for p in pieces:

@@ -82,3 +82,14 @@ def attach_diffusers_context(module, on_reset=None) -> bool:
         # the model's registry caches the list of child registries it found
         HookRegistry.check_if_exists_or_initialize(module).invalidate_child_registries_cache()
     return True
+
+
+def detach_diffusers_context(module) -> None:
+    """Remove the hook ``attach_diffusers_context`` added under ``module`` (``disable_fastcache``);
+    nothing where there is none."""
+    hooked = [m for m in module.modules() if getattr(m, "_diffusers_hook", None) is not None]
+    for m in hooked:
+        if m._diffusers_hook.get_hook(HOOK_NAME) is not None:
+            m._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
+    if getattr(module, "_diffusers_hook", None) is not None:
+        module._diffusers_hook.invalidate_child_registries_cache()

@@ -67,3 +67,11 @@ def make_opaque_moe(model: torch.nn.Module) -> list[str]:
         m._fastcache_forward = m.forward
         m.forward = lambda x, _key=key: expert_ffn(x, _key)
     return names
+
+
+def restore_moe(model: torch.nn.Module) -> None:
+    """Undo ``make_opaque_moe``: every replaced layer gets its own forward back."""
+    for m in model.modules():
+        if "_fastcache_forward" in m.__dict__:
+            del m.__dict__["forward"]
+            del m.__dict__["_fastcache_forward"]

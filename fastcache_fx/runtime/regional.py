@@ -8,7 +8,8 @@ wraps the whole block graph in the guarded cond (``passes.blocks.find_block_grap
 
 - ``BlockRuntime``: the callable of one block graph. It finds the instance it is called for from
   the identity of the parameter tensors it receives, and keeps that instance's state (anchors,
-  counter) per CFG context in the model's ``RegionalModel``: two blocks never share state.
+  counter) per (request, CFG context) (``runtime.requests``) in the model's ``RegionalModel``: two
+  blocks, or two concurrent requests, never share state.
 - ``RegionalModel``: everything one model shares across its block graphs: the ``StepClock``, the
   per-instance states, the per-step decision rows that ``stats()`` reads, block names.
 - ``StepClock``: step and trajectory bookkeeping. The block graph has no timestep input, so
@@ -22,7 +23,6 @@ wraps the whole block graph in the guarded cond (``passes.blocks.find_block_grap
 
 from __future__ import annotations
 
-import collections
 import inspect
 import weakref
 
@@ -32,35 +32,42 @@ from ..passes.blocks import is_param
 from ..ops import decision as D
 from . import registry
 from .context import current_context
-from .records import StepRecord
+from .records import StepRecord, TraceLog
+from .requests import current_request, end_finished
 
 
 class _Tick:
-    __slots__ = ("step", "t", "prev_t", "seen", "row")
+    __slots__ = ("step", "t", "prev_t", "seen", "row", "evicted")
 
     def __init__(self) -> None:
         self.step, self.t, self.prev_t = -1, 0.0, float("-inf")
         self.seen: set[str] = set()
         self.row: dict[str, tuple] = {}
+        self.evicted = False  # this step started afresh after the live-request bound dropped the state
+
+
+def state_key() -> tuple[str, str]:
+    """(request id, CFG context) of the running call: the key of every per-trajectory state."""
+    return current_request().id, current_context()
 
 
 class StepClock:
-    """Steps of one model per CFG context (see the module docstring).
+    """Steps of one model per (request, CFG context) (see the module docstring).
 
     ``hooked`` is True once the transformer's forward drives it (``begin_step``)."""
 
     def __init__(self) -> None:
         self.hooked = False
-        self.ticks: dict[str, _Tick] = {}
+        self.ticks: dict[tuple[str, str], _Tick] = {}
 
-    def _tick(self, ctx: str) -> _Tick:
+    def _tick(self, ctx: tuple[str, str]) -> _Tick:
         return self.ticks.setdefault(ctx, _Tick())
 
-    def begin_step(self, timestep) -> tuple[str, _Tick]:
+    def begin_step(self, timestep) -> tuple[tuple[str, str], _Tick]:
         """A forward of the transformer starts (called by the pre-hook): advance the step, or
         start a trajectory when the timestep did not decrease (first element; None: advance)."""
         self.hooked = True
-        ctx = current_context()
+        ctx = state_key()
         c = self._tick(ctx)
         t = None if timestep is None else float(torch.as_tensor(timestep).reshape(-1)[0])
         # prev_t is -inf while only on_block counted steps (the driver came later): go on counting
@@ -71,21 +78,22 @@ class StepClock:
         c.seen.clear()
         return ctx, c
 
-    def drive(self, timestep) -> tuple[str, _Tick, bool]:
+    def drive(self, timestep) -> tuple[tuple[str, str], _Tick, bool]:
         """A graph of a model split by graph breaks saw the model's timestep: begin a step unless
         this step already began (another graph of the same call saw the same timestep).
-        Returns (context, its tick, whether a step began)."""
-        c = self._tick(current_context())
+        Returns ((request, context), its tick, whether a step began)."""
+        key = state_key()
+        c = self._tick(key)
         t = float(torch.as_tensor(timestep).reshape(-1)[0])
         if self.hooked and c.step >= 0 and t == c.t:
-            return current_context(), c, False
+            return key, c, False
         ctx, c = self.begin_step(timestep)
         return ctx, c, True
 
-    def on_block(self, name: str) -> tuple[str, _Tick, bool]:
-        """Block ``name`` runs: (context, its tick, whether a new step began with this call;
-        never with the hook, which starts steps itself)."""
-        ctx = current_context()
+    def on_block(self, name: str) -> tuple[tuple[str, str], _Tick, bool]:
+        """Block ``name`` runs: ((request, context), its tick, whether a new step began with this
+        call; never with the hook, which starts steps itself)."""
+        ctx = state_key()
         c = self._tick(ctx)
         new = False
         if not self.hooked and (c.step < 0 or name in c.seen):  # call order: a repeat starts a step
@@ -112,17 +120,19 @@ class RegionalModel:
     kind = "regional"
     fallback = None
 
-    def __init__(self, entry: registry.ModelEntry, trace_steps: int) -> None:
+    def __init__(self, entry: registry.ModelEntry, config) -> None:
         self.entry = entry
         self.clock = StepClock()
         self.hook_installed = False  # enable_fastcache(regional=True)'s pre-hook drives the clock
         self.names: dict[int, tuple[weakref.ref, str]] = {}
         self.blocks: list[str] = []
-        self.states: dict[tuple[str, str], tuple[object, tuple, list[torch.Tensor]]] = {}
+        # (block name, (request id, context)) -> (graph, shape key, state)
+        self.states: dict[tuple[str, tuple[str, str]], tuple[object, tuple, list[torch.Tensor]]] = {}
         self.online: dict[str, object] = {}
         self.weights: dict[str, dict[str, torch.Tensor]] = {}
-        self.done: collections.deque[StepRecord] = collections.deque(maxlen=trace_steps)
-        self.force: dict[str, torch.Tensor | None] = {}
+        self.done = TraceLog(config.trace_steps, config.trace_requests)
+        self.force: dict[tuple[str, str], torch.Tensor | None] = {}
+        entry.requests.configure(config.max_live_requests, config.trace_requests)
         self.graphs: list["BlockRuntime"] = []
         self.calls = 0
         entry.graphs.append(self)
@@ -150,8 +160,8 @@ class RegionalModel:
         return name
 
     # state ------------------------------------------------------------------------------
-    def state_for(self, name: str, ctx: str, graph, key: tuple) -> list[torch.Tensor]:
-        """The state of block ``name`` in ``ctx``, fresh when it was built by another graph or
+    def state_for(self, name: str, ctx: tuple[str, str], graph, key: tuple) -> list[torch.Tensor]:
+        """The state of block ``name`` for (request, context) ``ctx``, fresh when it was built by another graph or
         for another shape (a shape, dtype or device change never reuses it)."""
         hit = self.states.get((name, ctx))
         if hit is not None and hit[0] is graph and hit[1] == key:
@@ -165,6 +175,16 @@ class RegionalModel:
             self._flush(ctx, tick)
         self.states.clear()
         self.clock.reset()
+        self.force.clear()
+
+    def drop_request(self, request: str, context: str | None = None) -> None:
+        """Forget the states and steps of ``request`` (an id): of its ``context``, or all of them."""
+        hit = lambda k: k[0] == request and (context is None or k[1] == context)  # noqa: E731
+        for k in [k for k in list(self.clock.ticks) if hit(k)]:
+            self._flush(k, self.clock.ticks.pop(k))
+            self.force.pop(k, None)
+        for k in [k for k in list(self.states) if hit(k[1])]:
+            self.states.pop(k, None)
 
     def reset(self) -> None:
         """Forget states, steps and statistics (the next call starts a trajectory)."""
@@ -172,14 +192,17 @@ class RegionalModel:
         self.done.clear()
         self.calls = 0
 
-    def state_bytes(self) -> dict[str, int]:
+    def state_bytes(self, request: str | None = None) -> dict[str, int]:
+        """Bytes of live state per block instance (of one request id if given)."""
         out: dict[str, int] = {}
-        for (name, _), (_, _, st) in self.states.items():
+        for (name, (rid, _)), (_, _, st) in list(self.states.items()):
+            if request is not None and rid != request:
+                continue
             out[name] = out.get(name, 0) + sum(t.numel() * t.element_size() for t in st)
         return out
 
     # decisions ---------------------------------------------------------------------------
-    def new_step(self, ctx: str, tick: _Tick) -> None:
+    def new_step(self, ctx: tuple[str, str], tick: _Tick) -> None:
         """Close the previous row of ``ctx`` and take this step's replay row, if any."""
         self._flush(ctx, tick)
         self.calls += 1
@@ -189,25 +212,27 @@ class RegionalModel:
     def record(self, tick: _Tick, name: str, step: int, delta, thr, ok) -> None:
         tick.row[name] = (step, delta, thr, ok)
 
-    def _flush(self, ctx: str, tick: _Tick) -> None:
+    def _flush(self, ctx: tuple[str, str], tick: _Tick) -> None:
         rec = self._row_record(ctx, tick)
         if rec is not None:
             self.done.append(rec)
         tick.row = {}
+        tick.evicted = False
 
-    def _row_record(self, ctx: str, tick: _Tick) -> StepRecord | None:
+    def _row_record(self, ctx: tuple[str, str], tick: _Tick) -> StepRecord | None:
         if not tick.row:
             return None
         rows = [tick.row.get(b) for b in self.blocks]
         nan = torch.full((1,), float("nan"))
         step = next(r[0] for r in rows if r is not None)
         pick = lambda i, fill: torch.cat([r[i].reshape(1).cpu() if r is not None else fill for r in rows])  # noqa: E731
-        return StepRecord(ctx, torch.tensor(step), pick(1, nan), pick(2, nan), pick(3, torch.zeros(1, dtype=torch.bool)))
+        return StepRecord(ctx[1], torch.tensor(step), pick(1, nan), pick(2, nan), pick(3, torch.zeros(1, dtype=torch.bool)),
+                          request=ctx[0], evicted=tick.evicted)
 
     @property
     def trace(self) -> list[StepRecord]:
         """Closed rows, then the open row of each context."""
-        open_rows = [r for ctx, c in self.clock.ticks.items() if (r := self._row_record(ctx, c)) is not None]
+        open_rows = [r for ctx, c in list(self.clock.ticks.items()) if (r := self._row_record(ctx, c)) is not None]
         return list(self.done) + open_rows
 
 
@@ -244,7 +269,7 @@ class BlockRuntime:
         entry = registry.entry_of_param(param) or registry.entry_for_params([param], default=registry.SHARED_REGIONAL)
         model = entry.regional
         if model is None:
-            model = entry.regional = RegionalModel(entry, self.config.trace_steps)
+            model = entry.regional = RegionalModel(entry, self.config)
         if self not in model.graphs:
             model.graphs.append(self)
         self._models[id(param)] = (weakref.ref(param), model)
@@ -282,35 +307,44 @@ class BlockRuntime:
 
     def __call__(self, *args):
         param = args[self.param_at]
+        end_finished()
+        req, cfg = current_request(), current_context()
         model = self._model(param)
-        name = model.name_of(param, self.cls)
-        ctx, tick, new = model.clock.on_block(name)
-        if new:
-            model.new_step(ctx, tick)
-        key = self.binder.key(args) if self.binder is not None else ()
-        state = model.state_for(name, ctx, self, key)
-        force = model.force.get(ctx)
-        col = model.blocks.index(name)
-        controls = {"step": torch.tensor(tick.step, dtype=torch.int64, device=self.device),
-                    "t": torch.tensor(tick.t, dtype=torch.float32, device=self.device),
-                    "force": (force[col:col + 1] if force is not None and col < len(force)
-                              else torch.full((1,), -1, dtype=torch.int8)).to(self.device)}
-        if self.binder is not None and any(c.name == "q_ratio" for c in self.layout.controls):
-            controls["q_ratio"] = self._q_ratio(key)
-        weights = self._weights(model, name)
-        online = model.online.get(name)
-        contract = self.layout.contract
-        extra = contract.bind(state, controls, weights, online.accum if online is not None else None)
+        live = model.entry.requests
+        with live.lock:
+            evicted = live.admit(req, cfg)
+            name = model.name_of(param, self.cls)
+            ctx, tick, new = model.clock.on_block(name)
+            if new:
+                model.new_step(ctx, tick)
+            tick.evicted |= evicted
+            key = self.binder.key(args) if self.binder is not None else ()
+            state = model.state_for(name, ctx, self, key)
+            force = model.force.get(ctx)
+            col = model.blocks.index(name)
+            controls = {"step": torch.tensor(tick.step, dtype=torch.int64, device=self.device),
+                        "t": torch.tensor(tick.t, dtype=torch.float32, device=self.device),
+                        "force": (force[col:col + 1] if force is not None and col < len(force)
+                                  else torch.full((1,), -1, dtype=torch.int8)).to(self.device)}
+            if self.binder is not None and any(c.name == "q_ratio" for c in self.layout.controls):
+                controls["q_ratio"] = self._q_ratio(key)
+            weights = self._weights(model, name)
+            online = model.online.get(name)
+            contract = self.layout.contract
+            extra = contract.bind(state, controls, weights, online.accum if online is not None else None)
         try:
             outs = self.compiled(*args, *extra)
         except BaseException:
-            model.states.pop((name, ctx), None)
+            with live.lock:
+                model.states.pop((name, ctx), None)
             raise
         got = contract.split(outs)
-        model.states[(name, ctx)] = (self, key, got.state)
-        model.record(tick, name, tick.step, *got.trace)
-        if online is not None:
-            online.after_step(got.accums, weights)
+        with live.lock:
+            if model.states.get((name, ctx), (None, None, None))[2] is state:  # else dropped meanwhile
+                model.states[(name, ctx)] = (self, key, got.state)
+            model.record(tick, name, tick.step, *got.trace)
+            if online is not None:
+                online.after_step(got.accums, weights)
         return contract.user_result(got.user)
 
 
@@ -331,9 +365,10 @@ def drive_step_clock(entry: registry.ModelEntry, timestep: torch.Tensor) -> None
     model = entry.regional
     if model is None or model.hook_installed or timestep is None:
         return
-    ctx, tick, began = model.clock.drive(timestep)
-    if began:
-        model.new_step(ctx, tick)
+    with entry.requests.lock:
+        ctx, tick, began = model.clock.drive(timestep)
+        if began:
+            model.new_step(ctx, tick)
 
 
 def install_step_hook(model: torch.nn.Module, regional: RegionalModel):
@@ -350,8 +385,9 @@ def install_step_hook(model: torch.nn.Module, regional: RegionalModel):
         t = kwargs.get("timestep")
         if t is None and pos is not None and len(args) > pos:
             t = args[pos]
-        ctx, tick = regional.clock.begin_step(t)
-        regional.new_step(ctx, tick)
+        with regional.entry.requests.lock:
+            ctx, tick = regional.clock.begin_step(t)
+            regional.new_step(ctx, tick)
 
     regional.hook_installed = True
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)

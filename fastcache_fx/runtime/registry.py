@@ -13,50 +13,52 @@ from typing import Iterable
 
 import torch
 
+from .live import LiveRequests
+
 _ENTRIES: dict[int, tuple[weakref.ref, "ModelEntry"]] = {}
 
 
 class ModelEntry:
-    """All fastcache graphs compiled for one model, and which graph computed each block last."""
+    """All fastcache graphs compiled for one model, and the requests holding state in them
+    (``requests``: ``runtime.live.LiveRequests``, which also knows which graph computed each
+    block last in each request)."""
 
     def __init__(self) -> None:
         self.graphs: list = []
-        self.last_run: dict[str, tuple[object, tuple]] = {}  # block name -> (graph, shape key)
-        self.previous: tuple[object, tuple] | None = None  # set by note_call: the (graph, key) it replaces
+        self.requests = LiveRequests(self)
         self.replay = None  # a runtime.replay.DecisionReplay while replay_decisions() is active
         self.regional = None  # runtime.regional.RegionalModel in regional compilation
         self.warned = False  # the one fallback warning of this model was given
         self.uncompiled_calls = 0  # calls no compiled graph served (runtime.uncompiled)
         self.uncompiled_reason: str | None = None
 
-    def note_call(self, graph, key: tuple = ()) -> bool:
-        """Record that ``graph`` computes its blocks now for the call with shape ``key``; True
-        when another graph, or this graph at another shape, computed one of those blocks last
-        (shape, dtype, device or batch changed): the caller must drop its cached state.
-        Graphs with disjoint blocks (a model split by graph breaks) never invalidate each other.
-        ``self.previous`` is then the one (graph, key) that computed all of those blocks last, or
-        None (several, or some block never computed): the state the caller may take over."""
-        me = (graph, key)
-        changed = False
-        lasts = [self.last_run.get(b) for b in graph.blocks]
-        for b, last in zip(graph.blocks, lasts):
-            changed |= last is not None and (last[0] is not graph or last[1] != key)
-            self.last_run[b] = me
-        same = lasts and all(x is not None and x[0] is lasts[0][0] and x[1] == lasts[0][1] for x in lasts)
-        self.previous = lasts[0] if changed and same else None
-        return changed
+    def note_call(self, graph, key: tuple = (), request: str = "") -> bool:
+        """Record that ``graph`` computes its blocks now for the call of ``request`` (an id) with
+        shape ``key``; True when another graph, or this graph at another shape, computed one of
+        those blocks last in that request (shape, dtype, device or batch changed): the caller must
+        drop the request's cached state. Graphs with disjoint blocks (a model split by graph
+        breaks) never invalidate each other."""
+        return self.requests.note_call(graph, key, request)
+
+    def end_request(self, request: str) -> None:
+        """Free the cache state of request ``request`` (an id) in every graph (``runtime.requests``)."""
+        self.requests.end(request)
 
     def drop_state(self) -> None:
         """Forget every graph's cache state (statistics stay): the next step starts a trajectory."""
-        for g in self.graphs:
-            g.drop_state()
-        self.last_run.clear()
+        with self.requests.lock:
+            for g in self.graphs:
+                g.drop_state()
+            self.requests.clear()
 
     def reset(self) -> None:
         """Forget every graph's cache state and statistics."""
-        for g in self.graphs:
-            g.reset()
-        self.last_run.clear()
+        with self.requests.lock:
+            for g in self.graphs:
+                g.reset()
+            self.requests.clear()
+            self.requests.ended.clear()
+            self.requests.evictions = 0
         self.uncompiled_calls = 0
 
 
@@ -91,6 +93,20 @@ def _lookup_one(p: torch.Tensor) -> ModelEntry | None:
     if hit is not None and hit[0]() is p:
         return hit[1]
     return None
+
+
+def forget(module: torch.nn.Module) -> None:
+    """Drop the entry of ``module``'s parameters (``disable_fastcache``): its state and statistics
+    go; a later compile starts a new entry."""
+    entries = {}
+    for p in module.parameters():
+        hit = _ENTRIES.get(id(p))
+        if hit is not None and hit[0]() is p:
+            entries[id(hit[1])] = hit[1]
+            del _ENTRIES[id(p)]
+    for e in entries.values():
+        e.reset()
+        e.regional = None
 
 
 def unwrap(model):

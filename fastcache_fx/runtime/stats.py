@@ -1,60 +1,120 @@
 """Statistics of a model's compiled graphs, computed from the lazily kept step trace.
 
 Everything describes the calls since the last ``reset()`` of the model (``reset`` clears the
-statistics with the cache); ``trajectory`` narrows it to the current trajectory of each context.
+statistics with the cache) that the bounded trace still holds (``FastCacheConfig.trace_steps``,
+``trace_requests``); ``trajectory`` narrows it to the current trajectory of each context of the
+latest request, ``requests`` splits it by request (``runtime.requests``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
 from .registry import ModelEntry
+from .requests import end_finished
 
 
-def _empty() -> dict:
-    return {"block_approx_ratio": 0.0, "per_block": {}, "steps": 0, "blocks": [], "graphs": 0, "per_graph": [],
-            "fallback": [], "uncompiled_calls": 0, "state_bytes": 0, "state_bytes_per_block": {},
-            "state_bytes_per_context": {}, "trajectory": {}, "trace": [], "token_merge": None, "spatial_approx_ratio": 0.0, "token_select": None}
+@dataclass(eq=False)
+class Stats(Mapping):
+    """What ``fastcache_fx.stats(model)`` returns: the decisions of every graph compiled for a
+    model since its last ``reset()``. Read the fields as attributes (``st.block_approx_ratio``) or,
+    as before this class, as keys (``st["block_approx_ratio"]``, ``st.get``, ``st.keys()``,
+    ``{**st}``; it compares equal to a dict of the same items); ``to_dict()`` gives a plain dict.
 
-
-def collect(entry: ModelEntry | None) -> dict:
-    """Aggregate every graph compiled for a model.
-
-    Returns:
-        dict with
-        ``block_approx_ratio``: approximated / evaluated block-steps over all graphs; a graph
-        compiled without the cache (``fallback``) counts each call as computing its blocks fully;
-        ``per_block`` {block name: ratio}; ``steps``: calls of all graphs; ``blocks``: names in
-        graph order; ``graphs``: number of compiled graphs (fallbacks included);
-        ``per_graph``: one dict per graph: ``kind`` ("fastcache", "token_select", "regional" (block
-        graphs), "glue" (a graph without blocks of a model whose other graphs carry the cache:
-        Dynamo split it at graph breaks) or "fallback"),
-        ``fallback`` (the reason, or None), ``dynamic`` (traced with symbolic shapes, serving many
-        shapes), ``blocks``, ``cache_level`` and ``conds_per_step`` (the conds each call of the graph
-        evaluates: one per block, or per span), ``streams`` (residual streams per block, e.g. 2 for a joint
-        text-image block; empty where the graph has no block cache), ``steps``, ``block_approx_ratio``, ``state_bytes``;
-        ``fallback``: the reasons of the fallback graphs, and a line for the calls Dynamo ran
-        uncompiled (``enable_fastcache`` models: ``runtime.uncompiled``); ``uncompiled_calls``:
-        those calls; ``state_bytes``: bytes of live cache
-        state (all graphs and contexts), ``state_bytes_per_block`` {block name: bytes} (the
-        trajectory counters under ``""``); ``state_bytes_per_context`` {CFG context: bytes} (whole-graph
-        runtimes);
-        ``trajectory``: {context: {"steps", "block_approx_ratio"}} of the current trajectory of
-        each context (the steps since its last step 0);
-        ``trace``: one dict per step with ``context``, ``step`` (index in its trajectory),
-        ``blocks``, ``approx`` [L] bools, ``delta`` [L] and ``threshold`` [L] (the bound on delta),
-        and under ``decision="output"`` ``output_error``, the step's predicted relative output
-        error (``ops.output_error``); at the step and span levels ``sizes`` (blocks per span),
-        ``uncached`` and ``computed`` (the count and names of the front / back blocks computed every step);
-        ``token_merge``: for the last graph with the token-merge pyramid, ``{"stages": block
-        names per stage, "tokens_per_stage": tokens per sample, "grid": (h, w), "window": (wh, ww)}``,
-        else None;
-        ``spatial_approx_ratio``: approximated / all image token-steps of token selection (0.0
-        without it); ``token_select``: ``{"buckets", "variants_compiled", "spatial_approx_ratio",
-        "static_approx" (the one built: "cached" when the stack map was missing), "steps":
-        [{"context", "step", "k" computed tokens, "n", "m" motion tokens}]}`` summed
-        over the model's token-selection graphs, else None.
+    Attributes:
+        block_approx_ratio: approximated / evaluated block-steps over all graphs; a graph compiled
+            without the cache (``fallback``) counts each call as computing its blocks fully.
+        per_block: {block name: ratio}.
+        steps: calls of all graphs.
+        blocks: block names in graph order.
+        graphs: number of compiled graphs (fallbacks included).
+        per_graph: one dict per graph: ``kind`` ("fastcache", "token_select", "regional" (block
+            graphs), "glue" (a graph without blocks of a model whose other graphs carry the cache:
+            Dynamo split it at graph breaks) or "fallback"), ``fallback`` (the reason, or None),
+            ``dynamic`` (traced with symbolic shapes, serving many shapes), ``blocks``,
+            ``cache_level`` and ``conds_per_step`` (the conds each call of the graph evaluates: one
+            per block, or per span), ``streams`` (residual streams per block, e.g. 2 for a joint
+            text-image block; empty where the graph has no block cache), ``steps``,
+            ``block_approx_ratio``, ``state_bytes``.
+        fallback: the reasons of the fallback graphs, and a line for the calls Dynamo ran
+            uncompiled (``enable_fastcache`` models: ``runtime.uncompiled``).
+        uncompiled_calls: those calls.
+        state_bytes: bytes of live cache state (all graphs and contexts).
+        state_bytes_per_block: {block name: bytes} (the trajectory counters under ``""``).
+        state_bytes_per_context: {CFG context: bytes} (whole-graph runtimes).
+        trajectory: {context: {"steps", "block_approx_ratio"}} of the current trajectory of each
+            context of the latest request (the steps since its last step 0).
+        requests: {request id: {"calls", "contexts", "block_approx_ratio", "evicted" (steps that
+            started afresh because the bound on live requests had dropped the state), "live"
+            (holds state now), "state_bytes" (now if live, else what it held when it ended)}} for
+            the requests the trace holds (docs/serving.md).
+        live_requests: requests holding state now.
+        evictions: (request, context) states dropped by ``max_live_requests`` so far.
+        last_request: the latest request's entry, with its ``id`` (None before any call).
+        trace: one dict per step with ``context``, ``request`` (its id), ``evicted``, ``step``
+            (index in its trajectory), ``blocks``,
+            ``approx`` [L] bools, ``delta`` [L] and ``threshold`` [L] (the bound on delta), and
+            under ``decision="output"`` ``output_error``, the step's predicted relative output
+            error (``ops.output_error``); at the step and span levels ``sizes`` (blocks per span),
+            ``uncached`` and ``computed`` (the count and names of the front / back blocks computed
+            every step).
+        token_merge: for the last graph with the token-merge pyramid, ``{"stages": block names per
+            stage, "tokens_per_stage": tokens per sample, "grid": (h, w), "window": (wh, ww)}``,
+            else None.
+        spatial_approx_ratio: approximated / all image token-steps of token selection (0.0
+            without it).
+        token_select: ``{"buckets", "variants_compiled", "spatial_approx_ratio", "static_approx"
+            (the one built: "cached" when the stack map was missing), "steps": [{"context", "step",
+            "k" computed tokens, "n", "m" motion tokens}]}`` summed over the model's
+            token-selection graphs, else None.
     """
+
+    block_approx_ratio: float = 0.0
+    per_block: dict = field(default_factory=dict)
+    steps: int = 0
+    blocks: list = field(default_factory=list)
+    graphs: int = 0
+    per_graph: list = field(default_factory=list)
+    fallback: list = field(default_factory=list)
+    uncompiled_calls: int = 0
+    state_bytes: int = 0
+    state_bytes_per_block: dict = field(default_factory=dict)
+    state_bytes_per_context: dict = field(default_factory=dict)
+    trajectory: dict = field(default_factory=dict)
+    trace: list = field(default_factory=list)
+    token_merge: dict | None = None
+    spatial_approx_ratio: float = 0.0
+    token_select: dict | None = None
+    requests: dict = field(default_factory=dict)
+    live_requests: int = 0
+    evictions: int = 0
+    last_request: dict | None = None
+
+    def __getitem__(self, key: str):
+        if key not in _FIELDS:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self):
+        return iter(_FIELDS)
+
+    def __len__(self) -> int:
+        return len(_FIELDS)
+
+    def to_dict(self) -> dict:
+        """The fields as a plain dict (for JSON)."""
+        return {k: getattr(self, k) for k in _FIELDS}
+
+
+_FIELDS = tuple(f.name for f in fields(Stats))
+
+
+def collect(entry: ModelEntry | None) -> Stats:
+    """Aggregate every graph compiled for a model into a ``Stats`` (see its fields)."""
+    end_finished()  # requests of threads and tasks that ended: free their state first
     if entry is None or not entry.graphs:
-        return dict(_empty(), **_uncompiled(entry))
+        return Stats(**_uncompiled(entry))
     counts, totals, blocks, per_graph = {}, {}, [], []
     bytes_per_block: dict[str, int] = {}
     per_context: dict[str, int] = {}
@@ -63,7 +123,8 @@ def collect(entry: ModelEntry | None) -> dict:
         per_graph.append(_graph_row(g, blocks, counts, totals, bytes_per_block, records, per_context))
     trace = [r for _, r in sorted(records, key=lambda x: x[0])]
     total = sum(totals.values())
-    return {
+    requests = _requests(entry, trace)
+    return Stats(**{
         "block_approx_ratio": (sum(counts.values()) / total) if total else 0.0,
         "per_block": {n: counts.get(n, 0) / totals[n] for n in blocks if totals.get(n)},
         "steps": sum(g.calls for g in entry.graphs),
@@ -75,11 +136,15 @@ def collect(entry: ModelEntry | None) -> dict:
         "state_bytes": sum(bytes_per_block.values()),
         "state_bytes_per_block": bytes_per_block,
         "state_bytes_per_context": per_context,
-        "trajectory": _trajectories(trace),
+        "trajectory": _trajectories([t for t in trace if t["request"] == trace[-1]["request"]]),
+        "requests": requests,
+        "live_requests": len(entry.requests.live),
+        "evictions": entry.requests.evictions,
+        "last_request": {"id": trace[-1]["request"], **requests[trace[-1]["request"]]} if trace else None,
         "token_merge": _token_merge(entry),
         **_token_select(entry),
         "trace": trace,
-    }
+    })
 
 
 def _graph_row(g, blocks: list, counts: dict, totals: dict, bytes_per_block: dict, records: list,
@@ -103,7 +168,8 @@ def _graph_row(g, blocks: list, counts: dict, totals: dict, bytes_per_block: dic
     own = []
     for rec in g.trace:
         approx = [bool(x) for x in rec.approx.tolist()]
-        own.append({"context": rec.context, "step": int(rec.step), "blocks": names, "approx": approx,
+        own.append({"context": rec.context, "request": rec.request, "evicted": rec.evicted,
+                    "step": int(rec.step), "blocks": names, "approx": approx,
                     "delta": [float(x) for x in rec.delta.tolist()],
                     "threshold": [float(x) for x in rec.threshold.tolist()],
                     **({} if rec.output_error is None else {"output_error": float(rec.output_error)}),
@@ -115,8 +181,9 @@ def _graph_row(g, blocks: list, counts: dict, totals: dict, bytes_per_block: dic
             totals[n] = totals.get(n, 0) + k
     a, n = block_counts(own)
     approx_n, done = approx_n + a, done + n
-    for ctx, st in (getattr(g, "states", None) or {}).items():
+    for key, st in list((getattr(g, "states", None) or {}).items()):
         if isinstance(st, list):
+            ctx = key[1] if isinstance(key, tuple) else key  # (request id, context)
             per_context[ctx] = per_context.get(ctx, 0) + sum(t.numel() * t.element_size() for t in st)
     gb = g.state_bytes()
     for b, n in gb.items():
@@ -126,6 +193,24 @@ def _graph_row(g, blocks: list, counts: dict, totals: dict, bytes_per_block: dic
             "streams": [len(x) for x in getattr(layout, "stream_shapes", [])],
             "steps": g.calls, "block_approx_ratio": approx_n / done if done else 0.0,
             "state_bytes": sum(gb.values())}
+
+
+def _requests(entry: ModelEntry, trace: list[dict]) -> dict:
+    """``stats()["requests"]``: the trace's records per request (see ``collect``)."""
+    by: dict[str, list[dict]] = {}
+    for t in trace:
+        by.setdefault(t["request"], []).append(t)
+    live = entry.requests
+    with live.lock:
+        now = {rid: sum(sum(g.state_bytes(rid).values()) for g in entry.graphs) for rid in live.live}
+        ended = dict(live.ended)
+    out = {}
+    for rid, recs in by.items():
+        a, n = block_counts(recs)
+        out[rid] = {"calls": len(recs), "contexts": sorted({r["context"] for r in recs}),
+                    "block_approx_ratio": a / n if n else 0.0, "evicted": sum(r["evicted"] for r in recs),
+                    "live": rid in now, "state_bytes": now[rid] if rid in now else ended.get(rid, 0)}
+    return out
 
 
 def _uncompiled(entry: ModelEntry | None) -> dict:

@@ -1,8 +1,8 @@
 """TokenSelectRuntime: runs one model graph as token-selection variants (one per bucket).
 
 The pass (``passes/token_select.py``) builds the variant computing k image tokens; this runtime
-owns the state they share (X_ref, Y_ref, the trajectory counter: one set per CFG context, kept
-across variant switches) and picks the variant of the next step from the motion count m the
+owns the state they share (X_ref, Y_ref, the trajectory counter: one set per (request, CFG
+context), ``runtime.requests``, kept across variant switches) and picks the variant of the next step from the motion count m the
 graph returns: the smallest bucket >= m. Reading (step, m) is the one host sync per step.
 Variants are compiled lazily, the first time their bucket is picked (at most one compile per
 bucket). The first ``max(1, warmup_steps)`` steps of a trajectory run the 100 % variant; when a
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -31,7 +32,9 @@ import torch
 
 from ..passes.token_select import apply_token_select, bucket_sizes, image_tokens
 from .context import current_context
+from .records import TraceLog
 from .registry import ModelEntry
+from .requests import current_request, end_finished
 
 log = logging.getLogger("fastcache_fx")
 
@@ -94,14 +97,15 @@ class TokenSelectRuntime:
         self.results: dict[int, object] = {}
         self.entry: ModelEntry | None = None
         self.sub: _VariantEntry | None = None
-        self.trace: collections.deque = collections.deque(maxlen=config.trace_steps)
+        self.trace = TraceLog(config.trace_steps, config.trace_requests)
         self.select_trace: collections.deque[SelectRecord] = collections.deque(maxlen=config.trace_steps)
-        self.states: dict[str, dict] = {}
+        self.states: dict[tuple[str, str], dict] = {}  # (request id, context) -> shared state
         self.layout = None
         self.token_merge = None
         self.online = None
         self.static_approx = static_approx
         self.stack = list(stack) if stack is not None else []
+        self._build_lock = threading.Lock()
 
     # variants ----------------------------------------------------------------------------
     @property
@@ -114,6 +118,11 @@ class TokenSelectRuntime:
         rt = self.variants.get(k)
         if rt is not None:
             return rt
+        with self._build_lock:  # concurrent requests picking one new bucket compile it once
+            rt = self.variants.get(k)
+            return rt if rt is not None else self._build(k, args, state)
+
+    def _build(self, k: int, args, state: list[torch.Tensor]):
         gm_k, res = apply_token_select(self.gm, self.config, k, self.regions, static_approx=self.static_approx)
         if not res.applied:  # checked at build time for the smallest bucket; should not happen
             raise RuntimeError(f"fastcache: token selection with k={k} failed: {res.reason}")
@@ -146,9 +155,22 @@ class TokenSelectRuntime:
         """Forget every context's state: the next step runs every token."""
         self.states.clear()
         if self.sub is not None:
+            self.sub.drop_state()
+
+    def state_of(self, context: str = "default", request: str | None = None) -> dict:
+        """The shared state dict of ``context`` in ``request`` (None: the request that ran it last);
+        KeyError when there is none (``runtime.state.state_of``)."""
+        from .state import state_of
+
+        return state_of(self.states, context, request)
+
+    def drop_request(self, request: str, context: str | None = None) -> None:
+        """Forget the state of ``request`` (an id): of its ``context``, or of all its contexts."""
+        for k in [k for k in list(self.states) if k[0] == request and (context is None or k[1] == context)]:
+            self.states.pop(k, None)
+        if self.sub is not None:
             for g in self.sub.graphs:
-                g.drop_state()
-            self.sub.last_run.clear()
+                g.drop_request(request, context)
 
     def reset(self) -> None:
         """``drop_state`` and forget the statistics."""
@@ -159,17 +181,20 @@ class TokenSelectRuntime:
         if self.sub is not None:
             self.sub.reset()
 
-    def state_bytes(self) -> dict[str, int]:
-        """Bytes of live state: the variants' block caches and the shared X_ref / Y_ref (``""``)."""
+    def state_bytes(self, request: str | None = None) -> dict[str, int]:
+        """Bytes of live state (of one request id if given): the variants' block caches and the
+        shared X_ref / Y_ref (``""``)."""
         out: dict[str, int] = {}
         for g in (self.sub.graphs if self.sub is not None else []):
-            for b, n in g.state_bytes().items():
+            for b, n in g.state_bytes(request).items():
                 out[b] = out.get(b, 0) + n
-        for st in self.states.values():
+        for (rid, _), st in list(self.states.items()):
+            if request is not None and rid != request:
+                continue
             out[""] = out.get("", 0) + sum(t.numel() * t.element_size() for t in st["shared"])
         return out
 
-    def _state_for(self, ctx: str, specs) -> dict:
+    def _state_for(self, ctx: tuple[str, str], specs) -> dict:
         st = self.states.get(ctx)
         if st is None:
             dev = self._device
@@ -183,23 +208,27 @@ class TokenSelectRuntime:
 
     # call --------------------------------------------------------------------------------
     def __call__(self, *args):
-        if self.entry is not None and self.entry.note_call(self):
-            self.drop_state()
-        ctx = current_context()
-        st = self._state_for(ctx, self.results[self.n].state)
+        end_finished()
+        req, ctx = current_request(), current_context()
+        live = self.entry.requests
+        with live.lock:
+            live.admit(req, ctx)
+            if self.entry.note_call(self, (), req.id):
+                self.drop_request(req.id)
+            st = self._state_for((req.id, ctx), self.results[self.n].state)
         k = st["next_k"]
         outs, new, step, m = self._run(k, args, st)
         if k < self.n and step < self.min_step:  # a new trajectory began: every token runs
-            if self.trace:
-                self.trace.pop()  # the discarded call's block decisions
+            self.trace.pop(req.id)  # the discarded call's block decisions
             k = self.n
             outs, new, step, m = self._run(k, args, st)
         st["shared"] = new[:4]
         if k < self.n:
             st["idx"][k] = new[5]
         st["next_k"] = self.n if step + 1 < self.min_step else self._bucket(m)
-        self.select_trace.append(SelectRecord(ctx, step, k, self.n, m))
-        self.calls += 1
+        with live.lock:
+            self.select_trace.append(SelectRecord(ctx, step, k, self.n, m))
+            self.calls += 1
         res = self.results[k]
         return tuple(outs) if res.output_is_tuple else outs[0]
 
