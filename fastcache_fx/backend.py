@@ -71,6 +71,7 @@ class Build:
     online: object = None
     compiled: object = None
     notes: list[str] = field(default_factory=list)
+    source: str = ""  # the Dynamo graph's code: a recompile that traced the same graph hands its state over
 
     @property
     def device(self) -> torch.device:
@@ -255,7 +256,7 @@ def plan(gm: fx.GraphModule, example_inputs: list, config: FastCacheConfig, mode
         require_tensorrt()
     config = compat.check(config, compat.Target(block_graph=kind == "block", dynamic=dynamic,
                                                 collectives=bool(collective_groups(gm))), stacklevel=4)
-    return Build(gm, list(example_inputs), config, mode, regions, kind, dynamic)
+    return Build(gm, list(example_inputs), config, mode, regions, kind, dynamic, source=gm.code)
 
 
 def not_a_denoiser(gm: fx.GraphModule) -> str | None:
@@ -306,6 +307,7 @@ def runtime_for(b: Build, entry: registry.ModelEntry | None = None) -> GraphRunt
                            significance_level=b.config.significance_level, trace_requests=b.config.trace_requests,
                            max_live_requests=b.config.max_live_requests)
     runtime.token_merge = b.merge
+    runtime.source = b.source
     runtime.online = b.online
     runtime.timestep_at = next((i for i, p in enumerate(phs) if p.name == b.layout.timestep_input), None)
     return runtime

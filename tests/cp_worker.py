@@ -1,5 +1,7 @@
 """Worker of the context-parallel tests: ``python tests/cp_worker.py FAMILY[-LEVEL] OUT.pt``
-(``flux-step``: Flux at ``cache_level="step"``, without the near-bound step).
+(``flux-step``: Flux at ``cache_level="step"``, without the near-bound step), or
+``python tests/cp_worker.py repro OUT.pt OPTIONS_JSON``: the trajectory of issue 36
+(``repro_worker``: a bare ``torch.compile`` with no warm-up trajectory before it).
 
 Spawns 2 gloo processes on this CPU. Each builds the same tiny model (same seed), enables
 diffusers context parallelism (Ulysses degree 2, native attention) and compiles it with
@@ -174,13 +176,83 @@ def worker(rank: int, world: int, family: str, path: str) -> None:
     dist.destroy_process_group()
 
 
+# the issue-36 trajectory: Flux, 1 double + 2 single blocks, 16 image + 6 text tokens, timesteps 1.0 ... 0.7,
+# the input constant for 4 steps, then only rank 1's shard (the second half of the image tokens) changes
+REPRO_STEPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def build_repro():
+    """(model, latents [1, 16, 4], kwargs) of the issue-36 repro (``repro_trajectory``)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    m = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=8,
+                               num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+                               axes_dims_rope=[2, 2, 4]).eval()
+    x, enc, pooled = torch.randn(1, 16, 4), torch.randn(1, 6, 16), torch.randn(1, 8)
+    ij = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij"), -1).reshape(16, 2).float()
+    kw = dict(encoder_hidden_states=enc, pooled_projections=pooled, img_ids=torch.cat([torch.zeros(16, 1), ij], 1),
+              txt_ids=torch.zeros(6, 3), return_dict=False)
+    return m, x, kw
+
+
+def repro_trajectory(model, compiled, x, kw) -> dict:
+    """The outputs of the 7 steps and ``stats()``: the share approximated, the per-step trace."""
+    import fastcache_fx
+
+    outs = []
+    with torch.no_grad():
+        for i, t in enumerate(REPRO_STEPS):
+            xi = x.clone()
+            if i >= 4:
+                xi[:, 8:] += 3.0  # only the tokens of rank 1's shard change
+            outs.append(compiled(xi, timestep=torch.tensor([t]), **kw)[0])
+    st = fastcache_fx.stats(model)
+    return {"outs": outs, "ratio": st["block_approx_ratio"], "graphs": st["graphs"],
+            "trace": [(r["step"], r["approx"], r["delta"]) for r in st["trace"]]}
+
+
+def repro_worker(rank: int, world: int, options: dict, path: str) -> None:
+    """One rank of the repro under Ulysses ``world`` (bare ``torch.compile``, as a user writes it);
+    rank 0 also runs the one-process reference (the same model, no parallelism) and saves
+    {"ranks": [per rank], "single": ...} to ``path``."""
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.accelerator.device_count = lambda: 1  # as in ``worker``
+    import fastcache_fx  # noqa: F401  (registers the backend)
+    from diffusers import ContextParallelConfig
+
+    m, x, kw = build_repro()
+    m.set_attention_backend("native")
+    m.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+    mine = repro_trajectory(m, torch.compile(m, backend="fastcache", options=options), x, kw)
+    ranks = [None] * world
+    dist.all_gather_object(ranks, mine)
+    if rank == 0:
+        single, x1, kw1 = build_repro()
+        ref = repro_trajectory(single, torch.compile(single, backend="fastcache", options=options), x1, kw1)
+        torch.save({"ranks": ranks, "single": ref}, path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main(argv=None) -> None:
+    """``cp_worker.py FAMILY OUT.pt`` (``worker``) or ``cp_worker.py repro OUT.pt OPTIONS_JSON``
+    (``repro_worker``)."""
+    import json
+
     import torch.multiprocessing as mp
 
-    family, path = (argv or sys.argv[1:])[:2]
+    argv = argv or sys.argv[1:]
+    family, path = argv[:2]
     port = str(29500 + os.getpid() % 1000)
     os.environ["MASTER_PORT"] = port
-    mp.spawn(worker, args=(2, family, path), nprocs=2)
+    if family == "repro":
+        mp.spawn(repro_worker, args=(2, json.loads(argv[2]), path), nprocs=2)
+    else:
+        mp.spawn(worker, args=(2, family, path), nprocs=2)
 
 
 if __name__ == "__main__":

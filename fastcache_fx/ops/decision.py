@@ -94,12 +94,11 @@ def block_decision(
             on the whole sequence. ND (``q_ratio``) is then that of the whole sequence too
             (``passes.block_cache``: the shard's elements times the ranks its tokens are split
             over, ``passes.shards.token_shards``).
-        stream_weights: context parallelism with streams split over different numbers of ranks
-            k_s (a text stream replicated on every rank, k = 1, beside a sharded image stream,
-            k = W): stream s's local sums are multiplied by k_s before the all-reduce. The sum
-            over the mesh counts a stream W / k_s times, so every stream is then counted W
-            times, a factor common to both sums that cancels; without the weights a replicated
-            stream would weigh W times its share. None: all 1 (all streams split alike).
+        stream_weights: context parallelism: stream s's local sums are multiplied by k_s / M
+            before the all-reduce (``passes.shards.sum_weights``; k_s: the ranks its tokens are
+            split over, 1 for a text stream replicated on every rank; M: the multiplicity of
+            ``sum_over_groups``), so that the all-reduced sums count every element of the whole
+            sequence once and equal one process's sums. None: the plain sums (one process).
         history_ok: [] bool (``approx="taylor"``): the stored residuals are finite; False forces a
             full computation (folded into the sums, so that all ranks agree).
         error_per_delta, error_budget: ``decision="error"``: the block's estimate k of e / delta
@@ -112,9 +111,8 @@ def block_decision(
     Returns:
         (approx [] bool, delta [] float32, threshold [] float32 = sqrt of the squared bound).
     """
-    diff2 = weighted_sum([(h.float() - a.float()).pow(2).flatten(1).sum(1) for h, a in zip(streams, refs)],
-                         stream_weights)
-    ref2 = weighted_sum([a.float().pow(2).flatten(1).sum(1) for a in refs], stream_weights)
+    diff2 = sq_sums([h.float() - a.float() for h, a in zip(streams, refs)], stream_weights)
+    ref2 = sq_sums(refs, stream_weights)
     if history_ok is not None:
         diff2 = diff2 + torch.where(history_ok, 0.0, float("inf"))
     if groups:  # context parallelism: the sums over the whole sequence, identical on every rank
@@ -151,11 +149,23 @@ def _bound_sq(d2, delta, t, q_ratio, tau, beta, timestep_max, error_per_delta, e
     return tau_t * tau_t * q_ratio
 
 
-def weighted_sum(terms: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
-    """sum_s weights_s * terms_s (a plain sum when ``weights`` is None)."""
-    if weights is None:
-        return sum(terms)
-    return sum(k * t for k, t in zip(weights, terms))
+def sq_sums(xs: Sequence[torch.Tensor], weights: Sequence | None = None) -> torch.Tensor:
+    """sum_s w_s ||x_s[b]||^2 per sample b: [B] float32 from tensors x_s [B, N_s, ...].
+
+    ``weights`` (context parallelism, ``passes.shards.sum_weights``): one entry per tensor, a
+    float (every element of x_s weighs it) or a tuple of N_s floats, one per token along dim 1
+    (a tensor whose token segments are split over different numbers of ranks); None: all 1."""
+    out = None
+    for s, x in enumerate(xs):
+        x2 = x.float().pow(2)
+        w = None if weights is None else weights[s]
+        if isinstance(w, tuple):
+            v = (x2.flatten(2).sum(2) * torch.tensor(w, dtype=torch.float32, device=x.device)).sum(1)
+        else:
+            v = x2.flatten(1).sum(1)
+            v = v if w is None else v * w
+        out = v if out is None else out + v
+    return out
 
 
 def sum_over_groups(x: torch.Tensor, groups: Sequence[str]) -> torch.Tensor:
@@ -165,9 +175,10 @@ def sum_over_groups(x: torch.Tensor, groups: Sequence[str]) -> torch.Tensor:
     Summing over every group the graph's collectives use gives each rank c * (the sum over all
     ranks of the mesh) with the same c on every rank and for every element: over the axes of a
     device mesh (Ulysses x ring) the sums compose to the whole mesh, and a sum over a group whose
-    ranks already hold equal values multiplies by the group size. The block decision divides two
-    such sums, so c cancels. A stream replicated on some ranks enters that mesh sum once per
-    rank holding it: ``block_decision``'s ``stream_weights`` even the streams out. Cost: one
+    ranks already hold equal values multiplies by the group size, so a value replicated on every
+    rank comes back times M, the product of the groups' sizes. The callers scale each tensor's
+    local sums by k / M (``passes.shards.sum_weights``) first: the result is then the sum over the
+    whole sequence, every element counted once. Cost: one
     all-reduce of ``x.numel()`` float32 per group.
     """
     for g in groups:

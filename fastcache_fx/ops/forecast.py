@@ -45,7 +45,7 @@ from typing import Sequence
 
 import torch
 
-from .decision import all_finite, sum_over_groups, weighted_sum
+from .decision import all_finite, sq_sums, sum_over_groups
 
 
 def taylor_weights(hist_t: torch.Tensor, hist_n: torch.Tensor, t: torch.Tensor, order: int) -> torch.Tensor:
@@ -125,10 +125,10 @@ def history_finite(history) -> torch.Tensor:
 def error_sums(y_hat: Sequence[torch.Tensor], y: Sequence[torch.Tensor], weights: Sequence[float] | None = None):
     """Per-sample (||Y_hat - Y||^2, ||Y||^2) summed over the streams: two [B] float32.
 
-    ``weights``: one factor per stream (context parallelism with streams split over different
-    numbers of ranks: ``decision.block_decision``); None: all 1."""
-    err = weighted_sum([(a.float() - b.float()).pow(2).flatten(1).sum(1) for a, b in zip(y_hat, y)], weights)
-    ref = weighted_sum([b.float().pow(2).flatten(1).sum(1) for b in y], weights)
+    ``weights``: one factor per stream (context parallelism: k / M, ``passes.shards.sum_weights``,
+    so that the all-reduced sums count every element of the whole sequence once); None: all 1."""
+    err = sq_sums([a.float() - b.float() for a, b in zip(y_hat, y)], weights)
+    ref = sq_sums(y, weights)
     return err, ref
 
 

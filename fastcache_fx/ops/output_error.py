@@ -38,7 +38,7 @@ from typing import Sequence
 
 import torch
 
-from .decision import sum_over_groups
+from .decision import sq_sums, sum_over_groups
 
 
 def predicted_error(delta: torch.Tensor, estimate: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
@@ -65,14 +65,17 @@ def end_of_step(run_before: torch.Tensor, spent: torch.Tensor, offset: torch.Ten
     return torch.where(step_error > 0, run, torch.zeros_like(spent)).contiguous(), step_error.contiguous()
 
 
-def tail_errors(perturbed: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], groups: Sequence[str] = ()):
+def tail_errors(perturbed: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], groups: Sequence[str] = (),
+                weights: Sequence[float] | None = None):
     """e_out = max over samples of ||O' - O|| / ||O|| over the model's output tensors ([] float32).
 
     ``perturbed``, ``outputs``: the output tensors [B, ...] from the replayed tail and the real one.
-    Under context parallelism the per-sample sums are all-reduced over ``groups`` (every rank gets
-    the same value; ``decision.sum_over_groups``)."""
-    err = sum((a.float() - b.float()).pow(2).flatten(1).sum(1) for a, b in zip(perturbed, outputs))
-    ref = sum(b.float().pow(2).flatten(1).sum(1) for b in outputs)
+    Under context parallelism the per-sample sums, each output's scaled by its entry of ``weights``
+    (k / M, ``passes.shards.sum_weights``: an output gathered whole on every rank counts once,
+    not once per rank), are all-reduced over ``groups`` (every rank gets the same value;
+    ``decision.sum_over_groups``)."""
+    err = sq_sums([a.float() - b.float() for a, b in zip(perturbed, outputs)], weights)
+    ref = sq_sums(outputs, weights)
     if groups:
         err, ref = sum_over_groups(torch.stack([err, ref]), groups).unbind(0)
     return (err / ref).max().sqrt()

@@ -26,7 +26,7 @@ from ..ops import decision as D
 from ..ops import forecast
 from ..ops import output_error as O
 from .blocks import BlockRegion, find_blocks, find_timestep, remap_region, tensor_meta
-from .shards import collective_groups, token_shards
+from .shards import collective_groups, group_size, sum_weights, token_segments, token_shards
 from .spans import SpanResult, group_spans
 from .graph_utils import clone_graph_module, node_value
 from .branches import approx_branch, fake_flat, full_branch, scalar_constants
@@ -52,7 +52,9 @@ class BlockCacheResult:
     online: bool = False
     dofs: list = field(default_factory=list)  # ND per block (whole sequence): int, or SymInt in a dynamic-shape graph
     groups: list[str] = field(default_factory=list)  # process groups the decision sums are all-reduced over
-    shards: list[list[int]] = field(default_factory=list)  # per block and stream: ranks its tokens are split over
+    shards: list[list] = field(default_factory=list)  # per block and stream: ranks its tokens are split over (int), or its segments ((tokens, ranks), ...)
+    mesh: int = 1  # M: product of the groups' sizes; sum_over_groups returns a replicated value times M
+    output_shards: dict = field(default_factory=dict, repr=False)  # user output node -> ranks its tokens are split over
     level: str = "block"  # FastCacheConfig.cache_level the regions were grouped at
     sizes: list[int] = field(default_factory=list)  # blocks per region (1 at the block level; a span's depth)
     uncached: list[str] = field(default_factory=list)  # front / back blocks computed every step, outside any cond
@@ -189,16 +191,31 @@ def _relint(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def _whole_numel(shape, k) -> int | torch.SymInt:
+    """Elements per sample of the whole sequence of a stream of local ``shape`` split over k ranks
+    (or over the ranks of each token segment ((tokens, k), ...))."""
+    if isinstance(k, tuple):
+        return sum(n * kk for n, kk in k) * _numel(shape[2:])
+    return _numel(shape[1:]) * k
+
+
 def _degrees_of_freedom(gm: fx.GraphModule, regions: list[BlockRegion], result: BlockCacheResult) -> None:
-    """ND per block (``result.dofs``) and, under context parallelism, the groups and token shards.
+    """ND per block (``result.dofs``) and, under context parallelism, the groups, the token shards
+    of the streams and of the model's outputs, and the mesh multiplicity M.
 
     Each rank holds 1/k of a stream's tokens (k = 1: the whole stream, replicated on every rank);
     ND and the decision sums are those of the whole sequence."""
     result.groups = collective_groups(gm)
-    shards = token_shards(gm, result.groups) if result.groups else {}
-    result.shards = [[shards.get(h, 1) for h in r.stream_inputs] for r in regions]
-    result.dofs = [sum(_numel(tensor_meta(h)[0][1:]) * k for h, k in zip(r.stream_inputs, ks))
+    sizes = {g: n for g in result.groups if (n := group_size(g)) is not None}
+    shards = token_shards(gm, result.groups, sizes) if result.groups else {}
+    for n in sizes.values():
+        result.mesh *= n
+    segments = token_segments(gm, shards) if shards else {}
+    result.shards = [[segments.get(h, shards.get(h, 1)) for h in r.stream_inputs] for r in regions]
+    result.dofs = [sum(_whole_numel(tensor_meta(h)[0], k) for h, k in zip(r.stream_inputs, ks))
                    for r, ks in zip(regions, result.shards)]
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    result.output_shards = {o: shards.get(o, 1) for o in out.all_input_nodes}
 
 
 def _block_inputs(io: ExtraIO, region: BlockRegion, metas: list, config: FastCacheConfig,
@@ -293,10 +310,9 @@ def _rewrite_block(gm: fx.GraphModule, io: ExtraIO, result: BlockCacheResult, k:
         result.thresholds.append(None)
 
     operands, slots = _cond_operands(region, h, kind, config, result, t_node, size_symbols)
-    # streams split over different numbers of ranks (the text replicated, the image sharded):
-    # each stream's local sums are scaled by its count k before the all-reduce, so that every
-    # stream enters the whole-sequence sums once (see decision.block_decision)
-    weights = tuple(result.shards[k]) if len(set(result.shards[k])) > 1 else None
+    # context parallelism: each stream's local sums are scaled by k / M before the all-reduce,
+    # so that every element of the whole sequence enters the sums once (see sum_weights)
+    weights = sum_weights(result.shards[k], result.mesh, result.groups)
     return_error = budget is not None and last and budget["tail"]
     gm.add_submodule(f"fc_{tag}_full", full_branch(region, operands, slots, kind, config, consts=consts,
                                                   stream_weights=weights, return_error=return_error))

@@ -16,6 +16,7 @@ from ..ops import output_error as O
 from .blocks import BlockRegion
 from .extra_io import ExtraIO, set_val
 from .graph_utils import ancestors, node_value
+from .shards import sum_weights
 from .tail import replay_tail
 
 
@@ -75,8 +76,9 @@ def finish_output_budget(io: ExtraIO, result, b: dict, step_node) -> None:
                          for o, s in zip(outs, last["streams"])]
             real, replayed = replay_tail(graph, io.out_node, _user_outputs(io), outs, perturbed)
             if real:
+                weights = sum_weights([result.output_shards.get(o, 1) for o in real], result.mesh, result.groups)
                 e_out = set_val(graph.call_function(O.tail_errors, (replayed, real),
-                                                    {"groups": tuple(result.groups)}), _meta())
+                                                    {"groups": tuple(result.groups), "weights": weights}), _meta())
                 gain_new = set_val(graph.call_function(O.update_gain, (last["ok"], e_out, last["e"], step_node,
                                                                        b["gain"])), _meta())
     io.output("state", "output.gain", gain_new)

@@ -1,5 +1,7 @@
-"""Context parallelism as the graph shows it: the process groups of its collectives and how many ranks
-each stream's tokens are split over (``token_shards``)."""
+"""Context parallelism as the graph shows it: the process groups of its collectives, how many ranks
+each stream's tokens are split over (``token_shards``; per token segment where a stream joins a
+replicated and a sharded part, ``token_segments``), and the factors that make an all-reduced
+sum count every element of the whole sequence once (``sum_weights``)."""
 
 from __future__ import annotations
 
@@ -108,3 +110,78 @@ def token_shards(gm: fx.GraphModule, groups: list[str] | None = None, sizes: dic
             k = n if n in counts else 1
         out[node] = k
     return out
+
+
+_CATS = {"cat", "concat", "concatenate"}
+
+
+def token_segments(gm: fx.GraphModule, shards: dict[fx.Node, int]) -> dict[fx.Node, tuple[tuple[int, int], ...]]:
+    """The values whose token dimension (dim 1 of a >= 3-D value) joins segments split over
+    different numbers of ranks: a ``cat`` of a text every rank holds whole (k = 1) and a sharded
+    image (k = W), the input of a single-stream block where a model or wrapper concatenates the
+    streams before the block loop. ``token_shards`` gives such a value one count (the largest),
+    which would count the replicated part once per rank.
+
+    Forward data flow: a ``cat`` along dim 1 of values with different counts starts a profile;
+    a node whose value has the same leading [B, N] as one such input keeps its profile (a block
+    maps its stream to a stream of the same layout); any other node has none.
+
+    Args:
+        shards: ``token_shards(gm)``.
+
+    Returns:
+        {node: ((tokens on this rank, ranks they are split over), ...) per segment in token order},
+        only for the values with mixed counts (static token sizes only).
+    """
+    seg: dict[fx.Node, tuple[tuple[int, int], ...]] = {}
+    for node in gm.graph.nodes:
+        v = node_value(node)
+        if not isinstance(v, torch.Tensor) or v.dim() < 3:
+            continue
+        name = getattr(node.target, "__name__", str(node.target))
+        if node.op in ("call_function", "call_method") and name in _CATS:
+            parts = node.args[0] if node.args else node.kwargs.get("tensors")
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            profile = _cat_profile(parts, dim, v.dim(), shards, seg)
+            if profile is not None and len({k for _, k in profile}) > 1:
+                seg[node] = profile
+                continue
+        src = next((a for a in node.all_input_nodes if a in seg), None)
+        if src is not None and tuple(node_value(src).shape[:2]) == tuple(v.shape[:2]):
+            seg[node] = seg[src]
+    return seg
+
+
+def _cat_profile(parts, dim, ndim: int, shards: dict, seg: dict) -> tuple[tuple[int, int], ...] | None:
+    """The segments of a ``cat`` along dim 1 (``token_segments``), or None."""
+    if not isinstance(dim, int) or dim % ndim != 1 or not isinstance(parts, (list, tuple)):
+        return None
+    out: list[tuple[int, int]] = []
+    for p in parts:
+        pv = node_value(p) if isinstance(p, fx.Node) else None
+        if not isinstance(pv, torch.Tensor) or pv.dim() != ndim or not isinstance(pv.shape[1], int):
+            return None
+        for n, k in seg.get(p, ((pv.shape[1], shards.get(p, 1)),)):
+            if out and out[-1][1] == k:
+                out[-1] = (out[-1][0] + n, k)
+            else:
+                out.append((n, k))
+    return tuple(out)
+
+
+def sum_weights(shards: list, mesh: int, groups: list[str]) -> tuple | None:
+    """The factor of each tensor's local sums before ``decision.sum_over_groups``: k / M for a
+    tensor whose tokens are split over k of the M ranks the all-reduce counts (M: the product of
+    the groups' sizes), so that the all-reduced sum counts every element of the whole sequence
+    exactly once, a replicated tensor (k = 1) included: the sum equals one process's.
+
+    Args:
+        shards: per tensor, its count k (``token_shards``) or its segments ((tokens, k), ...)
+            (``token_segments``), which give a tuple of per-token factors instead.
+
+    Returns:
+        One entry per tensor (``decision.sq_sums``' weights); None without process groups (one
+        process: the plain sums)."""
+    if not groups:
+        return None
+    return tuple(sum(((k / mesh,) * n for n, k in s), ()) if isinstance(s, tuple) else s / mesh for s in shards)

@@ -39,6 +39,7 @@ class LiveRequests:
         self.evicted: collections.OrderedDict[tuple, None] = collections.OrderedDict()
         self.ended: collections.OrderedDict[str, int] = collections.OrderedDict()  # id -> state bytes at its end
         self.evictions = 0
+        self.previous: tuple | None = None  # set by note_call
 
     def configure(self, max_live: int, keep: int) -> None:
         """The bounds (``FastCacheConfig.max_live_requests``, ``trace_requests``)."""
@@ -92,15 +93,20 @@ class LiveRequests:
         """``graph`` computes its blocks now for request ``rid`` at shape ``key``; True when another
         graph, or this graph at another shape, computed one of them last in this request: the
         caller must drop the request's state. Graphs with disjoint blocks never invalidate each
-        other."""
+        other. ``self.previous`` is then the (graph, key) it replaces, if one graph computed them
+        all."""
         with self.lock:
             runs = self.last_run.setdefault(rid, {})
             me = (graph, key)
             changed = False
-            for b in graph.blocks:
-                last = runs.get(b)
+            lasts = [runs.get(b) for b in graph.blocks]
+            for b, last in zip(graph.blocks, lasts):
                 changed |= last is not None and (last[0] is not graph or last[1] != key)
                 runs[b] = me
+            # the one (graph, key) that computed all of those blocks last: whose state the caller
+            # may take over (``GraphRuntime._take_over``); None when several, or a block is new
+            same = lasts and all(x is not None and x[0] is lasts[0][0] and x[1] == lasts[0][1] for x in lasts)
+            self.previous = lasts[0] if changed and same else None
             return changed
 
     def end(self, rid: str) -> None:

@@ -8,8 +8,10 @@ traced with symbolic shapes serves many shapes: ``runtime.shapes.ShapeBinder``),
 ``reset()``, when its request ends or is dropped by the bound on live requests
 (``runtime.live``), when the call's shape differs from the one the state was built for, or when
 another graph computed the same blocks since this one last ran in the request (a change of shape,
-dtype, device or batch size that Dynamo served with another graph). Calls may come from many
-threads at once: the bookkeeping runs under the model's lock, the compiled graph outside it. ``FallbackRuntime`` is a graph compiled without the
+dtype, device or batch size that Dynamo served with another graph); a graph that differs from that
+one in nothing the state describes (a recompile on a guard over Python state) takes the request's
+state over instead. Calls may come from many threads at once: the bookkeeping runs under the
+model's lock, the compiled graph outside it. ``FallbackRuntime`` is a graph compiled without the
 cache; it is registered too, so ``stats()`` says so.
 """
 
@@ -91,6 +93,7 @@ class GraphRuntime:
         self.online = None  # runtime.online.OnlineCalibration with calibration="online" (accumulator inputs)
         self.token_merge = None  # passes.token_merge result, read by stats()
         self.timestep_at = None  # position of the timestep input (drives block graphs' clock)
+        self.source = ""  # the code of the Dynamo graph it was built from ("": unknown, never taken over)
         entry.requests.configure(max_live_requests, trace_requests)
         entry.graphs.append(self)
 
@@ -137,6 +140,31 @@ class GraphRuntime:
                 out[block] = out.get(block, 0) + t.numel() * t.element_size()
         return out
 
+    def _take_over(self, previous: tuple | None, key: tuple, request: str) -> None:
+        """Continue the trajectory of the graph this one replaces when the two differ in nothing
+        the cache state describes: the same Dynamo graph (its code: the same ops, parameters and
+        constants, so a LoRA loaded or fused, which changes it, still starts over), the same
+        blocks, the same state specs (names, static shapes, dtypes) and the same call shape.
+        Dynamo recompiles on guards over Python state too: diffusers' context-parallel hooks
+        cache the forward's signature on the first call
+        (``ModuleForwardMetadata.cached_parameter_indices``), so a bare ``torch.compile`` of a
+        parallelised model gets a second, identical graph at the second step; starting fresh
+        there (warm-up again) made every rank diverge from one process. ``previous``: (graph,
+        shape key) from ``runtime.live.LiveRequests.note_call``. The state tensors of ``request``
+        (an id; all its contexts) move (the old graph drops them); its statistics and the online
+        accumulators stay where they are."""
+        if previous is None:
+            return
+        old, old_key = previous
+        if (old is self or old_key != key or not isinstance(old, GraphRuntime) or not self.source
+                or old.source != self.source or self.binder is not None
+                or old.binder is not None or old.blocks != self.blocks or old.device != self.device
+                or _state_layout(old.contract) != _state_layout(self.contract)):
+            return
+        for k in [k for k in old.states if k[0] == request]:
+            self.states[k], self.keys[k] = old.states[k], old.keys[k]
+        old.drop_request(request)
+
     def _state_for(self, ctx: tuple[str, str], key: tuple) -> list[torch.Tensor]:
         st = self.states.get(ctx)
         if st is None or self.keys.get(ctx) != key:
@@ -175,6 +203,7 @@ class GraphRuntime:
             evicted = live.admit(req, ctx)
             if self.entry.note_call(self, key, req.id):
                 self.drop_request(req.id)
+                self._take_over(live.previous, key, req.id)
             state = self._state_for(sk, key)
             controls = self._controls(key)
             if self.entry.quality is not None and "output.weight" in controls:  # target_psnr, sampler known
@@ -205,6 +234,11 @@ class GraphRuntime:
                 self.online.after_step(got.accums, self.weights, clone=self.clone_outputs)
             self.calls += 1
         return self.contract.user_result(got.user)
+
+
+def _state_layout(contract) -> list[tuple]:
+    """(name, shape, dtype) of each state spec, in order (what ``GraphRuntime._take_over`` compares)."""
+    return [(s.name, tuple(s.shape), s.dtype) for s in contract.state]
 
 
 class FallbackRuntime:
