@@ -7,8 +7,7 @@ import torch
 from .config import FastCacheConfig
 from .runtime import registry
 from .runtime.context import attach_diffusers_context
-from .runtime.opaque import make_opaque_moe
-from .runtime.traceable import traceable_hooks
+from .runtime.prepare import DYNAMIC_OUTPUT_SHAPE_CLASSES, dynamic_output_shapes, mark_prepared, prepare
 from .runtime.stats import collect
 from .runtime.uncompiled import unskip, watch_calls
 
@@ -81,26 +80,20 @@ def _compile_module(target: torch.nn.Module, config: FastCacheConfig, fullgraph:
     entry = registry.entry_for_params(module.parameters())
     attach_diffusers_context(module, on_reset=entry.drop_state)
     backend = _backend_for(config, mode)
-    make_opaque_moe(module)  # HiDream: its MoE routing would break the graph inside every block
-    traceable_hooks(module)  # context parallelism's hooks on a block (Wan) would break the block loop
+    # HiDream: its MoE routing would break the graph inside every block; context parallelism's hooks
+    # on a block (Wan) would break the block loop
+    prepare(module)
     if regional:
         _compile_regional(module, backend, fullgraph=fullgraph, dynamic=dynamic)
         return module
     compiled = torch.compile(module, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
     unskip(module)
+    mark_prepared(compiled)
     forward = compiled.forward
     if type(module).__name__ in DYNAMIC_OUTPUT_SHAPE_CLASSES:
-        forward = torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)(forward)
+        forward = dynamic_output_shapes(forward)
     compiled.forward = watch_calls(forward, entry, module)
     return compiled
-
-
-#: classes ``enable_fastcache`` traces with ``capture_dynamic_output_shape_ops`` (direct
-#: ``torch.compile`` users set it themselves, README "Many models in one process"): Mochi's text
-#: mask selects tokens by value (``nonzero``), a data-dependent shape; without it Dynamo breaks the
-#: graph inside every block. Not for every class: HunyuanVideo 1.5's graph, traced with it, hides
-#: its main blocks from the block search (unbacked sizes)
-DYNAMIC_OUTPUT_SHAPE_CLASSES = frozenset({"MochiTransformer3DModel"})
 
 
 _BACKENDS: dict = {}

@@ -40,6 +40,7 @@ from .passes.blocks import BlockRegion, find_block_graph, find_blocks, find_time
 from .passes.shards import collective_groups
 from .passes.graph_utils import has_symbolic_shapes, node_value
 from .runtime import registry
+from .runtime.prepare import on_graph as prepare_on_graph
 from .runtime.shapes import ShapeBinder
 from .runtime.state import FallbackRuntime, GraphRuntime, SharedGraph
 
@@ -71,6 +72,7 @@ class Build:
     online: object = None
     compiled: object = None
     notes: list[str] = field(default_factory=list)
+    note: str | None = None  # why the graph is served otherwise than asked (stats()["notes"])
 
     @property
     def device(self) -> torch.device:
@@ -207,6 +209,7 @@ class FastCacheBackend:
         if kwargs.get("options"):
             config = FastCacheConfig.from_options(config, **kwargs["options"])
         mode = kwargs.get("mode") or self.mode
+        prepare_on_graph()  # a bare torch.compile: prepare the model once, trace it again (runtime.prepare)
         b = plan(gm, example_inputs, config, mode)
         if isinstance(b, str):  # a fallback, with its reason
             return _fallback(gm, example_inputs, mode, b, [])
@@ -234,6 +237,7 @@ def plan(gm: fx.GraphModule, example_inputs: list, config: FastCacheConfig, mode
         RuntimeError: ``lowering="tensorrt"`` without CUDA / torch_tensorrt.
     """
     dynamic = has_symbolic_shapes(gm)
+    note = None
     search = find_blocks(gm)
     kind, regions = "model", search.regions
     if not regions:
@@ -242,6 +246,12 @@ def plan(gm: fx.GraphModule, example_inputs: list, config: FastCacheConfig, mode
             left = f" (left alone: {search.left_alone})" if search.left_alone else ""
             return f"no transformer blocks recognised in this graph{left}: {block}"
         kind, regions = "block", [block]
+        if config.cache_level != "block":  # Dynamo's own block graph: serve it, never fail the compile
+            note = (f"cache_level={config.cache_level!r} needs the whole transformer in one graph; Dynamo handed "
+                    f"the backend the graph of one {block.module_type} (graph breaks between the blocks), served at "
+                    "cache_level='block'")
+            _warn_once(note)
+            config = config.replace(cache_level="block")
     elif (refused := not_a_denoiser(gm)) is not None:
         return refused
     if config.lowering == "tensorrt":
@@ -250,7 +260,20 @@ def plan(gm: fx.GraphModule, example_inputs: list, config: FastCacheConfig, mode
         require_tensorrt()
     config = compat.check(config, compat.Target(block_graph=kind == "block", dynamic=dynamic,
                                                 collectives=bool(collective_groups(gm))), stacklevel=4)
-    return Build(gm, list(example_inputs), config, mode, regions, kind, dynamic)
+    b = Build(gm, list(example_inputs), config, mode, regions, kind, dynamic)
+    if note is not None:
+        b.note = note
+    return b
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """One warning per message per process (every block class of a model would repeat it)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(f"fastcache: {message}", stacklevel=5)
 
 
 def not_a_denoiser(gm: fx.GraphModule) -> str | None:

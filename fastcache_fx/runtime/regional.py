@@ -131,6 +131,11 @@ class RegionalModel:
     def dynamic(self) -> bool:
         return any(g.binder is not None for g in self.graphs)
 
+    @property
+    def notes(self) -> list[str]:
+        """Why block graphs of this model are served otherwise than asked (``backend.plan``)."""
+        return list(dict.fromkeys(g.note for g in self.graphs if g.note))
+
     # names ------------------------------------------------------------------------------
     def register_blocks(self, blocks: dict[str, torch.nn.Module]) -> None:
         """Name the block instances ({name: module}) and register their parameters."""
@@ -231,6 +236,7 @@ class BlockRuntime:
         self.param_at = next(i for i, (p, x) in enumerate(zip(phs, b.example_inputs))
                              if isinstance(x, torch.Tensor) and is_param(p))
         self.kind = b.approximation
+        self.note = b.note  # served otherwise than asked (backend.plan), for stats()["notes"]
         self._q: dict[tuple, torch.Tensor] = {}
         self._models: dict[int, tuple[weakref.ref, RegionalModel]] = {}
 

@@ -11,7 +11,7 @@ from .registry import ModelEntry
 
 def _empty() -> dict:
     return {"block_approx_ratio": 0.0, "per_block": {}, "steps": 0, "blocks": [], "graphs": 0, "per_graph": [],
-            "fallback": [], "uncompiled_calls": 0, "state_bytes": 0, "state_bytes_per_block": {},
+            "fallback": [], "notes": [], "uncompiled_calls": 0, "state_bytes": 0, "state_bytes_per_block": {},
             "state_bytes_per_context": {}, "trajectory": {}, "trace": [], "token_merge": None, "spatial_approx_ratio": 0.0, "token_select": None}
 
 
@@ -33,7 +33,9 @@ def collect(entry: ModelEntry | None) -> dict:
         text-image block; empty where the graph has no block cache), ``steps``, ``block_approx_ratio``, ``state_bytes``;
         ``fallback``: the reasons of the fallback graphs, and a line for the calls Dynamo ran
         uncompiled (``enable_fastcache`` models: ``runtime.uncompiled``); ``uncompiled_calls``:
-        those calls; ``state_bytes``: bytes of live cache
+        those calls; ``notes``: why graphs were served otherwise than asked (a step or span
+        cache level on block graphs Dynamo split off, served at the block level; a graph the
+        backend could not rewrite, compiled with plain Inductor), one line each; ``state_bytes``: bytes of live cache
         state (all graphs and contexts), ``state_bytes_per_block`` {block name: bytes} (the
         trajectory counters under ``""``); ``state_bytes_per_context`` {CFG context: bytes} (whole-graph
         runtimes);
@@ -71,6 +73,7 @@ def collect(entry: ModelEntry | None) -> dict:
         "graphs": len(entry.graphs),
         "per_graph": per_graph,
         "fallback": [g.fallback for g in entry.graphs if g.fallback is not None] + _uncompiled(entry)["fallback"],
+        "notes": list(dict.fromkeys(n for g in entry.graphs for n in (getattr(g, "notes", None) or []))),
         "uncompiled_calls": entry.uncompiled_calls,
         "state_bytes": sum(bytes_per_block.values()),
         "state_bytes_per_block": bytes_per_block,
