@@ -83,6 +83,7 @@ def _compile_module(target: torch.nn.Module, config: FastCacheConfig, fullgraph:
     # HiDream: its MoE routing would break the graph inside every block; context parallelism's hooks
     # on a block (Wan) would break the block loop
     prepare(module)
+    registry.entry_for_params(module.parameters(), default=entry)  # unwrapped parameters' plain tensors
     if regional:
         _compile_regional(module, backend, fullgraph=fullgraph, dynamic=dynamic)
         return module

@@ -213,6 +213,18 @@ class FastCacheBackend:
         b = plan(gm, example_inputs, config, mode)
         if isinstance(b, str):  # a fallback, with its reason
             return _fallback(gm, example_inputs, mode, b, [])
+        try:
+            return self._build(b, gm, example_inputs, mode)
+        except Exception as e:  # noqa: BLE001 - the safety net: never fail the user's compile
+            # (bad option values were refused by plan() above, before any rewrite); FallbackRuntime
+            # gives the one warning and stats()["fallback"] the reason
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            log.debug("fastcache: rewrite failed", exc_info=True)
+            return _fallback(gm, example_inputs, mode, f"the fastcache rewrite of this graph failed "
+                             f"({type(e).__name__}: {first})", [r.name for r in b.regions])
+
+    def _build(self, b: "Build", gm: fx.GraphModule, example_inputs: list, mode):
+        """The passes, the lowering and the runtime of a planned graph."""
         if b.kind == "block":
             from .runtime.regional import build_block_runtime
 

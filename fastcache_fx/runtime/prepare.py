@@ -39,12 +39,36 @@ _SEEN: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 def prepare(module: torch.nn.Module) -> list[str]:
     """Make ``module``'s blocks traceable whole: host-routed MoE layers become one opaque op each
-    (``runtime.opaque``), hooked block classes lose their in-graph mark (``runtime.traceable``).
+    (``runtime.opaque``), hooked block classes lose their in-graph mark (``runtime.traceable``),
+    tensor-subclass weights become plain tensors (``unwrap_subclass_parameters``).
     Returns what was changed now (empty when nothing was needed or it was done before)."""
     moe = [n for n, m in module.named_modules() if routes_on_host(m) and "_fastcache_forward" not in m.__dict__]
     make_opaque_moe(module)
     freed = traceable_hooks(module)
-    return [f"opaque MoE {n}" for n in moe] + [f"hooks traceable on {c}" for c in freed]
+    unwrapped = unwrap_subclass_parameters(module)
+    return ([f"opaque MoE {n}" for n in moe] + [f"hooks traceable on {c}" for c in freed]
+            + ([f"{len(unwrapped)} tensor-subclass parameters unwrapped"] if unwrapped else []))
+
+
+def unwrap_subclass_parameters(module: torch.nn.Module) -> list[str]:
+    """Parametrize every tensor-subclass parameter or buffer of ``module`` (torchao's quantized
+    weights: ``Int8Tensor``...) by its plain inner tensors (torch's
+    ``unwrap_tensor_subclass_parameters``, ``torch.nn.utils.parametrize``); returns their names.
+
+    Why: a ``torch.cond`` operand that is a tensor subclass fails in AOTAutograd ("no rule
+    registered for HOP cond and subclass FunctionalTensor", torch 2.13); with the plain tensors as
+    graph inputs, the subclass is rebuilt inside each branch and its ops decompose to plain ones.
+    The model computes the same; its ``state_dict`` keys of those weights change to
+    ``parametrizations.<name>.original<i>``."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    names = [n for n, p in list(module.named_parameters()) + list(module.named_buffers())
+             if is_traceable_wrapper_subclass(p)]
+    if names:
+        from torch._functorch._aot_autograd.subclass_parametrization import unwrap_tensor_subclass_parameters
+
+        unwrap_tensor_subclass_parameters(module)
+    return names
 
 
 def needs_dynamic_output_shapes(module: torch.nn.Module) -> bool:
@@ -78,11 +102,27 @@ def _optimized_module_on_stack():
     return None
 
 
+def needs(module: torch.nn.Module) -> list[str]:
+    """What ``prepare`` would change in ``module`` (nothing is changed here)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    out = [f"opaque MoE {n}" for n, m in module.named_modules()
+           if routes_on_host(m) and "_fastcache_forward" not in m.__dict__]
+    if any(getattr(m, "_diffusers_hook", None) is not None for m in module.modules()):
+        out.append("diffusers hooks made traceable")
+    sub = [n for n, p in list(module.named_parameters()) + list(module.named_buffers())
+           if is_traceable_wrapper_subclass(p)]
+    if sub:
+        out.append(f"{len(sub)} tensor-subclass parameters unwrapped")
+    return out
+
+
 def on_graph() -> list[str]:
     """Called by the backend for each graph Dynamo hands it: register all parameters of the model
-    of a bare ``torch.compile`` under one registry entry, and prepare it once (see the module
-    docstring). Returns what was changed (empty when
-    nothing: already prepared, nothing needed, or no ``OptimizedModule`` on the stack)."""
+    of a bare ``torch.compile`` under one registry entry and, when it needs preparing, prepare it
+    at its next call and trace it again (see the module docstring). Nothing is changed while
+    Dynamo compiles: its guards read the modules as they were traced. Returns what will be
+    changed (empty when nothing: already seen, nothing needed, or no ``OptimizedModule``)."""
     opt = _optimized_module_on_stack()
     if opt is None or opt in _SEEN:
         return []
@@ -90,8 +130,8 @@ def on_graph() -> list[str]:
     module = opt._orig_mod
     # one entry for all the model's parameters: graphs split at graph breaks whose parameters do not
     # overlap (Z-Image's glue, its refiner and main blocks) are then one model's graphs in stats()
-    registry.entry_for_params(module.parameters())
-    changed = prepare(module)
+    registry.entry_for_params(module.parameters()).module = weakref.ref(module)
+    changed = needs(module)
     forward = opt.forward
     if needs_dynamic_output_shapes(module):
         changed.append("capture_dynamic_output_shape_ops")
@@ -105,12 +145,15 @@ def on_graph() -> list[str]:
     def retraced(*args, **kwargs):
         if pending:
             pending.clear()
+            entry = registry.lookup(module)
+            prepare(module)
+            registry.entry_for_params(module.parameters(), default=entry)  # unwrapped parameters' tensors
             _retrace(module, code)
         return forward(*args, **kwargs)
 
     opt.forward = retraced
-    log.info("fastcache: %s prepared for tracing (%s); its next call is traced again", type(module).__name__,
-             ", ".join(changed))
+    log.info("fastcache: %s needs preparing for tracing (%s); its next call is traced again",
+             type(module).__name__, ", ".join(changed))
     return changed
 
 
