@@ -102,7 +102,14 @@ def markdown(rows: list[dict], torch_version: str) -> str:
         lines.append(f"| {r['cls']} | {r['kind']} | {r['rule']} | {r['entry']} | {per} | {rep} | {graphs} | "
                      f"{verdict(r).replace('|', '/')} |")
     ok = sum(verdict(r) == "cached" for r in rows)
-    lines += ["", f"{ok} of {len(rows)} cells cached.", ""]
+    lines += ["", f"{ok} of {len(rows)} cells cached."]
+    from fastcache_fx.zoo_classes import SPECS
+
+    missing = sorted(set(SPECS) - {r["cls"] for r in rows})
+    if missing:
+        lines += ["", "Not in this run (run `python benchmarks/conformance.py --only NAME ...` to add them): "
+                  + ", ".join(missing) + "."]
+    lines.append("")
     return "\n".join(lines)
 
 
