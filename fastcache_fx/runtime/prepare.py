@@ -140,6 +140,7 @@ def on_graph() -> list[str]:
         return []
     code = type(module).forward.__code__
     pending = [True]
+    registry.lookup(module).preparing = True  # the fragments of this first call warn nothing
 
     @functools.wraps(forward)
     def retraced(*args, **kwargs):
@@ -171,3 +172,4 @@ def _retrace(module: torch.nn.Module, code) -> None:
     if entry is not None:
         entry.graphs[:] = [g for g in entry.graphs if not isinstance(g, FallbackRuntime)]
         entry.last_run.clear()
+        entry.preparing = False

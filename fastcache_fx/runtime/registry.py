@@ -27,6 +27,7 @@ class ModelEntry:
         self.warned = False  # the one fallback warning of this model was given
         self.uncompiled_calls = 0  # calls no compiled graph served (runtime.uncompiled)
         self.uncompiled_reason: str | None = None
+        self.preparing = False  # runtime.prepare will prepare the model and trace it again (no fallback warning)
         self.module = None  # weakref to the model of a bare torch.compile (runtime.prepare), names its blocks
 
     def note_call(self, graph, key: tuple = ()) -> bool:
