@@ -167,6 +167,12 @@ def _retrace(module: torch.nn.Module, code) -> None:
     from .uncompiled import unskip
 
     reset_code(code)
+    # the frames Dynamo compiled on their own while the forward ran eagerly (HiDream's blocks, split
+    # at their MoE) keep entries whose guards still match: every submodule class traces again too
+    for cls in {type(m) for m in module.modules()}:
+        sub = getattr(getattr(cls, "forward", None), "__code__", None)
+        if sub is not None and sub is not code:
+            reset_code(sub)
     unskip(module)  # a graph break inside the block loop made Dynamo run the forward eagerly for good
     entry = registry.lookup(module)
     if entry is not None:
