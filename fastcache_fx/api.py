@@ -9,9 +9,9 @@ from .config import FastCacheConfig
 from .runtime import registry
 from .runtime.context import attach_diffusers_context, detach_diffusers_context
 from .runtime.requests import end_current_request
-from .runtime.opaque import make_opaque_moe, restore_moe
-from .runtime.traceable import traceable_hooks
+from .runtime.opaque import restore_moe
 from .runtime.stats import Stats, collect
+from .runtime.prepare import DYNAMIC_OUTPUT_SHAPE_CLASSES, dynamic_output_shapes, mark_prepared, prepare  # noqa: F401
 from .runtime.uncompiled import unskip, watch_calls
 
 
@@ -151,16 +151,19 @@ def _compile_module(target: torch.nn.Module, config: FastCacheConfig, fullgraph:
     entry = registry.entry_for_params(module.parameters())
     end_request_with_pipeline_call(module)
     backend = _backend_for(config, mode)
-    make_opaque_moe(module)  # HiDream: its MoE routing would break the graph inside every block
-    traceable_hooks(module)  # context parallelism's hooks on a block (Wan) would break the block loop
+    # HiDream: its MoE routing would break the graph inside every block; context parallelism's hooks
+    # on a block (Wan) would break the block loop
+    prepare(module)
+    registry.entry_for_params(module.parameters(), default=entry)  # unwrapped parameters' plain tensors
     if regional:
         _compile_regional(module, backend, fullgraph=fullgraph, dynamic=dynamic)
         return module
     compiled = torch.compile(module, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
     unskip(module)
+    mark_prepared(compiled)
     forward = compiled.forward
     if type(module).__name__ in DYNAMIC_OUTPUT_SHAPE_CLASSES:
-        forward = torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)(forward)
+        forward = dynamic_output_shapes(forward)
     compiled.forward = watch_calls(forward, entry, module)
     if target_psnr is not None:
         from .runtime.quality import QualityTarget, quality_forward
@@ -245,14 +248,6 @@ def set_sampler(model, scheduler, guidance_scale: float = 1.0) -> bool:
         return False
     entry.quality.bind(scheduler, guidance_scale)
     return True
-
-
-#: classes ``enable_fastcache`` traces with ``capture_dynamic_output_shape_ops`` (direct
-#: ``torch.compile`` users set it themselves, docs/pipelines.md "Around the pipeline"): Mochi's text
-#: mask selects tokens by value (``nonzero``), a data-dependent shape; without it Dynamo breaks the
-#: graph inside every block. Not for every class: HunyuanVideo 1.5's graph, traced with it, hides
-#: its main blocks from the block search (unbacked sizes)
-DYNAMIC_OUTPUT_SHAPE_CLASSES = frozenset({"MochiTransformer3DModel"})
 
 
 _BACKENDS: dict = {}

@@ -40,6 +40,7 @@ from .passes.blocks import BlockRegion, find_block_graph, find_blocks, find_time
 from .passes.shards import collective_groups
 from .passes.graph_utils import has_symbolic_shapes, node_value
 from .runtime import registry
+from .runtime.prepare import on_graph as prepare_on_graph
 from .runtime.shapes import ShapeBinder
 from .runtime.state import FallbackRuntime, GraphRuntime, SharedGraph
 
@@ -72,6 +73,7 @@ class Build:
     compiled: object = None
     notes: list[str] = field(default_factory=list)
     source: str = ""  # the Dynamo graph's code: a recompile that traced the same graph hands its state over
+    note: str | None = None  # why the graph is served otherwise than asked (stats()["notes"])
 
     @property
     def device(self) -> torch.device:
@@ -213,9 +215,22 @@ class FastCacheBackend:
         if kwargs.get("options"):
             config = FastCacheConfig.from_options(config, **kwargs["options"])
         mode = kwargs.get("mode") or self.mode
+        prepare_on_graph()  # a bare torch.compile: prepare the model once, trace it again (runtime.prepare)
         b = plan(gm, example_inputs, config, mode)
         if isinstance(b, str):  # a fallback, with its reason
             return _fallback(gm, example_inputs, mode, b, [])
+        try:
+            return self._build(b, gm, example_inputs, mode)
+        except Exception as e:  # noqa: BLE001 - the safety net: never fail the user's compile
+            # (bad option values were refused by plan() above, before any rewrite); FallbackRuntime
+            # gives the one warning and stats()["fallback"] the reason
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            log.debug("fastcache: rewrite failed", exc_info=True)
+            return _fallback(gm, example_inputs, mode, f"the fastcache rewrite of this graph failed "
+                             f"({type(e).__name__}: {first})", [r.name for r in b.regions])
+
+    def _build(self, b: "Build", gm: fx.GraphModule, example_inputs: list, mode):
+        """The passes, the lowering and the runtime of a planned graph."""
         if b.kind == "block":
             from .runtime.regional import build_block_runtime
 
@@ -240,6 +255,7 @@ def plan(gm: fx.GraphModule, example_inputs: list, config: FastCacheConfig, mode
         RuntimeError: ``lowering="tensorrt"`` without CUDA / torch_tensorrt.
     """
     dynamic = has_symbolic_shapes(gm)
+    note = None
     search = find_blocks(gm)
     kind, regions = "model", search.regions
     if not regions:
@@ -248,6 +264,12 @@ def plan(gm: fx.GraphModule, example_inputs: list, config: FastCacheConfig, mode
             left = f" (left alone: {search.left_alone})" if search.left_alone else ""
             return f"no transformer blocks recognised in this graph{left}: {block}"
         kind, regions = "block", [block]
+        if config.cache_level != "block":  # Dynamo's own block graph: serve it, never fail the compile
+            note = (f"cache_level={config.cache_level!r} needs the whole transformer in one graph; Dynamo handed "
+                    f"the backend the graph of one {block.module_type} (graph breaks between the blocks), served at "
+                    "cache_level='block'")
+            _warn_once(note)
+            config = config.replace(cache_level="block")
     elif (refused := not_a_denoiser(gm)) is not None:
         return refused
     if config.lowering == "tensorrt":
@@ -256,7 +278,20 @@ def plan(gm: fx.GraphModule, example_inputs: list, config: FastCacheConfig, mode
         require_tensorrt()
     config = compat.check(config, compat.Target(block_graph=kind == "block", dynamic=dynamic,
                                                 collectives=bool(collective_groups(gm))), stacklevel=4)
-    return Build(gm, list(example_inputs), config, mode, regions, kind, dynamic, source=gm.code)
+    b = Build(gm, list(example_inputs), config, mode, regions, kind, dynamic, source=gm.code)
+    if note is not None:
+        b.note = note
+    return b
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """One warning per message per process (every block class of a model would repeat it)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(f"fastcache: {message}", stacklevel=5)
 
 
 def not_a_denoiser(gm: fx.GraphModule) -> str | None:

@@ -1,15 +1,17 @@
-"""Every diffusers video DiT class (``fastcache_fx.zoo_classes``) with ``backend="fastcache"``:
-approximation off equals eager, blocks found and approximated on a scripted trajectory, no
-fallback (docs/supported-models.md is this table)."""
+"""Every diffusers video DiT class (``fastcache_fx.zoo_classes``) under the default options and the
+fast setting, through a bare ``torch.compile(model, backend="fastcache")`` and through
+``enable_fastcache``: no fallback, every block list approximated on a scripted trajectory, each
+step equal to an eager replay of its decisions with the cached residuals (docs/supported-models.md
+is this table); a UNet's transformer layer is refused with its reason."""
 
 import pytest
 
-from conformance import assert_conforms, names
+from conformance import assert_conforms, cells
 
 
-@pytest.mark.parametrize("name", names("video"))
-def test_conforms(name):
-    assert_conforms(name)
+@pytest.mark.parametrize("name, rule, entry", cells("video"))
+def test_conforms(name, rule, entry):
+    assert_conforms(name, rule, entry)
 
 
 def _unet_layers():

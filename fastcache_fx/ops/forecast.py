@@ -138,12 +138,17 @@ def zero_error_sums(h: torch.Tensor):
     return z, z.clone()
 
 
+#: the relative block error that counts as none when the block's input equals its anchor: float32
+#: rounding of H + (Y_a - H_a) against Y_a is ~1e-7; Inductor's reordering adds a little
+UNCHANGED_ERROR = 1e-5
+
+
 def update_error_estimate(approx, err2, ref2, delta, step, estimate, last, *, groups: Sequence[str] = (),
                           verify: bool = False):
     """After a step: the measured error e and the running estimate k of e / delta.
 
     A measurement is taken at a full computation of a step >= 1 of the trajectory (an anchor of
-    this trajectory exists) with finite e and delta > 0: e = sqrt(max_b err2_b / ref2_b) (sums
+    this trajectory exists) with finite e and delta > 0, or delta = 0 and e <= ``UNCHANGED_ERROR`` (ratio 0): e = sqrt(max_b err2_b / ref2_b) (sums
     all-reduced over ``groups`` under context parallelism); k becomes e / delta at the first
     measurement, then the mean of the previous k and the new ratio (recent steps weigh most:
     the slope drifts along the trajectory). ``verify`` (``decision="output"``): a ratio above k
@@ -155,8 +160,14 @@ def update_error_estimate(approx, err2, ref2, delta, step, estimate, last, *, gr
     if groups:
         err2, ref2 = sum_over_groups(torch.stack([err2, ref2]), groups).unbind(0)
     e = (err2 / ref2).max().sqrt()
-    measured = torch.logical_not(approx) & (step >= 1) & torch.isfinite(e) & (delta > 0) & torch.isfinite(delta)
-    ratio = e / torch.where(delta > 0, delta, torch.ones_like(delta))
+    # an input equal to its anchor (delta = 0) whose output came out equal too (e at rounding level:
+    # H + (Y_a - H_a) differs from Y_a by float32 rounding) measures k = 0: a block whose input never
+    # changes (Z-Image's text refiner: no timestep input) would otherwise keep an unknown estimate,
+    # and never be approximated, for the whole trajectory
+    unchanged = (delta == 0) & (e <= UNCHANGED_ERROR)
+    measured = (torch.logical_not(approx) & (step >= 1) & torch.isfinite(e) & torch.isfinite(delta)
+                & ((delta > 0) | unchanged))
+    ratio = torch.where(delta > 0, e / torch.where(delta > 0, delta, torch.ones_like(delta)), torch.zeros_like(e))
     if verify:
         from .output_error import tighten
 

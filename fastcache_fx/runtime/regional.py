@@ -141,6 +141,11 @@ class RegionalModel:
     def dynamic(self) -> bool:
         return any(g.binder is not None for g in self.graphs)
 
+    @property
+    def notes(self) -> list[str]:
+        """Why block graphs of this model are served otherwise than asked (``backend.plan``)."""
+        return list(dict.fromkeys(g.note for g in self.graphs if g.note))
+
     # names ------------------------------------------------------------------------------
     def register_blocks(self, blocks: dict[str, torch.nn.Module]) -> None:
         """Name the block instances ({name: module}) and register their parameters."""
@@ -252,10 +257,12 @@ class BlockRuntime:
         self.device = b.device
         self.binder = binder
         self.cls = b.regions[0].name
+        self.module_type = b.regions[0].module_type
         phs = [p for p in b.gm.graph.nodes if p.op == "placeholder"][:len(b.example_inputs)]
         self.param_at = next(i for i, (p, x) in enumerate(zip(phs, b.example_inputs))
                              if isinstance(x, torch.Tensor) and is_param(p))
         self.kind = b.approximation
+        self.note = b.note  # served otherwise than asked (backend.plan), for stats()["notes"]
         self._q: dict[tuple, torch.Tensor] = {}
         self._models: dict[int, tuple[weakref.ref, RegionalModel]] = {}
 
@@ -272,6 +279,12 @@ class BlockRuntime:
             model = entry.regional = RegionalModel(entry, self.config)
         if self not in model.graphs:
             model.graphs.append(self)
+            module = entry.module() if entry.module is not None else None
+            if module is not None:  # block graphs Dynamo split off a bare torch.compile: the model's names
+                from ..passes.blocks import block_lists
+
+                model.register_blocks({f"{lst}.{i}": m for lst, ml in block_lists(module) for i, m in enumerate(ml)
+                                       if type(m).__name__ == self.module_type})
         self._models[id(param)] = (weakref.ref(param), model)
         return model
 

@@ -32,6 +32,8 @@ class ModelEntry:
         self.uncompiled_calls = 0  # calls no compiled graph served (runtime.uncompiled)
         self.quality = None  # runtime.quality.QualityTarget: per-step output-budget controls (target_psnr)
         self.uncompiled_reason: str | None = None
+        self.preparing = False  # runtime.prepare will prepare the model and trace it again (no fallback warning)
+        self.module = None  # weakref to the model of a bare torch.compile (runtime.prepare), names its blocks
 
     def note_call(self, graph, key: tuple = (), request: str = "") -> bool:
         """Record that ``graph`` computes its blocks now for the call of ``request`` (an id) with

@@ -304,7 +304,7 @@ class FallbackRuntime:
             drive_step_clock(self.entry, args[self.timestep_at])
         if self.blocks:
             self.entry.note_call(self, (), current_request().id)
-        if self.calls == 1 and not self.entry.warned and self.kind == "fallback":
+        if self.calls == 1 and not self.entry.warned and self.kind == "fallback" and not self.entry.preparing:
             self.entry.warned = True
             warnings.warn(f"fastcache: {self.reason}; compiled with plain Inductor", stacklevel=2)
         self.calls += 1

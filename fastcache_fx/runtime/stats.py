@@ -40,6 +40,9 @@ class Stats(Mapping):
         fallback: the reasons of the fallback graphs, and a line for the calls Dynamo ran
             uncompiled (``enable_fastcache`` models: ``runtime.uncompiled``).
         uncompiled_calls: those calls.
+        notes: why graphs were served otherwise than asked (a step or span cache level on block
+            graphs Dynamo split off, served at the block level; a graph the backend could not
+            rewrite, compiled with plain Inductor), one line each.
         state_bytes: bytes of live cache state (all graphs and contexts).
         state_bytes_per_block: {block name: bytes} (the trajectory counters under ``""``).
         state_bytes_per_context: {CFG context: bytes} (whole-graph runtimes).
@@ -80,6 +83,7 @@ class Stats(Mapping):
     graphs: int = 0
     per_graph: list = field(default_factory=list)
     fallback: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
     uncompiled_calls: int = 0
     state_bytes: int = 0
     state_bytes_per_block: dict = field(default_factory=dict)
@@ -136,6 +140,7 @@ def collect(entry: ModelEntry | None) -> Stats:
         "graphs": len(entry.graphs),
         "per_graph": per_graph,
         "fallback": [g.fallback for g in entry.graphs if g.fallback is not None] + _uncompiled(entry)["fallback"],
+        "notes": list(dict.fromkeys(n for g in entry.graphs for n in (getattr(g, "notes", None) or []))),
         "uncompiled_calls": entry.uncompiled_calls,
         "state_bytes": sum(bytes_per_block.values()),
         "state_bytes_per_block": bytes_per_block,
