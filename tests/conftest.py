@@ -87,16 +87,6 @@ DEFAULT_PARAMS = {
     "test_backend.py::test_disabled_approximation_equals_eager_fullgraph": {"dit-1", "dit-2"},
     "test_blocks.py::test_find_blocks_on_diffusers_families": None,  # tracing only: all kept
     "test_cache_levels.py::test_span_taylor_forecast_equals_eager_extrapolation": {"None"},
-    "test_conformance_image.py::test_conforms": {
-        "PixArtTransformer2DModel",  # single stream
-        "SD3Transformer2DModel",  # joint blocks
-        "FluxTransformer2DModel",  # double + single block lists
-        "Lumina2Transformer2DModel",  # refiner block lists
-    },
-    "test_conformance_video.py::test_conforms": {
-        "WanTransformer3DModel",  # video with rotary embeddings
-        "MochiTransformer3DModel",  # a graph break
-    },
     "test_explain.py::test_explain_finds_every_block": {"dit", "flux"},
     "test_pipelines.py::": {"pixart"},  # the pipeline fixture's families
     "test_video_pipelines.py::": {"wan"},
