@@ -5,6 +5,7 @@
 """
 
 from ._version import __version__
+from . import torch_compat as _torch_compat
 from .api import calibrate, enable_fastcache, reset, stats
 from .backend import FastCacheBackend, fastcache_backend
 from .config import FastCacheConfig
@@ -15,6 +16,8 @@ from .runtime.replay import replay_decisions
 from .runtime.span_choice import choose_spans
 from .runtime.traceable import traceable_hooks
 from .tune import tune
+
+_torch_compat.warn_if_unsupported()
 
 __all__ = [
     "FastCacheBackend", "FastCacheConfig", "cache_context", "calibrate", "choose_spans", "enable_fastcache", "export",

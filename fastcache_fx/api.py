@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import torch_compat
 from .config import FastCacheConfig
 from .runtime import registry
 from .runtime.context import attach_diffusers_context
@@ -90,7 +91,7 @@ def _compile_module(target: torch.nn.Module, config: FastCacheConfig, fullgraph:
     unskip(module)
     forward = compiled.forward
     if type(module).__name__ in DYNAMIC_OUTPUT_SHAPE_CLASSES:
-        forward = torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)(forward)
+        forward = torch_compat.dynamo_config_patch(capture_dynamic_output_shape_ops=True)(forward)
     compiled.forward = watch_calls(forward, entry, module)
     return compiled
 

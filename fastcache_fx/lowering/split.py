@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 from torch import fx
 
+from .. import torch_compat
 from ..passes.blocks import is_param
 from ..passes.graph_utils import node_value
 
@@ -138,9 +139,9 @@ def split_graph(gm: fx.GraphModule, example_inputs: Sequence,
     for n in graph.nodes:
         if n.op in ("placeholder", "output") or n in owned:
             continue
-        if n.op == "get_attr" and all(u.target is torch.ops.higher_order.cond for u in n.users):
+        if n.op == "get_attr" and all(torch_compat.is_cond(u.target) for u in n.users):
             continue  # branch modules: taken by their cond
-        if n.op == "call_function" and n.target is torch.ops.higher_order.cond:
+        if n.op == "call_function" and torch_compat.is_cond(n.target):
             if current:
                 groups.append(("glue", current))
                 current = []
