@@ -108,16 +108,20 @@ def run_flux(rows: Rows, args, device: torch.device) -> None:
         return lambda kw: fn(**kw)
 
     def emit(variant, fn, build_s, before=lambda: None, scales=True, extra=None, module=None):
+        if module is not None:
+            fastcache_fx.reset(module)  # the row's statistics: its own trajectories only
         reset_peak(device)
         t = time_steps(call_of(fn), steps, device, args.repeats, before)
+        if module is not None:
+            row_stats = fastcache_fx.stats(module)
+            extra = dict(extra or {}, block_approx_ratio=round(row_stats["block_approx_ratio"], 3),
+                         state_bytes=row_stats["state_bytes"])
         row = dict(common, variant=variant, build_s=round(build_s, 1), **t)
         row["host_syncs_per_step"] = count_host_syncs(call_of(fn), steps, device, before)
         row["peak_mem_gb"] = peak_memory_gb(device)
         out = fn(**steps[-1])
         out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
         row["finite"] = bool(torch.isfinite(out).all())
-        if module is not None:
-            row["state_bytes"] = fastcache_fx.stats(module)["state_bytes"]
         if "inductor" in results:
             row["vs_inductor"] = round(t["step_ms"] / results["inductor"], 3)
         if scale is not None and "ms" in glue:
@@ -165,8 +169,6 @@ def run_flux(rows: Rows, args, device: torch.device) -> None:
              before=lambda: fastcache_fx.replay_decisions(model, [[False]] * n, then="full"))
         emit(f"{label} all-approx", c, b, module=model, scales=approx_scales,
              before=lambda: fastcache_fx.replay_decisions(model, [[True]] * n, then="full"))
-        ratio = fastcache_fx.stats(model)["block_approx_ratio"]
-        rows.write(**common, variant=f"{label} approx ratio of the all-approx run", block_approx_ratio=round(ratio, 3))
         fastcache_fx.reset(model)
 
     fastcache_rows("fastcache block", {}, True)
@@ -197,21 +199,28 @@ def fbcache_rows(rows: Rows, model, steps, device, args, emit, need) -> None:
     def reset():
         HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks(recurse=True)
 
-    for label, thr, scales in (("fbcache all-full", 0.0, True), ("fbcache all-approx", 1e9, False)):
-        model.enable_cache(FirstBlockCacheConfig(threshold=thr))
-        try:
-            torch.compiler.reset()
-            c = torch.compile(model, dynamic=False)
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.0))
+    # the threshold is read inside the hook's torch.compiler.disable decision: changing it on the
+    # hook needs no recompile (one compile serves both rows)
+    heads = [h for m in model.modules() if getattr(m, "_diffusers_hook", None) is not None
+             for h in m._diffusers_hook.hooks.values() if hasattr(h, "threshold")]
+    try:
+        torch.compiler.reset()
+        c = torch.compile(model, dynamic=False)
 
-            def call(**kw):
-                with model.cache_context("cond"):
-                    return c(**kw)
+        def call(**kw):
+            with model.cache_context("cond"):
+                return c(**kw)
 
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                call(**steps[0])
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            call(**steps[0])
+        build = time.perf_counter() - t0
+        for label, thr, scales in (("fbcache all-full", 0.0, True), ("fbcache all-approx", 1e9, False)):
+            for h in heads:
+                h.threshold = thr
             reset()
-            emit(label, call, time.perf_counter() - t0, before=reset, scales=scales,
-                 extra={"peer": "diffusers FirstBlockCache", "threshold": thr})
-        finally:
-            model.disable_cache()
+            emit(label, call, build, before=reset, scales=scales,
+                 extra={"peer": "diffusers FirstBlockCache (torch.compile, Inductor)", "threshold": thr})
+    finally:
+        model.disable_cache()

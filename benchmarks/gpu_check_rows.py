@@ -92,15 +92,16 @@ def sync(device: torch.device) -> None:
 
 def time_steps(call: Callable[[dict], object], steps: list[dict], device: torch.device, repeats: int,
                before: Callable[[], object] = lambda: None) -> dict:
-    """Mean milliseconds per step over ``steps[1:]`` for each of ``repeats`` trajectories.
+    """Mean milliseconds per step over ``steps[1:]`` for each of ``repeats`` trajectories, after one
+    untimed warm-up trajectory.
 
-    Each repeat calls ``before()`` (which may return a context manager, e.g. a decision replay,
+    Each trajectory calls ``before()`` (which may return a context manager, e.g. a decision replay,
     held for the repeat), runs ``steps[0]`` untimed (the trajectory's first step: every cache
     computes fully), then times ``steps[1:]`` between two CUDA events (``time.perf_counter`` on
     CPU). Returns {"step_ms": median over repeats, "step_ms_repeats": each repeat's mean,
     "timed_steps": len(steps) - 1}."""
     per = []
-    for _ in range(repeats):
+    for r in range(repeats + 1):  # the first trajectory warms up (lazy compiles, allocator) and is dropped
         ctx = before()
         with (ctx if ctx is not None else _null()), torch.no_grad():
             call(steps[0])
@@ -118,7 +119,8 @@ def time_steps(call: Callable[[dict], object], steps: list[dict], device: torch.
                 for kw in steps[1:]:
                     call(kw)
                 ms = (time.perf_counter() - t0) * 1e3
-        per.append(ms / max(1, len(steps) - 1))
+        if r:
+            per.append(ms / max(1, len(steps) - 1))
     return {"step_ms": round(statistics.median(per), 3), "step_ms_repeats": [round(x, 3) for x in per],
             "timed_steps": len(steps) - 1}
 
