@@ -1,4 +1,4 @@
-"""The conformance table of README "Supported models": ``zoo_classes.check`` on every class
+"""The conformance table of docs/supported-models.md: ``zoo_classes.check`` on every class
 (batch 1, tiny config, 5-step scripted trajectory), printed as markdown and written to
 benchmarks/conformance.json. The same checks run in tests/test_conformance_image.py / _video.py.
 

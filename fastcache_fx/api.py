@@ -97,7 +97,7 @@ def _compile_module(target: torch.nn.Module, config: FastCacheConfig, fullgraph:
 
 
 #: classes ``enable_fastcache`` traces with ``capture_dynamic_output_shape_ops`` (direct
-#: ``torch.compile`` users set it themselves, README "Many models in one process"): Mochi's text
+#: ``torch.compile`` users set it themselves, docs/pipelines.md "Around the pipeline"): Mochi's text
 #: mask selects tokens by value (``nonzero``), a data-dependent shape; without it Dynamo breaks the
 #: graph inside every block. Not for every class: HunyuanVideo 1.5's graph, traced with it, hides
 #: its main blocks from the block search (unbacked sizes)

@@ -12,7 +12,7 @@ import sys
 
 # subcommand -> module implementing add_arguments/run
 COMMANDS = {
-    "demo": ("fastcache_fx.demo", "baseline vs fastcache on a bundled reference model (--model dit | mmdit)"),
+    "demo": ("fastcache_fx.demo", "baseline vs fastcache on a bundled reference model (--model dit | mmdit | wan | dit_unseen)"),
     "calibrate": ("fastcache_fx.calibration.cli", "fit linear block maps (ridge) on the reference model"),
     "explain": ("fastcache_fx.debug.explain_cli", "show the blocks found and the graph diff of each pass"),
     "diff": ("fastcache_fx.debug.diff_cli", "compare two graph dumps or export manifests"),

@@ -13,7 +13,7 @@ STATIC_APPROX_KINDS = ("cached", "cached_linear", "linear")
 CACHE_LEVELS = ("block", "span", "step")
 STATE_DTYPES = (None, "bfloat16")
 
-#: the default ``error_budget`` of ``decision="output"`` (benchmarks/RESULTS.md, "The quality knob")
+#: the default ``error_budget`` of ``decision="output"`` (docs/quality.md, "How well a budget holds")
 DEFAULT_OUTPUT_BUDGET = 0.5
 #: PSNR ~ PSNR_AT_UNIT_BUDGET - PSNR_PER_DECADE log10(budget): the lowest PSNR of the bundled DiT, the
 #: MMDiT and the unseen DiT at each budget (benchmarks/output_error.py, 2026-12-03), in dB
@@ -26,7 +26,7 @@ MAX_TARGET_PSNR = 50.0
 def budget_for_psnr(target_psnr: float) -> float | None:
     """The ``error_budget`` of ``decision="output"`` expected to give at least ``target_psnr`` dB:
     10^((PSNR_AT_UNIT_BUDGET - target) / PSNR_PER_DECADE), the inverse of the lowest PSNR measured
-    over three models at each budget (benchmarks/output_error.py; RESULTS.md "The quality knob").
+    over three models at each budget (benchmarks/output_error.py; docs/quality.md "How well a budget holds").
     None above ``MAX_TARGET_PSNR``."""
     if target_psnr > MAX_TARGET_PSNR:
         return None
@@ -42,7 +42,7 @@ class FastCacheConfig:
 
     Attributes:
         cache_ratio_threshold: tau, the relative change ||H - A||_F / ||A||_F of a block input
-            under which the block may be approximated (DESIGN.md "The block decision"); None: 0.05.
+            under which the block may be approximated (docs/advanced.md "The chi-square rule"); None: 0.05.
             Giving it (or ``significance_level`` / ``adaptive_beta``) selects ``decision="chi2"``
             unless ``decision`` is given.
         significance_level: alpha of the chi-square test; the bound is

@@ -1,4 +1,4 @@
-"""Every diffusers DiT class from a tiny config, for the conformance test and its README table.
+"""Every diffusers DiT class from a tiny config, for the conformance test and its table (docs/supported-models.md).
 
 Each ``ClassSpec`` holds the tiny config and the forward inputs of one transformer class, taken
 from diffusers' own test suite (tests/models/transformers/ in the diffusers repository, 0.42.1)
@@ -80,7 +80,7 @@ def output_tensor(out) -> torch.Tensor:
 
 
 def check(name: str, steps: int = 5, batch: int = 1, seed: int = 0) -> dict:
-    """The conformance check of one class (README "Supported models"): ``name``'s model on a
+    """The conformance check of one class (docs/supported-models.md): ``name``'s model on a
     scripted ``trajectory`` of ``steps`` calls, eager and with ``backend="fastcache"``
     (``torch.compile``'s default arguments, ``cache_ratio_threshold=10``; ``enable_fastcache``
     for a spec with ``enable``), once with every block

@@ -67,3 +67,91 @@ def assert_parallel_equals_one_process(par: dict, single: dict) -> None:
     for a, b in zip(par["on"], single["on"]):
         assert rel_err(a, b) < 1e-5
 
+
+
+# --- test tiers -----------------------------------------------------------------------------------
+# The default tier (`python -m pytest`, pyproject addopts `-m "not slow"`) is what a newcomer runs: at
+# most 10 minutes cold on 2 cores. It keeps one representative per structural kind and per feature;
+# everything else is the second tier (`python -m pytest -m slow`), which CI runs too (.ci/run).
+# Tests mark themselves with @pytest.mark.slow; the tables below tier whole modules and the
+# parameters of parametrized tests, so the choice is in one place.
+
+#: modules whose every test is in the second tier
+SLOW_MODULES = frozenset({
+    "test_many_models.py", "test_online_calibration.py", "test_token_select_linear.py", "test_tune.py",
+    "test_wan_reference.py", "test_mmdit.py", "test_compare.py", "test_xdit.py",
+})
+
+#: parametrized tests: the parameter ids kept in the default tier (the others are second tier)
+DEFAULT_PARAMS = {
+    "test_backend.py::test_disabled_approximation_equals_eager_fullgraph": {"dit-1", "dit-2", "flux-1"},
+    "test_blocks.py::test_find_blocks_on_diffusers_families": None,  # tracing only: all kept
+    "test_cache_levels.py::test_span_taylor_forecast_equals_eager_extrapolation": {"None"},
+    "test_conformance_image.py::test_conforms": {
+        "PixArtTransformer2DModel",  # single stream
+        "SD3Transformer2DModel",  # joint blocks
+        "FluxTransformer2DModel",  # double + single block lists
+        "Lumina2Transformer2DModel",  # refiner block lists
+    },
+    "test_conformance_video.py::test_conforms": {
+        "WanTransformer3DModel",  # video with rotary embeddings
+        "MochiTransformer3DModel",  # a graph break
+    },
+    "test_context_parallel.py::test_ulysses_decisions_equal_one_process": {"flux"},
+    "test_explain.py::test_explain_finds_every_block": {"dit", "flux"},
+    "test_pipelines.py::": {"pixart"},  # the pipeline fixture's families
+    "test_video_pipelines.py::": {"wan"},
+    "test_regional.py::test_regional_equals_model_with_approximation_off": {"flux"},
+    "test_regional.py::test_regional_options_equal_whole_graph": set(),
+    "test_reference.py::test_demo_writes_png_and_json": set(),
+    "test_token_merge.py::test_compiled_dit_with_token_merge": {"0.5"},
+}
+
+#: single tests in the second tier (the module stays in the default tier)
+SLOW_TESTS = frozenset({
+    "test_backend.py::test_models_sharing_a_compiled_graph_keep_their_own_state",
+    "test_cache_levels.py::test_step_level_follows_resolutions_with_default_compile",
+    "test_calibration.py::test_cli_calibrates_reference",
+    "test_calibration.py::test_time_buckets_fit_one_map_per_timestep_range",
+    "test_calibration.py::test_compiled_residual_linear_from_a_file",
+    "test_calibration.py::test_low_rank_error_falls_as_rank_grows",
+    "test_dynamic_shapes.py::test_dynamic_true_bakes_float_attributes",
+    "test_export.py::test_split_runtime_matches_backend_over_trajectory",
+    "test_export.py::test_split_program_with_eager_engines_equals_graph",
+    "test_export.py::test_corrupted_or_mismatched_manifest_is_refused",
+    "test_export.py::test_calibrated_linear_maps_travel_in_safetensors",
+    "test_pipelines.py::test_model_cpu_offload",
+    "test_pipelines.py::test_lora_after_compiling",
+    "test_pipelines.py::test_cut_trajectory_then_lower_schedule_starts_over",
+    "test_regional.py::test_compile_repeated_blocks_with_fastcache_backend",
+    "test_regional.py::test_regional_block_with_aliased_stream_inputs",
+    "test_token_select.py::test_sd3_variant_matches_its_blocks_on_the_same_token_subset",
+    "test_video_pipelines.py::test_wan22_experts_keep_their_own_cache",
+})
+
+
+def _param_id(item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    return None if callspec is None else callspec.id
+
+
+def in_default_tier(item) -> bool:
+    """Whether a collected test belongs to the default tier (see the tables above)."""
+    module = item.path.name
+    name = item.originalname or item.name
+    if module in SLOW_MODULES or f"{module}::{name}" in SLOW_TESTS:
+        return False
+    pid = _param_id(item)
+    if pid is None:
+        return True
+    for key in (f"{module}::{name}", f"{module}::"):
+        if key in DEFAULT_PARAMS:
+            keep = DEFAULT_PARAMS[key]
+            return keep is None or any(p in keep for p in pid.split("-")) or pid in keep
+    return True
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not in_default_tier(item):
+            item.add_marker(pytest.mark.slow)

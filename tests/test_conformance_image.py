@@ -1,6 +1,6 @@
 """Every diffusers image DiT class (``fastcache_fx.zoo_classes``) with ``backend="fastcache"``:
 approximation off equals eager, blocks found and approximated on a scripted trajectory, no
-fallback (README "Supported models" is this table)."""
+fallback (docs/supported-models.md is this table)."""
 
 import pytest
 

@@ -25,7 +25,7 @@ def _run_worker(family: str, tmp_path) -> dict:
 @pytest.mark.parametrize("family", ["flux", "qwenimage", "wan"])
 def test_ulysses_decisions_equal_one_process(family, tmp_path):
     """Flux (double + single blocks), an MMDiT with joint blocks (QwenImage: diffusers' SD3
-    class has no context-parallel attention, see README "Multiple devices") and a video DiT (Wan:
+    class has no context-parallel attention, see docs/multi-device.md) and a video DiT (Wan:
     diffusers' _cp_plan splits the tokens at the first block) under Ulysses 2."""
     res = _run_worker(family, tmp_path)
     cp, single = res["cp"], res["single"]

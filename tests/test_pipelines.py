@@ -64,7 +64,7 @@ def _dynamo():
     # Every model that enable_fastcache hooks runs diffusers' hook wrapper `new_forward`: one
     # code object whose cache entries (one per backend, per shape kind) all count against
     # Dynamo's recompile_limit of 8; this module compiles ~20 graphs (a user process with many
-    # pipelines meets the same limit: README, "Many models in one process")
+    # pipelines meets the same limit: docs/pipelines.md, "Around the pipeline")
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=64):
         yield

@@ -33,7 +33,7 @@ FAMILIES = ("wan", "hunyuanvideo15", "ltx", "cogvideox")
 @pytest.fixture(scope="module", autouse=True)
 def _dynamo():
     # diffusers' hook wrapper and LoRA-scale wrapper are code objects shared by every model:
-    # their cache entries count against Dynamo's recompile_limit (README, "Many models")
+    # their cache entries count against Dynamo's recompile_limit (docs/pipelines.md, "Around the pipeline")
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=64):
         yield

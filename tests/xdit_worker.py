@@ -11,8 +11,7 @@ decisions on a trajectory where at step 4 only the last rank's shard of the imag
 
 LAYOUT: ``ulysses`` (Ulysses 2), ``ring`` (ring 2), ``ulysses2xring2`` (4 processes, a
 Ulysses x ring mesh). TEXT_TOKENS (default 6, divisible by the degree): a count not divisible
-by the sequence-parallel degree makes xDiT replicate the text on every rank (README, "Multiple
-devices"); the tests do not use it.
+by the sequence-parallel degree makes xDiT replicate the text on every rank (docs/multi-device.md); the tests do not use it.
 
 xfuser 0.7 assumes an accelerator in a few import-time checks. The shims below let its
 sequence-parallel path run on CPU/gloo; they belong to this test and to `benchmarks/multi_gpu_check.py --cpu`

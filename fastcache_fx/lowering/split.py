@@ -1,6 +1,6 @@
 """Split a rewritten graph at its block conds: glue pieces and per-block branch pieces.
 
-TensorRT has no cond converter (DESIGN.md), so ``lowering="tensorrt"`` and
+TensorRT has no cond converter (docs/deployment.md "TensorRT"), so ``lowering="tensorrt"`` and
 ``export(format="tensorrt")`` cut the graph produced by ``passes.block_cache`` into
 
     glue_0, block_0 (approx | full), glue_1, block_1 (approx | full), ..., glue_L

@@ -21,7 +21,7 @@ def chi2_quantile_ratio(significance_level: float, dof: int) -> float:
 
     Under H0 "the change of the block input is isotropic noise of relative size tau",
     ||dH||^2 / sigma^2 ~ chi2(ND), so delta^2 <= tau^2 * chi2.ppf(1 - alpha, ND) / ND accepts H0
-    at level alpha (FastCache, arXiv 2505.20353, sec. 3.2; tau made explicit, DESIGN.md).
+    at level alpha (FastCache, arXiv 2505.20353, sec. 3.2; tau made explicit: docs/advanced.md "The chi-square rule").
     """
     from scipy.stats import chi2
 
