@@ -73,13 +73,14 @@ def build_flux(cfg: dict, device, dtype) -> torch.nn.Module:
 
 def cudagraph_options() -> dict | None:
     """The fastcache options selecting the CUDA-graph-friendly step lowering (issue 39 part 2), or
-    None while this checkout has none: a ``cudagraphs`` config field, else a ``lowering`` name."""
+    None while this checkout has none: a ``cudagraphs`` config field, else a ``lowering`` name
+    (``"inductor_split"``: the step cut at its decisions, pieces captured as CUDA graphs)."""
     from fastcache_fx import FastCacheConfig
 
     names = {f.name for f in dataclasses.fields(FastCacheConfig)}
     if "cudagraphs" in names:
         return {"cudagraphs": True, "cache_level": "step"}
-    for lowering in ("cudagraphs", "cudagraph", "split_cudagraphs"):
+    for lowering in ("inductor_split", "cudagraphs"):  # the name of issue 39 part 2 first
         try:
             FastCacheConfig(lowering=lowering, cache_level="step")
             return {"lowering": lowering, "cache_level": "step"}
