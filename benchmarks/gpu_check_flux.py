@@ -162,9 +162,9 @@ def run_flux(rows: Rows, args, device: torch.device) -> None:
         if not rows.has_time(need * 1.5, label):
             return
         c, b = compiled(model, backend=fastcache_fx.FastCacheBackend(**options))
-        st = fastcache_fx.stats(model)
-        info = {"options": options, "graphs": st["graphs"], "fallback": st["fallback"][:2],
-                "conds_per_step": [g.get("conds_per_step") for g in st["per_graph"]]}
+        last = fastcache_fx.stats(model)["per_graph"][-1]  # this compile's graph (earlier ones stay registered)
+        info = {"options": options, "graph_kind": last.get("kind"), "fallback": last.get("fallback"),
+                "conds_per_step": last.get("conds_per_step"), "cache_level": last.get("cache_level")}
         n = len(steps)
         emit(f"{label} all-full", c, b, module=model, extra=info,
              before=lambda: fastcache_fx.replay_decisions(model, [[False]] * n, then="full"))
