@@ -89,7 +89,8 @@ def disallow_in_graph_if_allowed(cls: type) -> bool:
 
     Reads ``torch._dynamo.trace_rules._allowed_callable_ids`` (a ``FunctionIdSet``, 2.11-2.15) to
     ask first, because ``torch._dynamo.disallow_in_graph`` raises on a callable not on the list.
-    Missing: asks by calling it and treats its ``RuntimeError`` as "not on the list". Returns
+    Missing: asks by calling it and treats its refusal (``IncorrectUsage`` on 2.11, ``RuntimeError``
+    on 2.13) as "not on the list". Returns
     whether the mark was taken off."""
     ids = _allowed_callable_ids()
     if ids is not None:
@@ -97,9 +98,11 @@ def disallow_in_graph_if_allowed(cls: type) -> bool:
             return False
         torch._dynamo.disallow_in_graph(cls)
         return True
+    # the refusal: torch._dynamo.exc.IncorrectUsage on 2.11, RuntimeError on 2.13
+    refusal = (RuntimeError, AssertionError, *(c for c in [getattr(torch._dynamo.exc, "IncorrectUsage", None)] if c))
     try:
         torch._dynamo.disallow_in_graph(cls)
-    except (RuntimeError, AssertionError):
+    except refusal:
         return False
     return True
 
