@@ -15,6 +15,7 @@ Public APIs are used directly elsewhere (``torch.compiler.reset``, ``torch.cond`
 
 from __future__ import annotations
 
+import importlib
 import logging
 import warnings
 from typing import Any, Callable
@@ -228,10 +229,17 @@ def force_contiguous(x: torch.Tensor) -> torch.Tensor:
     registered by ``torch._inductor.inductor_prims``, with ``torch._prims_common.
     make_contiguous_strides_for``, 2.11-2.15): a plain ``.contiguous()`` fused into a neighbour
     can keep a transposed layout that a cond branch's stride assertion rejects (see
-    ``ops.decision.contiguous``). Missing: ``x.contiguous()`` (right in eager; under Inductor the
-    stride assertion may fire for models whose patch embedding transposes)."""
+    ``ops.decision.fixed_contiguous``). Missing: ``x.contiguous()`` (right in eager; under Inductor
+    the stride assertion may fire for models whose patch embedding transposes). Torch 2.11's
+    Inductor fails to lower the prim on symbolic sizes ("cannot determine truth value of
+    Relational", checked 2026-12-07; 2.13 and 2.15 lower it): there a dynamic-shape graph gets
+    ``x.contiguous()`` too."""
+    if torch_version() < (2, 13) and any(isinstance(d, torch.SymInt) for d in x.shape):
+        return x.contiguous()
     try:
-        import torch._inductor.inductor_prims  # noqa: F401  (registers the prim outside Inductor too)
+        # registers the prim outside Inductor too (importlib: a local ``import torch.x`` would make
+        # ``torch`` a local name of this function)
+        importlib.import_module("torch._inductor.inductor_prims")
         from torch._prims_common import make_contiguous_strides_for
 
         op = torch.ops.prims.inductor_force_stride_order
@@ -263,8 +271,12 @@ def inductor_config_patch(changes: dict):
 
 def aoti_compile_and_package(ep, package_path: str) -> str:
     """Compile an ExportedProgram into an AOTInductor package ``package_path`` (``model.pt2``;
-    ``torch._inductor.aoti_compile_and_package``, 2.11-2.15). No fallback: export needs it."""
-    return torch._inductor.aoti_compile_and_package(ep, package_path=package_path)
+    ``torch._inductor.aoti_compile_and_package``, 2.11-2.15). No fallback: export needs it.
+    Torch 2.11's C++ wrapper fails in buffer-reuse planning on our graphs ("End index 60 out of
+    bounds" in ``EfficientPeakEstimate.peak_between``, checked 2026-12-07; 2.13 and 2.15 do not):
+    there buffers are not reused (``allow_buffer_reuse=False``: more memory, same results)."""
+    configs = {"allow_buffer_reuse": False} if torch_version() < (2, 13) else None
+    return torch._inductor.aoti_compile_and_package(ep, package_path=package_path, inductor_configs=configs)
 
 
 def aoti_load_package(path: str):
