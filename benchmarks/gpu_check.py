@@ -6,7 +6,8 @@ cannot waste the run. docs/torch-and-gpu.md explains it; the command on a lent m
 
 (the device tool's ``carry: [".whl"]``, ``timeout_s: 600``). Elsewhere:
 ``python benchmarks/gpu_check.py [--out DIR]``; ``--device cpu --smoke`` checks the plumbing on CPU
-in under a minute (tests/test_gpu_check.py); ``--record-reference`` rewrites the CPU trace.
+with tiny configurations (tests/test_gpu_check.py, second tier: about 8 Inductor compiles, minutes
+on 2 cores, not the one minute first aimed at); ``--record-reference`` rewrites the CPU trace.
 
 Every row is appended to ``$OUT/gpu_check.jsonl`` (or ``--out DIR``) the moment it is measured;
 an internal deadline (``--deadline``, 470 s) skips what no longer fits, one row each; an error is
