@@ -1,249 +1,323 @@
-"""GPU check of the deployment paths (#7), not run in CI: needs a CUDA machine.
+"""One-shot GPU check (issue 39): everything the first lent GPU run must tell, in one command that
+cannot waste the run. docs/torch-and-gpu.md explains it; the command on a lent machine
+(torch 2.11.0+cu130, Python 3.12, no diffusers) after `bash benchmarks/gpu_wheels.sh` here:
 
-    python benchmarks/gpu_check.py [--models reference,dit-xl] [--steps 20] [--dtype float16]
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && python3 benchmarks/gpu_check.py
 
-For the bundled reference DiT and a DiT-XL/2-sized ``DiTTransformer2DModel`` (random weights,
-``fastcache_fx.zoo.build("dit", "xl")``) it builds and times, on one synthetic trajectory
-(timesteps 999 -> 1, hidden states drifting a little each step, so that the cache decides):
+(the device tool's ``carry: [".whl"]``, ``timeout_s: 600``). Elsewhere:
+``python benchmarks/gpu_check.py [--out DIR]``; ``--device cpu --smoke`` checks the plumbing on CPU
+with tiny configurations (tests/test_gpu_check.py, second tier: about 8 Inductor compiles, minutes
+on 2 cores, not the one minute first aimed at); ``--record-reference`` rewrites the CPU trace.
 
-- plain ``torch.compile`` (Inductor): the baseline;
-- fastcache + Inductor, with and without ``mode="reduce-overhead"`` (CUDA graphs);
-- fastcache + TensorRT (``lowering="tensorrt"``: one engine per glue piece and per branch);
-- the exported AOTInductor package and TensorRT engines (``fastcache_fx.export`` +
-  ``load_exported``), checked against fastcache + Inductor (same decisions, outputs).
+Every row is appended to ``$OUT/gpu_check.jsonl`` (or ``--out DIR``) the moment it is measured;
+an internal deadline (``--deadline``, 470 s) skips what no longer fits, one row each; an error is
+one row with the last lines of its traceback. Sections, in order:
 
-Correctness: each variant's first step (every block computed fully) is compared with plain
-Inductor (max relative error). Latency: median per-step milliseconds of the timed trajectory
-(after a warm-up trajectory that compiles), and speedup = Inductor median / variant median,
-measured in the same run. Prints a table, writes ``benchmarks/gpu_check.json`` and replaces the
-``gpu_check`` section of ``benchmarks/RESULTS.md``. Exits with status 2 and a message when no
-CUDA device is available.
+1. ``preflight``: Python, torch, CUDA, GPU, diffusers, triton, torch-tensorrt, the private torch
+   internals this torch lacks (``fastcache_fx.torch_compat.probe``), what is missing.
+2. ``correctness``: the bundled trained DiT (``fastcache_fx.reference``) sampled on the device
+   with the default options (DDIM, batched CFG), against the trace recorded on CPU
+   (``benchmarks/gpu_reference_trace.json``): the decisions of every step and block (mismatches,
+   those within 1 % of the threshold counted apart as numerics), PSNR of the device's samples
+   against the CPU's cached and uncached samples.
+3. ``flux``: real-size FLUX.1-dev blocks in bf16 (``gpu_check_flux``): plain Inductor, the
+   rewrite's own overhead (decisions forced all-full), all-approximated, host syncs per step,
+   the step level, the CUDA-graph step lowering where this checkout has it, diffusers'
+   FirstBlockCache on the same inputs, peak memory, state bytes; TensorRT rows skipped in one
+   line without torch-tensorrt.
+4. ``aotinductor``: the bundled DiT exported as an AOTInductor package: size, build and load
+   seconds, the same decisions and samples as the in-process run of section 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import dataclasses
 import json
+import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
-SECTION = "gpu_check"
+sys.path.insert(0, str(ROOT))  # the checkout's fastcache_fx (the lent machine has no install of it)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from gpu_check_rows import Rows, short_error  # noqa: E402
+
+REFERENCE = ROOT / "benchmarks" / "gpu_reference_trace.json"
+#: decision mismatches with |delta - threshold| <= NEAR * threshold (on CPU) count as numerics
+NEAR = 0.01
+#: the sampling runs of the correctness section: (labels, steps); "smoke" for --smoke
+RUNS = {"full": (list(range(8)), 50), "smoke": ([0, 1], 8)}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="reference,dit-xl", help="comma list of reference, dit-xl")
-    p.add_argument("--steps", type=int, default=20, help="steps of the timed trajectory (default 20)")
-    p.add_argument("--batch", type=int, default=2, help="DiT-XL batch (the reference model uses 4: 2 images x CFG)")
-    p.add_argument("--dtype", default="float16", choices=("float32", "float16", "bfloat16"))
-    p.add_argument("--threshold", type=float, default=0.05, help="cache_ratio_threshold")
-    p.add_argument("--skip", default="", help="comma list of variants to skip (e.g. tensorrt,export-tensorrt)")
-    p.add_argument("--out-json", type=Path, default=ROOT / "benchmarks" / "gpu_check.json")
-    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
-    return p.parse_args(argv)
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "gpu_check_out"),
+                   help="folder of gpu_check.jsonl (default $OUT, else ./gpu_check_out)")
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --smoke)")
+    p.add_argument("--smoke", action="store_true", help="tiny configurations: checks the plumbing, not the GPU")
+    p.add_argument("--deadline", type=float, default=470.0, help="internal deadline in seconds (default 470)")
+    p.add_argument("--steps", type=int, default=11, help="FLUX trajectory: 1 untimed + steps-1 timed (default 11)")
+    p.add_argument("--repeats", type=int, default=3, help="timed trajectories per FLUX variant (default 3)")
+    p.add_argument("--flux-double", type=int, default=2, help="joint blocks of the FLUX model (default 2)")
+    p.add_argument("--flux-single", type=int, default=4, help="single blocks (default 4 = 2 x double)")
+    p.add_argument("--compile-estimate-s", type=float, default=60.0,
+                   help="seconds one real-size compile is assumed to take, for the deadline (default 60)")
+    p.add_argument("--sections", default="preflight,correctness,flux,aotinductor")
+    p.add_argument("--record-reference", action="store_true",
+                   help="record benchmarks/gpu_reference_trace.json on this machine's CPU and exit")
+    args = p.parse_args(argv)
+    if args.steps < 2 or args.repeats < 1:
+        p.error("--steps must be >= 2 and --repeats >= 1")
+    if args.smoke:
+        args.steps, args.repeats = min(args.steps, 4), min(args.repeats, 2)
+        args.flux_double, args.flux_single, args.compile_estimate_s = 1, 2, min(args.compile_estimate_s, 5.0)
+    return args
 
 
-def trajectory(kw: dict, steps: int):
-    """Per-step kwargs: decreasing timesteps, hidden states drifting by 1 % of a fixed noise per step."""
-    gen = torch.Generator(device=kw["hidden_states"].device).manual_seed(0)
-    x = kw["hidden_states"]
-    noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-    ts = torch.linspace(999, 1, steps).round().long().tolist()
-    return [{**kw, "hidden_states": x + 0.01 * i * noise, "timestep": torch.full_like(kw["timestep"], t)}
-            for i, t in enumerate(ts)]
+# section 1 --------------------------------------------------------------------------------------
 
+def preflight(rows: Rows, device: torch.device) -> list[str]:
+    """One row of versions and what is missing; returns the missing packages."""
+    import importlib.util
 
-def run_trajectory(fn, steps_kw, reset=None):
-    """(outputs, per-step ms) of one trajectory; ``reset`` is called first."""
-    if reset is not None:
-        reset()
-    outs, ms = [], []
-    with torch.no_grad():
-        for kw in steps_kw:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = fn(**kw)
-            torch.cuda.synchronize()
-            ms.append((time.perf_counter() - t0) * 1e3)
-            outs.append((out.sample if hasattr(out, "sample") else out[0]).float().clone())
-    return outs, ms
+    from fastcache_fx import __version__, torch_compat
 
-
-def rel(a, b) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
-
-
-def check_model(name: str, args, skip: set) -> list[dict]:
-    import fastcache_fx
-    from fastcache_fx.deploy.cli import example_inputs
-
-    dtype = getattr(torch, args.dtype)
-    if name == "reference":
-        model, kw = example_inputs("reference", "tiny", 4, "cuda", dtype)
-    else:
-        model, kw = example_inputs("dit", "xl", args.batch, "cuda", dtype)
-    steps_kw = trajectory(kw, args.steps)
-    config = fastcache_fx.FastCacheConfig(cache_ratio_threshold=args.threshold)
-    rows: list[dict] = []
-    base_outs = None
-    base_ms = None
-    backend_outs = backend_dec = None
-
-    def record(variant, build_s, outs, ms, stats=None, extra=None):
-        nonlocal base_outs, base_ms
-        med = statistics.median(ms[1:] if len(ms) > 1 else ms)
-        row = {"model": name, "variant": variant, "build_s": round(build_s, 1), "step_ms": round(med, 3),
-               "approx_ratio": round(stats["block_approx_ratio"], 3) if stats else 0.0}
-        if base_outs is None:
-            base_outs, base_ms = outs, med
-        row["speedup"] = round(base_ms / med, 2)
-        row["rel_err_step0"] = rel(outs[0], base_outs[0])
-        row.update(extra or {})
-        rows.append(row)
-        print(f"  {variant:<34} build {row['build_s']:>7.1f} s  step {med:9.3f} ms  x{row['speedup']:<6} "
-              f"approx {row['approx_ratio']:<5} err0 {row['rel_err_step0']:.2e}", flush=True)
-
-    def variant(label, fn):
-        if label.split(" ")[0] in skip:
-            return
+    def version(name):
         try:
-            fn()
-        except Exception as e:  # keep going: one failing variant must not hide the others
-            traceback.print_exc()
-            rows.append({"model": name, "variant": label, "error": f"{type(e).__name__}: {e}"[:300]})
+            from importlib.metadata import version as v
 
-    def plain():
-        torch._dynamo.reset()
-        c = torch.compile(model, dynamic=False)
+            return v(name)
+        except Exception:
+            return None
+
+    missing = [n for n in ("diffusers", "scipy", "safetensors", "sklearn") if importlib.util.find_spec(n) is None]
+    row = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "fastcache_fx": __version__, "commit": _commit(), "device": str(device),
+           "torch_in_supported_range": torch_compat.in_supported_range(),
+           "torch_internals_missing": [k for k, ok in torch_compat.probe().items() if not ok],
+           "diffusers": version("diffusers"), "triton": version("triton"),
+           "torch_tensorrt": version("torch-tensorrt") or version("torch_tensorrt"), "missing": missing}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        row.update(gpu=p.name, gpu_mem_gb=round(p.total_memory / 1e9, 1), sm=f"{p.major}.{p.minor}",
+                   gpus=torch.cuda.device_count())
+    rows.write(**row)
+    return missing
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        out = ""
+    return out or os.environ.get("FASTCACHE_COMMIT", "unknown")
+
+
+# section 2 --------------------------------------------------------------------------------------
+
+class OnDevice:
+    """The sampler-facing callable of a model on ``device``: inputs moved there, ``.sample`` back on
+    the CPU in float32 (the sampler and its scheduler stay on the CPU, as in the recorded trace)."""
+
+    def __init__(self, fn, device: torch.device) -> None:
+        self.fn, self.device = fn, device
+
+    def __call__(self, hidden_states, timestep, class_labels):
+        out = self.fn(hidden_states=hidden_states.to(self.device), timestep=timestep.to(self.device),
+                      class_labels=class_labels.to(self.device))
+        out = getattr(out, "sample", out)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return _Out(out.float().cpu())
+
+
+class _Out:
+    def __init__(self, sample):
+        self.sample = sample
+
+
+def sample_run(model_fn, run: str, device: torch.device):
+    """Samples [B, 1, 8, 8] of the bundled DiT for RUNS[run] (labels, steps; seeds 0..B-1)."""
+    from fastcache_fx.reference.jobs import job
+
+    labels, steps = RUNS[run]
+    return job("dit").sample(OnDevice(model_fn, device), labels, steps=steps, seeds=0)
+
+
+def decisions_of(trace: list[dict]) -> dict:
+    return {"approx": [t["approx"] for t in trace], "delta": [t["delta"] for t in trace],
+            "threshold": [t["threshold"] for t in trace]}
+
+
+def cached_run(run: str, device: torch.device):
+    """(samples, decisions, the compiled model) of the bundled DiT under fastcache's defaults."""
+    import fastcache_fx
+    from fastcache_fx.reference.jobs import job
+
+    model = job("dit").load().to(device)
+    torch.compiler.reset()
+    compiled = torch.compile(model, backend=fastcache_fx.FastCacheBackend(), dynamic=False)
+    fastcache_fx.reset(model)
+    x = sample_run(compiled, run, device)
+    # the whole trace since reset(): read after the run (never slice a trace that reset() cleared)
+    return x, decisions_of(fastcache_fx.stats(model)["trace"]), model
+
+
+def record_reference() -> int:
+    """Record the CPU trace of both runs into REFERENCE."""
+    import fastcache_fx
+    from fastcache_fx.reference.jobs import job
+    from fastcache_fx.reference.metrics import psnr_db
+
+    cpu = torch.device("cpu")
+    data = {"torch": torch.__version__, "commit": _commit(),
+            "what": "bundled DiT, fastcache defaults, reference.jobs.job('dit').sample, seeds 0..B-1, on CPU",
+            "runs": {}}
+    for run, (labels, steps) in RUNS.items():
+        x, dec, _ = cached_run(run, cpu)
+        eager = sample_run(job("dit").load(), run, cpu)
+        data["runs"][run] = {"labels": labels, "steps": steps, **dec, "samples": _round(x), "eager": _round(eager),
+                             "psnr_vs_eager_db": round(psnr_db(x, eager), 3),
+                             "block_approx_ratio": _ratio(dec["approx"])}
+    data["options"] = dataclasses.asdict(fastcache_fx.FastCacheConfig())
+    REFERENCE.write_text(json.dumps(data, default=str) + "\n")
+    print(f"wrote {REFERENCE.relative_to(ROOT)}: " + ", ".join(
+        f"{r}: approx {v['block_approx_ratio']}, {v['psnr_vs_eager_db']} dB vs eager" for r, v in data["runs"].items()))
+    return 0
+
+
+def _round(x: torch.Tensor) -> list:
+    return [[round(v, 6) for v in s.flatten().tolist()] for s in x]
+
+
+def _ratio(approx: list[list[bool]]) -> float:
+    return round(sum(map(sum, approx)) / max(1, sum(map(len, approx))), 4)
+
+
+def compare_decisions(got: dict, ref: dict) -> dict:
+    """Step-by-step comparison of every decision with the reference (all steps, all blocks)."""
+    mism, near, first = 0, 0, None
+    n = min(len(got["approx"]), len(ref["approx"]))
+    for s in range(n):
+        for b, (a, r) in enumerate(zip(got["approx"][s], ref["approx"][s])):
+            if a != r:
+                d, t = ref["delta"][s][b], ref["threshold"][s][b]
+                if abs(d - t) <= NEAR * abs(t):
+                    near += 1
+                else:
+                    mism += 1
+                first = s if first is None else first
+    return {"steps_compared": n, "steps_ref": len(ref["approx"]), "decisions_equal": mism == near == 0
+            and len(got["approx"]) == len(ref["approx"]), "mismatches": mism, "mismatches_near_threshold": near,
+            "first_mismatch_step": first, "block_approx_ratio": _ratio(got["approx"]),
+            "block_approx_ratio_ref": _ratio(ref["approx"])}
+
+
+def correctness(rows: Rows, device: torch.device, run: str, keep: dict) -> None:
+    from fastcache_fx.reference.jobs import job
+    from fastcache_fx.reference.metrics import psnr_db
+
+    ref = json.loads(REFERENCE.read_text())["runs"][run]
+    shape = (len(ref["labels"]), 1, 8, 8)
+    ref_x = torch.tensor(ref["samples"]).reshape(shape)
+    ref_eager = torch.tensor(ref["eager"]).reshape(shape)
+    t0 = time.perf_counter()
+    x, dec, model = cached_run(run, device)
+    keep.update(model=model, samples=x, decisions=dec)
+    row = {"model": "reference DiT", "run": run, "steps": ref["steps"], "samples": shape[0],
+           "seconds": round(time.perf_counter() - t0, 1), **compare_decisions(dec, ref),
+           "psnr_vs_cpu_cached_db": round(psnr_db(x, ref_x), 2),
+           "psnr_vs_cpu_eager_db": round(psnr_db(x, ref_eager), 2),
+           "cpu_psnr_vs_eager_db": ref["psnr_vs_eager_db"]}
+    eager = sample_run(job("dit").load().to(device), run, device)
+    row["eager_psnr_vs_cpu_eager_db"] = round(psnr_db(eager, ref_eager), 2)  # the device's own numerics
+    rows.write(**row)
+
+
+# section 4 --------------------------------------------------------------------------------------
+
+def aotinductor(rows: Rows, device: torch.device, run: str, keep: dict) -> None:
+    import fastcache_fx
+    from fastcache_fx.reference.jobs import job
+    from fastcache_fx.reference.metrics import psnr_db
+
+    labels, _ = RUNS[run]
+    b = 2 * len(labels)  # batched CFG
+    model = job("dit").load().to(device)
+    kw = dict(hidden_states=torch.randn(b, 1, 8, 8, device=device),
+              timestep=torch.full((b,), 999, dtype=torch.long, device=device),
+              class_labels=torch.arange(b, device=device) % 10)
+    with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        run_trajectory(c, steps_kw[:1])
+        fastcache_fx.export(model, kw, d, format="aotinductor")
         build = time.perf_counter() - t0
-        outs, ms = run_trajectory(c, steps_kw)
-        record("inductor", build, outs, ms)
-
-    def fastcache(mode=None, lowering="inductor"):
-        nonlocal backend_outs, backend_dec
-        torch._dynamo.reset()
-        c = torch.compile(model, backend=fastcache_fx.FastCacheBackend(config.replace(lowering=lowering), mode=mode),
-                          dynamic=False)
+        size = sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
         t0 = time.perf_counter()
-        run_trajectory(c, steps_kw[:1])
-        build = time.perf_counter() - t0
-        run_trajectory(c, steps_kw, reset=lambda: fastcache_fx.reset(model))  # warm-up (CUDA graph recording)
-        n0 = len(fastcache_fx.stats(model)["trace"])
-        outs, ms = run_trajectory(c, steps_kw, reset=lambda: fastcache_fx.reset(model))
-        st = fastcache_fx.stats(model)
-        dec = [t["approx"] for t in st["trace"][n0:]]
-        st = {"block_approx_ratio": sum(map(sum, dec)) / max(1, sum(map(len, dec)))}
-        label = f"fastcache+{lowering}" + (f" ({mode})" if mode else "")
-        extra = {}
-        if lowering == "inductor" and mode is None:
-            backend_outs, backend_dec = outs, dec
-        elif backend_outs is not None:
-            extra = {"same_decisions_as_fastcache_inductor": dec == backend_dec,
-                     "max_rel_err_vs_fastcache_inductor": max(rel(a, b) for a, b in zip(outs, backend_outs))}
-        record(label, build, outs, ms, st, extra)
-
-    def exported(fmt):
-        with tempfile.TemporaryDirectory() as d:
-            t0 = time.perf_counter()
-            fastcache_fx.export(model, kw, d, format=fmt, config=config)
-            loaded = fastcache_fx.load_exported(d)
-            build = time.perf_counter() - t0
-            run_trajectory(loaded, steps_kw, reset=loaded.reset)  # warm-up
-            n0 = len(loaded.trace)
-            outs, ms = run_trajectory(loaded, steps_kw, reset=loaded.reset)
-            dec = [t["approx"] for t in loaded.stats()["trace"][n0:]]
-            st = {"block_approx_ratio": sum(map(sum, dec)) / max(1, sum(map(len, dec)))}
-            extra = {}
-            if backend_outs is not None:
-                extra = {"same_decisions_as_fastcache_inductor": dec == backend_dec,
-                         "max_rel_err_vs_fastcache_inductor": max(rel(a, b) for a, b in zip(outs, backend_outs))}
-            record(f"export {fmt}", build, outs, ms, st, extra)
-
-    print(f"{name}: {type(model).__name__}, inputs "
-          + ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in kw.items()), flush=True)
-    variant("inductor", plain)
-    variant("fastcache", lambda: fastcache())
-    variant("reduce-overhead", lambda: fastcache(mode="reduce-overhead"))
-    variant("tensorrt", lambda: fastcache(lowering="tensorrt"))
-    variant("export-aotinductor", lambda: exported("aotinductor"))
-    variant("export-tensorrt", lambda: exported("tensorrt"))
-    torch._dynamo.reset()
-    return rows
+        loaded = fastcache_fx.load_exported(d)
+        load = time.perf_counter() - t0
+        loaded.reset()
+        x = sample_run(loaded, run, device)
+        dec = decisions_of(loaded.stats()["trace"])
+    row = {"model": "reference DiT", "run": run, "package_mb": round(size / 1e6, 2), "build_s": round(build, 1),
+           "load_s": round(load, 2)}
+    if "decisions" in keep:
+        cmp = compare_decisions(dec, keep["decisions"])
+        row.update(same_decisions_as_in_process=cmp["decisions_equal"], mismatches=cmp["mismatches"],
+                   mismatches_near_threshold=cmp["mismatches_near_threshold"],
+                   psnr_vs_in_process_db=round(psnr_db(x, keep["samples"]), 2))
+    row["block_approx_ratio"] = _ratio(dec["approx"])
+    rows.write(**row)
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| model | variant | build (s) | step (ms) | speedup | block_approx_ratio | rel. err. step 0 vs Inductor "
-             "| same decisions / max rel. err. vs fastcache+Inductor |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['model']} | {r['variant']} | failed: {r['error']} | | | | | |")
-            continue
-        same = ""
-        if "same_decisions_as_fastcache_inductor" in r:
-            same = f"{r['same_decisions_as_fastcache_inductor']} / {r['max_rel_err_vs_fastcache_inductor']:.1e}"
-        lines.append(f"| {r['model']} | {r['variant']} | {r['build_s']} | {r['step_ms']} | {r['speedup']}x "
-                     f"| {r['approx_ratio']} | {r['rel_err_step0']:.1e} | {same} |")
-    return "\n".join(lines)
-
-
-def write_results(path: Path, text: str) -> None:
-    begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{begin}\n{text.rstrip()}\n{end}"
-    if begin in old and end in old:
-        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    path.write_text(new)
-
+# the run ----------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device is available on this machine (torch.cuda.is_available() is False); "
-              "this check needs an NVIDIA GPU (and torch_tensorrt for the TensorRT rows). Nothing was run.",
-              file=sys.stderr)
+    if args.record_reference:
+        return record_reference()
+    rows = Rows(args.out, args.deadline)
+    device = torch.device(args.device)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    rows.section = "preflight"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        msg = ("no CUDA device (torch.cuda.is_available() is False): run it on a GPU machine, or "
+               "`--device cpu --smoke` for the plumbing")
+        rows.write(status="error", error=msg)
+        print(f"gpu_check: {msg}", file=sys.stderr)
         return 2
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    bad = [m for m in models if m not in ("reference", "dit-xl")]
-    if bad:
-        print(f"gpu_check: --models: unknown {bad} (choose from reference, dit-xl)", file=sys.stderr)
-        return 2
-    rows = []
-    for m in models:
-        rows += check_model(m, args, skip)
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
-            "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "python": platform.python_version(),
-            "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "dtype": args.dtype, "steps": args.steps}
-    tab = table(rows)
-    print(tab)
-    args.out_json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    text = (f"## GPU check (`benchmarks/gpu_check.py`)\n\n{meta['date']}, commit {commit}, {meta['gpu']}, "
-            f"torch {meta['torch']}, {args.dtype}, {args.steps}-step synthetic trajectory, command "
-            f"`{meta['command']}`. Speedup = median step latency of plain Inductor / the variant, same run.\n\n"
-            + tab + "\n")
-    write_results(args.results, text)
-    return 0
+        missing = preflight(rows, device)
+    except Exception as e:
+        rows.write(status="error", error=short_error(e))
+        return 1
+    if "diffusers" in missing:
+        rows.write(status="error", error="diffusers is missing: carry its wheels (benchmarks/gpu_wheels.sh) "
+                   "and install them first (docs/torch-and-gpu.md)")
+        return 1
+    run = "smoke" if args.smoke else "full"
+    keep: dict = {}
+    est = args.compile_estimate_s
+    if "correctness" in sections:
+        rows.run("correctness", lambda: correctness(rows, device, run, keep), need_s=est * 0.5)
+    if "flux" in sections:
+        from gpu_check_flux import run_flux
+
+        rows.run("flux", lambda: run_flux(rows, args, device), need_s=est * 2)
+    if "aotinductor" in sections:
+        rows.run("aotinductor", lambda: aotinductor(rows, device, run, keep), need_s=est * 1.5)
+    rows.section = "end"
+    errors = sum(1 for r in rows.rows if r.get("status") == "error")
+    skipped = sum(1 for r in rows.rows if r.get("status") == "skipped")
+    rows.write(status="done", rows=len(rows.rows), errors=errors, skipped=skipped, out=str(rows.path))
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -44,8 +44,9 @@ Each parallel run is compared with the same variant in one process: max relative
 per-step outputs, and for fastcache the decisions (``fastcache_fx.stats(model)["trace"]``): equal
 to one process (mismatches where the single-process delta lies within 1 % of the threshold are
 counted apart, as numerics), and equal on every rank (must hold exactly: all ranks take one
-branch). Prints a table, writes JSON. Exits with status 2 and a message on a machine without 2
-CUDA devices or when not launched by torchrun with >= 2 processes; 1 when a row fails.
+branch). Prints a table, writes JSON. On a machine with fewer than 2 CUDA devices it prints one
+"skipped" line and exits 0; exits with status 2 and a message when not launched by torchrun with
+>= 2 processes; 1 when a row fails.
 
 ``--cpu``: a gloo dry run on CPU for checking this script (tiny model). It patches
 ``torch.accelerator.device_count`` (0 on CPU; diffusers' ``_resolve_parallel_config`` divides by
@@ -95,6 +96,18 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- environment
 
+def skip_reason(args) -> str | None:
+    """Why this machine cannot run the check at all (fewer than 2 CUDA devices), or None. A skip,
+    not a failure: the lent single-GPU machines run benchmarks/gpu_check.py instead."""
+    if args.cpu:
+        return None
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n >= 2:
+        return None
+    return (f"multi_gpu_check: skipped: needs 2 or more CUDA devices, found {n} (run it on such a machine with "
+            "torchrun --nproc_per_node N; `--cpu` is a gloo dry run of the script on CPU)")
+
+
 def check_environment(args) -> str | None:
     """None when the run can go on, else the message for exit status 2."""
     world = int(os.environ.get("WORLD_SIZE", "0"))
@@ -102,9 +115,6 @@ def check_environment(args) -> str | None:
              "benchmarks/multi_gpu_check.py`"
     if not args.cpu:
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n < 2:
-            return (f"multi_gpu_check: needs a machine with 2 or more CUDA devices, found {n}. Run it on such a "
-                    f"machine and {launch}; `--cpu` is a gloo dry run of the script on CPU.")
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         if local > n:
             return f"multi_gpu_check: {local} processes on this node but {n} CUDA devices: use --nproc_per_node <= {n}."
@@ -444,6 +454,10 @@ def print_table(rows: list):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    skip = skip_reason(args)
+    if skip:
+        print(skip, flush=True)
+        return 0
     msg = check_environment(args)
     if msg:
         print(msg, file=sys.stderr)

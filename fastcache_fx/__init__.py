@@ -7,6 +7,7 @@
 """
 
 from ._version import __version__
+from . import torch_compat as _torch_compat
 from .api import (calibrate, calibrate_target, disable_fastcache, enable_fastcache, reset, set_sampler,
                   set_target_psnr, stats)
 from .backend import FastCacheBackend, fastcache_backend
@@ -23,6 +24,8 @@ from .runtime.span_choice import choose_spans
 from .runtime.stats import Stats
 from .runtime.traceable import traceable_hooks
 from .tune import tune
+
+_torch_compat.warn_if_unsupported()
 
 __all__ = [
     "CacheLevelConfig", "CalibrationConfig", "DecisionConfig", "FastCacheBackend", "FastCacheConfig", "PRESETS", "Stats",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from . import torch_compat
 from .config import FastCacheConfig
 from .runtime import registry
 from .runtime.context import attach_diffusers_context, detach_diffusers_context

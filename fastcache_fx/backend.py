@@ -32,7 +32,7 @@ from torch import fx
 from .config import FastCacheConfig
 from .lowering.inductor import compile_graph
 from . import approx as approx_kinds
-from . import compat
+from . import compat, torch_compat
 from .approx import Approximation
 from .contract import GraphContract
 from .passes.block_cache import BlockCacheResult, apply_block_cache
@@ -187,9 +187,7 @@ def _example_value(spec, b: Build) -> torch.Tensor:
     fake tensor of Dynamo's fake mode (its sizes are the graph's SymInts)."""
     if not any(isinstance(d, torch.SymInt) for d in spec.shape):
         return spec.initial(b.device)
-    from torch._guards import detect_fake_mode
-
-    with detect_fake_mode(b.example_inputs):
+    with torch_compat.detect_fake_mode(b.example_inputs):
         return spec.initial(b.device)
 
 
@@ -302,8 +300,7 @@ def not_a_denoiser(gm: fx.GraphModule) -> str | None:
     layer of a denoiser, and a step cache on it would reuse across calls that are not steps. A
     graph Dynamo resumed after a graph break (``torch_dynamo_resume_in_*``) is a fragment of the
     model, whose timestep an earlier fragment took, so it is not judged here."""
-    ctx = torch._guards.TracingContext.try_get()
-    code = ctx.traced_code[0] if ctx is not None and ctx.traced_code else None
+    code = torch_compat.traced_code()
     if code is None or code.co_name != "forward":
         return None
     if find_timestep([n for n in gm.graph.nodes if n.op == "placeholder"]) is not None:

@@ -137,7 +137,7 @@ def run(a) -> int:
     seeds = [1000 + i for i in range(len(labels))]
     model = j.load()
     clf = R.load_classifier()
-    torch._dynamo.reset()
+    torch.compiler.reset()
     baseline = j.inductor(model)
     print(f"[1/2] {j.name}: plain torch.compile (Inductor): {len(labels)} images, {a.steps} steps")
     base_imgs, base_s = timed_sampling(j, baseline, labels, a, seeds)

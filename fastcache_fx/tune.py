@@ -128,11 +128,11 @@ def tune(model: torch.nn.Module, run_fn: Callable[[Callable], torch.Tensor], tar
         base.setdefault("decision", "output")
     FastCacheConfig.from_options(base)  # a bad option fails here, before any compile
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     ref, ref_s = fastest_run(torch.compile(model, backend="inductor"), run_fn, repeats, lambda: None)
     result = TuneResult(knob, float(target_psnr), ref_s)
     for v in tqdm(values, desc=f"tune {knob}", disable=not progress):
-        torch._dynamo.reset()
+        torch.compiler.reset()
         entry = registry.lookup(model)
         if entry is not None:
             entry.graphs.clear()  # the previous value's graphs: stats() describe this one only
@@ -144,7 +144,7 @@ def tune(model: torch.nn.Module, run_fn: Callable[[Callable], torch.Tensor], tar
     if ok:
         result.chosen = min(ok, key=lambda p: p.seconds)
         result.options = {**base, knob: result.chosen.value}
-    torch._dynamo.reset()
+    torch.compiler.reset()
     if out_json is not None:
         Path(out_json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     if out_png is not None:

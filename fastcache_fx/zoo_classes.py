@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from . import torch_compat
 from . import zoo_specs_image, zoo_specs_recent, zoo_specs_video  # noqa: F401 (they fill SPECS)
 from .zoo_spec import SPECS, ClassSpec, randn  # noqa: F401 (SPECS, ClassSpec re-exported)
 
@@ -103,7 +104,7 @@ def check(name: str, steps: int = 5, batch: int = 1, seed: int = 0) -> dict:
     spec = SPECS[name]
     model, _ = build(name, seed)
     traj = trajectory(name, steps, batch, seed)
-    with torch._dynamo.config.patch(**spec.dynamo), torch._inductor.config.patch(spec.inductor):
+    with torch_compat.dynamo_config_patch(**spec.dynamo), torch_compat.inductor_config_patch(spec.inductor):
         refs = [output_tensor(model(**kw)) for kw in traj]
         if spec.enable:
             compiled = fastcache_fx.enable_fastcache(model, cache_ratio_threshold=10.0)

@@ -23,6 +23,7 @@ import torch
 
 from .zoo_classes import SPECS, build, output_tensor
 from .zoo_spec import randn
+from . import torch_compat
 
 #: the rules of the table: the default options and the fastest documented setting (README)
 RULES = {
@@ -270,8 +271,8 @@ def check_rule(name: str, rule: str, entry: str, steps: int = 10, seed: int = 0,
     model, _ = build(name, seed)
     order = block_names(model)
     traj = trajectory(name, steps, seed=seed)
-    torch._dynamo.reset()
-    with torch._inductor.config.patch(spec.inductor), warnings.catch_warnings(record=True) as caught:
+    torch.compiler.reset()
+    with torch_compat.inductor_config_patch(spec.inductor), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         compiled = compile_model(model, rule, entry)
         with torch.no_grad():
@@ -296,7 +297,7 @@ def check_rule(name: str, rule: str, entry: str, steps: int = 10, seed: int = 0,
         cfg = fastcache_fx.FastCacheConfig(**RULES[rule])
         er = EagerReplay(registry_model(model), regions, order, cfg.approx, cfg.taylor_order)
         errs = []
-        with torch._inductor.config.patch(spec.inductor):
+        with torch_compat.inductor_config_patch(spec.inductor):
             skip = len(traj) - len(decisions)  # calls no graph with blocks recorded (computed fully)
             for k, kw in enumerate(traj):
                 ref = er.run(kw, decisions[k - skip] if k >= skip else {}, float(kw[spec.timestep].flatten()[0]),

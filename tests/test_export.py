@@ -272,19 +272,6 @@ def test_force_control_overrides_decisions_in_the_export(aoti_dir):
     assert r["approx"] == [r["delta"][0] <= r["threshold"][0]]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_gpu_check_exits_with_a_message_without_cuda(capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main([]) == 2
-    assert "no CUDA device" in capsys.readouterr().err
-
-
 def test_calibrated_linear_maps_travel_in_safetensors(model, tmp_path):
     from safetensors.torch import load_file
 

@@ -71,3 +71,29 @@ def test_layers(graph, layer, forbidden):
     bad = [(a, b) for a, b in graph.edges if (a == layer or a.startswith(layer + "."))
            and any(b == f or b.startswith(f + ".") for f in forbidden)]
     assert not bad, f"{layer} must not import {forbidden}: {bad}"
+
+
+#: private torch names only fastcache_fx/torch_compat.py may use (docs/torch-and-gpu.md)
+PRIVATE_TORCH = ("torch._C", "torch._dynamo", "torch._inductor", "torch._guards", "torch._subclasses",
+                 "torch._higher_order_ops", "torch._prims", "torch._logging", "torch._export", "trace_rules",
+                 "TracingContext", "traced_code", "torch.ops.higher_order", "torch.ops.prims", "_dynamo_source",
+                 "_get_qualified_name", "_resolve_process_group", "_param_name_to_source")
+
+
+def test_private_torch_only_in_torch_compat():
+    """Every private torch internal goes through torch_compat (its versions and fallbacks are kept
+    there); docstrings and comments may name them."""
+    bad = []
+    for path in ROOT.rglob("*.py"):
+        if path.name == "torch_compat.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            text = None
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                text = ast.unparse(node)
+            elif isinstance(node, ast.Attribute):
+                text = ast.unparse(node)
+            if text and not text.startswith("torch_compat.") and any(p in text for p in PRIVATE_TORCH):
+                bad.append(f"{path.relative_to(ROOT.parent)}:{node.lineno}: {text}")
+    assert not bad, "private torch internals outside torch_compat:\n" + "\n".join(sorted(set(bad)))

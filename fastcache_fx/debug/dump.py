@@ -25,8 +25,8 @@ from collections import Counter
 
 import torch
 from torch import fx
-from torch.fx.node import _get_qualified_name
 
+from .. import torch_compat
 from ..passes.blocks import block_of, find_blocks, is_param
 from ..passes.graph_utils import node_value
 
@@ -145,7 +145,7 @@ def _format_arg(a, names: dict[fx.Node, str]) -> str:
 def _target_text(node: fx.Node) -> str:
     if node.op == "call_function":
         try:
-            return _get_qualified_name(node.target)
+            return torch_compat.qualified_name(node.target)
         except Exception:  # builtins without a module path
             return getattr(node.target, "__name__", repr(node.target))
     if node.op == "call_method":
@@ -188,7 +188,7 @@ def graph_text(gm: fx.GraphModule, title: str = "graph", *, full_branches: bool 
     current = None
     operands: dict[str, list[str]] = {}  # branch submodule -> canonical names of the cond operands
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.higher_order.cond:
+        if node.op == "call_function" and torch_compat.is_cond(node.target):
             ops = [names[a] if isinstance(a, fx.Node) else repr(a) for a in node.args[3]]
             for br in node.args[1:3]:
                 if isinstance(br, fx.Node):

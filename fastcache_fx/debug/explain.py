@@ -23,6 +23,7 @@ import torch
 from torch import fx
 
 from .. import approx as approx_kinds
+from .. import torch_compat
 from ..config import FastCacheConfig
 from ..passes.block_cache import BlockCacheResult, apply_block_cache
 from ..passes.blocks import find_blocks
@@ -170,8 +171,7 @@ def _emit_artifact(name: str, text: str) -> None:
     """A tlparse artifact (only with TORCH_TRACE set; a no-op for torch otherwise)."""
     if not os.environ.get("TORCH_TRACE"):
         return
-    torch._logging.trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": "string"},
-                                    payload_fn=lambda: text)
+    torch_compat.emit_trace_artifact(name, text)
 
 
 def explain_graph(gm: fx.GraphModule, config: FastCacheConfig, index: int = 0, approx: str | None = None) -> GraphExplanation:
@@ -212,7 +212,7 @@ def explain(model: torch.nn.Module, *example_args, config: FastCacheConfig | dic
             **example_kwargs) -> ExplainReport:
     """Capture ``model``'s Dynamo graph(s) on the example inputs and explain each one.
 
-    Calls ``torch._dynamo.reset()`` first (compiled code of other models is dropped too), then
+    Calls ``torch.compiler.reset()`` first (compiled code of other models is dropped too), then
     runs ``torch.compile(model, backend=<recorder>, dynamic=False)`` once: the model executes
     eagerly, nothing is lowered.
 
@@ -238,10 +238,10 @@ def explain(model: torch.nn.Module, *example_args, config: FastCacheConfig | dic
         graphs.append(explain_graph(gm, config, len(graphs), approx))
         return gm.forward
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     with torch.no_grad():
         torch.compile(model, backend=recorder, dynamic=False)(*example_args, **example_kwargs)
-    torch._dynamo.reset()  # drop the recorder's cache entries: a later compile must not reuse them
+    torch.compiler.reset()  # drop the recorder's cache entries: a later compile must not reuse them
     report = ExplainReport(graphs, config, approx)
     if dump_dir is not None:
         report.dump(dump_dir)

@@ -78,7 +78,7 @@ def trace_run(model, kwargs: dict, steps: int, png: Path, options: dict) -> dict
 
     from .heatmap import decision_heatmap
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     compiled = torch.compile(model, backend="fastcache", dynamic=False, options=options)
     kw = dict(kwargs)
     x = kw["hidden_states"]

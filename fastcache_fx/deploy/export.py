@@ -30,6 +30,7 @@ from typing import Any, Mapping
 import torch
 from torch import fx
 
+from .. import torch_compat
 from ..config import FastCacheConfig
 from .. import approx as approx_kinds
 from ..passes.block_cache import BlockCacheResult, apply_block_cache
@@ -103,14 +104,14 @@ def capture(model: torch.nn.Module, example_inputs) -> CapturedGraph:
 
         return run
 
-    # no torch._dynamo.reset() here: it would drop the caller's other compiled models
+    # no torch.compiler.reset() here: it would drop the caller's other compiled models
     with torch.no_grad():
         try:
             result = torch.compile(model, backend=capturing_backend, fullgraph=True, dynamic=False)(**kwargs)
-        except getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", ()):
+        except torch_compat.recompile_limit_error():
             box.clear()
         if "gm" not in box:  # Dynamo's recompile limit reached by earlier traces of this model's class
-            torch._dynamo.reset()
+            torch.compiler.reset()
             result = torch.compile(model, backend=capturing_backend, fullgraph=True, dynamic=False)(**kwargs)
     gm, ex, outs = box["gm"], box["ex"], box["outs"]
     outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
@@ -238,7 +239,7 @@ def _export_aotinductor(captured, gm, layout, weights, device, out_dir: Path) ->
     args = _call_args(captured, layout, device)
     with torch.no_grad():
         ep = torch.export.export(module, args, strict=False)
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(out_dir / PACKAGE_FILE))
+        torch_compat.aoti_compile_and_package(ep, package_path=str(out_dir / PACKAGE_FILE))
     return [PACKAGE_FILE]
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .. import torch_compat
 from ..contract import GraphContract, TensorSpec
 from . import manifest as E
 
@@ -105,7 +106,7 @@ class ExportedTransformer:
         self._pending_reset = True
         self._state: list[torch.Tensor] | None = None
         if manifest["format"] == "aotinductor":
-            self._runner = torch._inductor.aoti_load_package(str(self.out_dir / E.PACKAGE_FILE))
+            self._runner = torch_compat.aoti_load_package(str(self.out_dir / E.PACKAGE_FILE))
             self._program = None
         else:
             self._load_program()

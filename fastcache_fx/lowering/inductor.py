@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from torch import fx
+
+from .. import torch_compat
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, mode: str | None = None):
@@ -16,7 +17,4 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, mode: str | None = N
     Returns:
         the compiled callable, called with positional arguments (Dynamo's convention).
     """
-    from torch._inductor.compile_fx import compile_fx
-
-    patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    return torch_compat.inductor_compile(gm, example_inputs, mode)

@@ -35,6 +35,7 @@ from torch import fx
 
 from .inductor import compile_graph
 from .split import SplitProgram, compile_split
+from .. import torch_compat
 
 #: the mode each piece gets on CUDA when ``torch.compile`` named none (CUDA graphs)
 CUDA_MODE = "reduce-overhead"
@@ -52,7 +53,7 @@ def piece_mode(mode: str | None, device: torch.device) -> str | None:
 def uses_cudagraphs(mode: str | None) -> bool:
     """Whether a piece compiled with ``mode`` is a CUDA graph (Inductor's ``triton.cudagraphs``
     option of that mode), i.e. its outputs live in a pool the next step overwrites."""
-    return bool(mode) and bool(torch._inductor.list_mode_options(mode).get("triton.cudagraphs", False))
+    return torch_compat.cudagraphs_in_mode(mode)
 
 
 def inductor_engine(mode: str | None):
@@ -64,7 +65,7 @@ def inductor_engine(mode: str | None):
     context instead of overwriting the whole graph's)."""
 
     def engine(gm: fx.GraphModule, example_inputs: list, name: str):
-        with torch._guards.tracing(None):
+        with torch_compat.outside_tracing_context():
             return compile_graph(gm, list(example_inputs), mode)
 
     return engine

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 from torch import fx
 
+from .. import torch_compat
 from ..passes.blocks import is_param
 from ..passes.graph_utils import node_value
 
@@ -67,7 +68,7 @@ def _input_placeholder(g: fx.Graph, name: str, source: fx.Node, meta: dict) -> f
     ph = g.placeholder(name)
     ph.meta = dict(source.meta) if source.op == "placeholder" else {}
     ph.meta.update(meta)
-    ph._dynamo_source = getattr(source, "_dynamo_source", None) if source.op == "placeholder" else None
+    torch_compat.set_placeholder_source(ph, source if source.op == "placeholder" else None)
     return ph
 
 
@@ -108,7 +109,7 @@ def _bake_branch(branch: fx.GraphModule, operands: Sequence, consts: dict[fx.Nod
         else:
             env[ph] = g.placeholder(ph.name)
             env[ph].meta = dict(ph.meta)
-            env[ph]._dynamo_source = None
+            torch_compat.forget_placeholder_source(env[ph])
     for n in branch.graph.nodes:
         if n.op == "placeholder":
             continue
@@ -159,9 +160,9 @@ def split_graph(gm: fx.GraphModule, example_inputs: Sequence, block_names: Seque
     for n in graph.nodes:
         if n.op in ("placeholder", "output") or n in owned:
             continue
-        if n.op == "get_attr" and all(u.target is torch.ops.higher_order.cond for u in n.users):
+        if n.op == "get_attr" and all(torch_compat.is_cond(u.target) for u in n.users):
             continue  # branch modules: taken by their cond
-        if n.op == "call_function" and n.target is torch.ops.higher_order.cond:
+        if n.op == "call_function" and torch_compat.is_cond(n.target):
             if current:
                 groups.append(("glue", current))
                 current = []
@@ -210,7 +211,7 @@ def split_graph(gm: fx.GraphModule, example_inputs: Sequence, block_names: Seque
             for mod in p.modules.values():
                 mod.meta = dict(gm.meta)
                 if hasattr(gm, "_param_name_to_source"):
-                    mod._param_name_to_source = gm._param_name_to_source
+                    torch_compat.copy_param_sources(gm, mod)
     return pieces, input_names, [o.name for o in outputs]
 
 

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import torch
 
+from .. import torch_compat
+
 
 @functools.lru_cache(maxsize=None)
 def chi2_quantile_ratio(significance_level: float, dof: int) -> float:
@@ -199,10 +201,7 @@ def fixed_contiguous(x: torch.Tensor) -> torch.Tensor:
     dtype: those of ``x``."""
     if x.requires_grad:
         return x.contiguous()
-    import torch._inductor.inductor_prims  # noqa: F401  (registers the prim outside Inductor too)
-    from torch._prims_common import make_contiguous_strides_for
-
-    return torch.ops.prims.inductor_force_stride_order(x, make_contiguous_strides_for(x.shape))
+    return torch_compat.force_contiguous(x)
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

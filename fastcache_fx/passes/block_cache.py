@@ -18,6 +18,7 @@ import torch
 from torch import fx
 
 from .. import approx as approx_kinds
+from .. import torch_compat
 from ..approx import Approximation, Slots
 from ..approx.base import meta as _meta
 from ..config import FastCacheConfig
@@ -336,7 +337,7 @@ def _rewrite_block(gm: fx.GraphModule, io: ExtraIO, result: BlockCacheResult, k:
     with graph.inserting_after(attr_t):
         attr_f = graph.get_attr(f"fc_{tag}_full")
     cur.node = attr_f
-    cond = cur.call(torch.ops.higher_order.cond, ok, attr_t, attr_f, tuple(operands))
+    cond = cur.call(torch_compat.cond_op(), ok, attr_t, attr_f, tuple(operands))
     outs = _read_streams(cur, cond, region, streams, 0)
     eps = _read_streams(cur, cond, region, streams, n + 2) if return_error else None
     err_node = _new_state(io, cur, h, kind, config, result, ok, streams, outs, delta, step_node, t_node, cond, n,

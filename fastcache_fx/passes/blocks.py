@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from .. import torch_compat
 from .graph_utils import graph_io, node_value
 
 # "...['transformer_blocks'].3" or "transformer_blocks.3" (plain module paths)
@@ -262,12 +263,9 @@ def root_module_class(gm: fx.GraphModule) -> str | None:
     """Class name of the module whose ``forward`` Dynamo traced into ``gm`` (e.g.
     ``"FluxTransformerBlock"`` when a block was compiled on its own), or None if unknown.
     Read from the tracing context while the backend runs (the first traced code object)."""
-    from torch._guards import TracingContext
-
-    tc = TracingContext.try_get()
-    codes = getattr(tc, "traced_code", None) or []
-    if codes:
-        qual = getattr(codes[0], "co_qualname", "")
+    code = torch_compat.traced_code()
+    if code is not None:
+        qual = getattr(code, "co_qualname", "")
         if qual.endswith(".forward") and qual.count(".") == 1:
             return qual.split(".")[0]
     return None

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from .. import torch_compat
+
 def node_value(node: fx.Node):
     """The example value of a node (FakeTensor or real), whichever meta key Dynamo/make_fx set."""
     return node.meta.get("val", node.meta.get("example_value"))
@@ -23,11 +25,7 @@ def clone_graph_module(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node
     g.output(out)
     new = fx.GraphModule(gm, g)
     new.meta = dict(gm.meta)
-    if hasattr(gm, "_param_name_to_source"):
-        new._param_name_to_source = gm._param_name_to_source
-    for old, nn_ in val_map.items():
-        if hasattr(old, "_dynamo_source"):
-            nn_._dynamo_source = old._dynamo_source
+    torch_compat.copy_dynamo_sources(gm, new, val_map)
     return new, val_map
 
 
@@ -45,7 +43,7 @@ def insert_placeholder(graph: fx.Graph, after: fx.Node, name: str, val) -> fx.No
     with graph.inserting_after(after):
         p = graph.placeholder(name)
     p.meta["val"] = p.meta["example_value"] = val
-    p._dynamo_source = None  # AOTAutograd reads it on every placeholder of a Dynamo graph
+    torch_compat.forget_placeholder_source(p)
     return p
 
 
@@ -54,14 +52,13 @@ def refresh_node_values(gm: fx.GraphModule) -> None:
     tensors propagated from its placeholders' values; placeholders holding meta tensors (state
     added by a pass) are placed on the device of the other inputs. Run after a pass changes
     token counts, so later passes size their state from the new shapes."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
     vals = [node_value(p) for p in gm.graph.nodes if p.op == "placeholder"]
     device = next((v.device for v in vals if isinstance(v, torch.Tensor) and v.device.type != "meta"),
                   torch.device("cpu"))
     # a fresh mode: Dynamo's values may belong to a mode that is not the ambient one
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = torch_compat.new_fake_mode()
     fake = []
     for v in vals:
         if isinstance(v, torch.Tensor):

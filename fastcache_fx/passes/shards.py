@@ -10,6 +10,7 @@ import operator
 import torch
 from torch import fx
 
+from .. import torch_compat
 from .graph_utils import node_value
 
 
@@ -30,12 +31,7 @@ def collective_groups(gm: fx.GraphModule) -> list[str]:
 def group_size(name: str) -> int | None:
     """World size of the process group ``name`` (as the graph's collectives name it), or None
     when it cannot be resolved here (no process group of that name in this process)."""
-    try:
-        from torch.distributed.distributed_c10d import _resolve_process_group
-
-        return int(_resolve_process_group(name).size())
-    except Exception:
-        return None
+    return torch_compat.process_group_size(name)
 
 
 #: ops that cut a tensor into pieces, whose getitem is one rank's shard when a context-parallel

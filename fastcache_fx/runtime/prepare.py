@@ -25,6 +25,7 @@ import torch
 from . import registry
 from .opaque import make_opaque_moe, routes_on_host
 from .traceable import traceable_hooks
+from .. import torch_compat
 
 log = logging.getLogger("fastcache_fx")
 
@@ -78,7 +79,7 @@ def needs_dynamic_output_shapes(module: torch.nn.Module) -> bool:
 
 def dynamic_output_shapes(forward):
     """``forward`` run with Dynamo's ``capture_dynamic_output_shape_ops`` on."""
-    return torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)(forward)
+    return torch_compat.dynamo_config_patch(capture_dynamic_output_shape_ops=True)(forward)
 
 
 def mark_prepared(compiled: torch.nn.Module) -> None:
@@ -90,7 +91,7 @@ def mark_prepared(compiled: torch.nn.Module) -> None:
 def _optimized_module_on_stack():
     """The innermost ``OptimizedModule`` whose call is on the Python stack, or None (regional
     compilation, ``model.compile()`` in place, a compiled function)."""
-    from torch._dynamo.eval_frame import OptimizedModule
+    OptimizedModule = torch_compat.optimized_module_class()
 
     f = sys._getframe(1)
     while f is not None:
@@ -160,13 +161,11 @@ def on_graph() -> list[str]:
 
 def _retrace(module: torch.nn.Module, code) -> None:
     """Drop Dynamo's compiled entries of ``code`` and the model's fragment graphs."""
-    from torch._C._dynamo.eval_frame import reset_code
-
     from .state import FallbackRuntime
 
     from .uncompiled import unskip
 
-    reset_code(code)
+    torch_compat.reset_compiled_code(code)
     # the frames Dynamo compiled on their own while the forward ran eagerly (HiDream's blocks, split
     # at their MoE) keep entries whose guards still match: every submodule class traces again too
     for cls in {type(m) for m in module.modules()}:

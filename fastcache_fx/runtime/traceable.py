@@ -6,7 +6,7 @@ through ``logger.warning_once`` when a timestep is not 2-D. Two things then stop
 (torch 2.13, diffusers 0.42.1), and the whole block loop runs eagerly, uncached:
 
 - ``logger.warning_once`` inside traced code is a graph break ("logging.Logger method not
-  supported"); Dynamo's remedy is ``torch._dynamo.config.ignore_logging_functions``;
+  supported"); Dynamo's remedy is its ``ignore_logging_functions`` option (``torch_compat``);
 - a block class marked ``maybe_allow_in_graph`` (``WanTransformerBlock``) whose forward a hook
   wraps: Dynamo treats the wrapped forward as an in-graph callable and fails on
   ``hasattr(forward, "__wrapped__")``, a graph break inside the block loop, so Dynamo skips the
@@ -20,6 +20,8 @@ import logging
 
 import torch
 
+from .. import torch_compat
+
 
 def traceable_hooks(module: torch.nn.Module) -> list[str]:
     """Prepare ``module`` (with diffusers hooks installed) for tracing; returns the block classes
@@ -29,13 +31,10 @@ def traceable_hooks(module: torch.nn.Module) -> list[str]:
         return []
     warn_once = getattr(logging.Logger, "warning_once", None)  # diffusers adds it to Logger
     if warn_once is not None:
-        torch._dynamo.config.ignore_logging_functions.add(warn_once)
-    from torch._dynamo import trace_rules
-
+        torch_compat.ignore_logging_function(warn_once)
     freed = []
     for m in hooked:
         cls = type(m)
-        if m is not module and id(cls) in trace_rules._allowed_callable_ids:
-            torch._dynamo.disallow_in_graph(cls)
+        if m is not module and cls.__name__ not in freed and torch_compat.disallow_in_graph_if_allowed(cls):
             freed.append(cls.__name__)
     return freed

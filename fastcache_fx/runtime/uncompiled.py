@@ -15,10 +15,10 @@ import logging
 
 import torch
 
+from .. import torch_compat
 from .registry import ModelEntry
 
-#: Dynamo's logger for "hit config.recompile_limit" (torch/_dynamo/convert_frame.py)
-_DYNAMO_LOGGER = "torch._dynamo.convert_frame"
+_DYNAMO_LOGGER = torch_compat.DYNAMO_RECOMPILE_LOGGER
 
 
 class _Catch(logging.Handler):
@@ -45,11 +45,9 @@ def unskip(module: torch.nn.Module) -> None:
     loop (e.g. a model of the same class with diffusers' cache hooks, whose ``inspect.signature``
     call Dynamo cannot trace): every later model of that class would run its forward uncompiled
     and hand the backend only the fragments of its submodules. Compiled entries are kept."""
-    from torch._C._dynamo.eval_frame import _FrameAction, _FrameExecStrategy, set_code_exec_strategy
-
     code = getattr(type(module).forward, "__code__", None)
     if code is not None:
-        set_code_exec_strategy(code, _FrameExecStrategy(_FrameAction.DEFAULT, _FrameAction.DEFAULT))
+        torch_compat.reset_frame_strategy(code)
 
 
 def watch_calls(forward, entry: ModelEntry, module: torch.nn.Module):
