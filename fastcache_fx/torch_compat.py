@@ -84,6 +84,13 @@ def _allowed_callable_ids():
     return getattr(trace_rules, "_allowed_callable_ids", None)
 
 
+def allowed_in_graph(cls: type) -> bool | None:
+    """Whether ``cls`` is on Dynamo's list of callables put in the graph as they are
+    (``trace_rules._allowed_callable_ids``, 2.11-2.15); None where the list cannot be read."""
+    ids = _allowed_callable_ids()
+    return None if ids is None else id(cls) in ids
+
+
 def disallow_in_graph_if_allowed(cls: type) -> bool:
     """Take ``cls`` off Dynamo's list of callables put in the graph as they are (diffusers'
     ``maybe_allow_in_graph`` puts block classes there), so a hooked block is traced as a module.

@@ -295,7 +295,7 @@ def check_rule(name: str, rule: str, entry: str, steps: int = 10, seed: int = 0,
         decisions = decisions_per_step(st)
         regions = sorted({r for d in decisions for r in d})
         cfg = fastcache_fx.FastCacheConfig(**RULES[rule])
-        er = EagerReplay(registry_model(model), regions, order, cfg.approx, cfg.taylor_order)
+        er = EagerReplay(registry_model(model), regions, order, cfg.approx, cfg.taylor_order or 1)
         errs = []
         with torch_compat.inductor_config_patch(spec.inductor):
             skip = len(traj) - len(decisions)  # calls no graph with blocks recorded (computed fully)

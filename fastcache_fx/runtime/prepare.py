@@ -109,7 +109,10 @@ def needs(module: torch.nn.Module) -> list[str]:
 
     out = [f"opaque MoE {n}" for n, m in module.named_modules()
            if routes_on_host(m) and "_fastcache_forward" not in m.__dict__]
-    if any(getattr(m, "_diffusers_hook", None) is not None for m in module.modules()):
+    # a hooked block class that diffusers put in the graph as it is would hide the blocks; hooks
+    # elsewhere (context parallelism's on the model, ours on a child) trace as they are
+    if any(getattr(m, "_diffusers_hook", None) is not None and torch_compat.allowed_in_graph(type(m)) is not False
+           for m in module.modules() if m is not module):
         out.append("diffusers hooks made traceable")
     sub = [n for n, p in list(module.named_parameters()) + list(module.named_buffers())
            if is_traceable_wrapper_subclass(p)]
@@ -171,10 +174,11 @@ def _retrace(module: torch.nn.Module, code) -> None:
     for cls in {type(m) for m in module.modules()}:
         sub = getattr(getattr(cls, "forward", None), "__code__", None)
         if sub is not None and sub is not code:
-            reset_code(sub)
+            torch_compat.reset_compiled_code(sub)
     unskip(module)  # a graph break inside the block loop made Dynamo run the forward eagerly for good
     entry = registry.lookup(module)
     if entry is not None:
         entry.graphs[:] = [g for g in entry.graphs if not isinstance(g, FallbackRuntime)]
-        entry.last_run.clear()
+        with entry.requests.lock:
+            entry.requests.last_run.clear()
         entry.preparing = False
