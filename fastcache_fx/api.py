@@ -244,7 +244,10 @@ def set_sampler(model, scheduler, guidance_scale: float = 1.0) -> bool:
     next generation (custom sampling loops; pipelines need not call it): ``scheduler`` after
     ``set_timesteps``, before its first step, and the CFG scale. Returns False (and does nothing)
     for a model without a target. Raises ValueError for a scheduler without timesteps."""
-    entry = registry.lookup(model)
+    try:
+        entry = registry.lookup(model)
+    except TypeError:  # not a module (a wrapper or function around one): nothing compiled to tell
+        return False
     if entry is None or entry.quality is None:
         return False
     entry.quality.bind(scheduler, guidance_scale)
