@@ -36,7 +36,7 @@ def verdict(row: dict) -> str:
     why = []
     if row["fallback"]:
         why.append("fallback: " + "; ".join(row["fallback"])[:160])
-    never = [k for k, v in row["per_list"].items() if v <= 0]
+    never = [k for k, v in row["per_list"].items() if v <= 0 and k not in row.get("refused", {})]
     if never:
         why.append("never approximated: " + ", ".join(never))
     if row.get("replay_rel_err") is not None and row["replay_rel_err"] > OK_ERR:
@@ -96,13 +96,19 @@ def markdown(rows: list[dict], torch_version: str) -> str:
         if "error" in r:
             lines.append(f"| {r['cls']} | {r['kind']} | {r['rule']} | {r['entry']} | | | | {verdict(r)} |")
             continue
-        per = ", ".join(f"{k} {v:.2f}" for k, v in r["per_list"].items())
+        per = ", ".join(f"{k} {v:.2f}" + (" (refused†)" if k in r.get("refused", {}) else "")
+                        for k, v in r["per_list"].items())
         rep = "" if r.get("replay_rel_err") is None else f"{r['replay_rel_err']:.1e}"
         graphs = ", ".join(f"{k} {v}" for k, v in r["graphs"].items())
         lines.append(f"| {r['cls']} | {r['kind']} | {r['rule']} | {r['entry']} | {per} | {rep} | {graphs} | "
                      f"{verdict(r).replace('|', '/')} |")
     ok = sum(verdict(r) == "cached" for r in rows)
     lines += ["", f"{ok} of {len(rows)} cells cached."]
+    if any(r.get("refused") for r in rows):
+        from fastcache_fx.runtime.stats import STILL_INPUT
+
+        lines += ["", "† A list the rule refuses with its reason in `stats()[\"not_approximated\"]`: " + STILL_INPUT
+                  + ". Such a list is a text or conditioning stack fed the same input every step."]
     from fastcache_fx.zoo_classes import SPECS
 
     missing = sorted(set(SPECS) - {r["cls"] for r in rows})

@@ -45,6 +45,7 @@ from .runtime.shapes import ShapeBinder
 from .runtime.state import FallbackRuntime, GraphRuntime, SharedGraph
 
 log = logging.getLogger("fastcache_fx")
+_DYNAMO_SIGNALS = torch_compat.dynamo_restart_signals()
 
 
 @dataclass
@@ -219,6 +220,8 @@ class FastCacheBackend:
             return _fallback(gm, example_inputs, mode, b, [])
         try:
             return self._build(b, gm, example_inputs, mode)
+        except _DYNAMO_SIGNALS:
+            raise  # Dynamo's own restarts (dynamic=True's scalar tensorification): not a failure
         except Exception as e:  # noqa: BLE001 - the safety net: never fail the user's compile
             # (bad option values were refused by plan() above, before any rewrite); FallbackRuntime
             # gives the one warning and stats()["fallback"] the reason

@@ -67,6 +67,14 @@ def recompile_limit_error() -> tuple[type[BaseException], ...]:
     return (cls,) if cls is not None else ()
 
 
+def dynamo_restart_signals() -> tuple[type[BaseException], ...]:
+    """Exceptions Dynamo raises inside a backend to restart its analysis
+    (``torch._dynamo.exc.RestartAnalysis`` and subclasses such as ``TensorifyScalarRestartAnalysis``
+    under ``dynamic=True``, 2.11-2.15): a backend's safety net must let them through."""
+    exc = getattr(getattr(torch, "_dynamo", None), "exc", None)
+    return tuple(c for c in [getattr(exc, "RestartAnalysis", None)] if c is not None)
+
+
 def ignore_logging_function(fn: Callable) -> bool:
     """Let Dynamo skip calls of the logging function ``fn`` instead of breaking the graph
     (``torch._dynamo.config.ignore_logging_functions``, a set, 2.11-2.15). Missing: nothing is

@@ -18,7 +18,7 @@ import torch
 
 from . import torch_compat
 from . import zoo_specs_image, zoo_specs_recent, zoo_specs_video  # noqa: F401 (they fill SPECS)
-from .zoo_spec import SPECS, ClassSpec, randn  # noqa: F401 (SPECS, ClassSpec re-exported)
+from .zoo_spec import SPECS, ClassSpec, randn, scripted_timestep  # noqa: F401 (SPECS, ClassSpec re-exported)
 
 
 def build(name: str, seed: int = 0):
@@ -44,7 +44,7 @@ def build(name: str, seed: int = 0):
 
 def trajectory(name: str, steps: int, batch: int = 1, seed: int = 0) -> list[dict]:
     """The forward kwargs of ``steps`` denoising steps of ``name``'s model at ``batch``: the
-    timestep falls linearly from ``t_max`` to ``t_max / steps`` and the latent moves by 5 % of a
+    timestep falls linearly from ``t_max`` to ``t_max / steps`` (rises for a ``rising`` class) and the latent moves by 5 % of a
     fixed noise per step (tiny random models: their block inputs change far more per step than a
     trained model's, so the approximation is forced with a large threshold, not earned).
 
@@ -63,7 +63,7 @@ def trajectory(name: str, steps: int, batch: int = 1, seed: int = 0) -> list[dic
     for k in range(steps):
         kw = dict(base)
         t = base[spec.timestep]
-        kw[spec.timestep] = torch.full_like(t, spec.t_max * (steps - k) / steps)
+        kw[spec.timestep] = torch.full_like(t, scripted_timestep(spec, k, steps))
         kw[spec.latent] = base[spec.latent] + 0.05 * k * drift
         out.append(kw)
     return out

@@ -22,7 +22,7 @@ import warnings
 import torch
 
 from .zoo_classes import SPECS, build, output_tensor
-from .zoo_spec import randn
+from .zoo_spec import randn, scripted_timestep
 from . import torch_compat
 
 #: the rules of the table: the default options and the fastest documented setting (README)
@@ -36,7 +36,7 @@ ENTRIES = ("backend", "enable")
 
 def trajectory(name: str, steps: int = 10, batch: int = 1, seed: int = 0, drift: float = 0.01) -> list[dict]:
     """The forward kwargs of ``steps`` steps of ``name``'s model: the timestep falls linearly from
-    ``t_max`` to ``t_max / steps``; the latent moves by ``drift`` (relative, of a fixed
+    ``t_max`` to ``t_max / steps`` (rises, for a ``rising`` class: ``zoo_spec.scripted_timestep``); the latent moves by ``drift`` (relative, of a fixed
     standard-normal direction) per step.
 
     Raises:
@@ -55,7 +55,7 @@ def trajectory(name: str, steps: int = 10, batch: int = 1, seed: int = 0, drift:
     out = []
     for k in range(steps):
         kw = dict(base)
-        kw[spec.timestep] = torch.full_like(base[spec.timestep], spec.t_max * (steps - k) / steps)
+        kw[spec.timestep] = torch.full_like(base[spec.timestep], scripted_timestep(spec, k, steps))
         kw[spec.latent] = x + drift * k * direction
         out.append(kw)
     return out
@@ -149,8 +149,8 @@ class EagerReplay:
     returns H_first + R (or + the forecast R_hat(t), ``ops.forecast.taylor_weights``) and the
     blocks before it inside the region return their inputs. A block's output streams are paired
     with its inputs of the same shape (the residual stream), preferring positional arguments and
-    ``*hidden_states`` keywords; where two inputs have that shape, the one nearest the output at
-    the first full computation.
+    ``*hidden_states`` keywords (over other same-shaped inputs); where two of those have that shape,
+    the one nearest the output at the first full computation.
     """
 
     def __init__(self, model, regions: list[str], order: list[str], approx: str = "residual", taylor_order: int = 1):
@@ -178,6 +178,10 @@ class EagerReplay:
             pairs = []
             for o in outs:
                 same = [i for i, (_, v) in enumerate(inputs) if isinstance(o, torch.Tensor) and v.shape == o.shape]
+                # a stream is the first argument or a *hidden_states one, not a same-shaped
+                # context (Cosmos's extra_pos_emb)
+                named = [i for i in same if i == 0 or inputs[i][0].endswith("hidden_states")]
+                same = named or same
                 if len(same) > 1:
                     same.sort(key=lambda i: float((o - inputs[i][1]).norm()))
                 pairs.append(same[0] if same else None)
@@ -259,6 +263,8 @@ def check_rule(name: str, rule: str, entry: str, steps: int = 10, seed: int = 0,
         dict with ``cls``, ``kind``, ``rule``, ``entry``; ``per_list`` {block list: approximated
         share of its block computations}; ``approx_ratio`` (all blocks); ``fallback`` (the reasons
         of ``stats()``); ``warnings`` (fastcache warnings raised); ``graphs`` {kind: count};
+        ``refused`` {block list: reason} for lists never approximated whose every block has a
+        reason in ``stats()["not_approximated"]``;
         ``replay_rel_err`` (max over steps of ||compiled - eager replay|| / ||eager replay||, None
         where ``replay`` is off); ``finite``.
 
@@ -291,6 +297,7 @@ def check_rule(name: str, rule: str, entry: str, steps: int = 10, seed: int = 0,
            "fallback": st["fallback"], "graphs": graphs,
            "warnings": sorted({str(w.message)[:300] for w in caught if "fastcache" in str(w.message)}),
            "finite": all(bool(torch.isfinite(o).all()) for o in outs), "replay_rel_err": None}
+    row["refused"] = refused_lists(row["per_list"], st, order)
     if replay:
         decisions = decisions_per_step(st)
         regions = sorted({r for d in decisions for r in d})
@@ -306,6 +313,18 @@ def check_rule(name: str, rule: str, entry: str, steps: int = 10, seed: int = 0,
         row["replay_rel_err"] = max(errs)
         row["replay_errs"] = errs
     return row
+
+
+def refused_lists(per_list: dict[str, float], st: dict, order: list[str]) -> dict[str, str]:
+    """{block list: reason} of the lists of ``per_list`` never approximated whose every block
+    ``stats()["not_approximated"]`` gives a reason for (the first reason)."""
+    why = {b: r for region, r in st.get("not_approximated", {}).items() for b in region_blocks(region, order)}
+    out = {}
+    for lst, share in per_list.items():
+        members = [b for b in order if b.rsplit(".", 1)[0] == lst]
+        if share <= 0 and members and all(b in why for b in members):
+            out[lst] = why[members[0]]
+    return out
 
 
 def registry_model(model):

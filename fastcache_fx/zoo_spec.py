@@ -23,6 +23,8 @@ class ClassSpec:
         t_max: the timestep at the start of a trajectory (1000 for models fed train timesteps,
             1.0 for those fed sigmas / flow times).
         latent: the name of the noisy-latent input.
+        rising: the pipeline feeds a timestep that rises over the trajectory (Lumina, Lumina 2,
+            Z-Image pass 1 - sigma): the scripted trajectories rise from ``t_max / steps`` to ``t_max``.
         note: why the config differs from diffusers' test config, or what the class needs.
         dynamo: ``torch._dynamo.config`` settings a direct ``torch.compile`` needs
             (``enable_fastcache`` sets them itself).
@@ -37,10 +39,17 @@ class ClassSpec:
     timestep: str = "timestep"
     t_max: float = 1000.0
     latent: str = "hidden_states"
+    rising: bool = False
     note: str = ""
     dynamo: dict = field(default_factory=dict)
     enable: bool = False
     inductor: dict = field(default_factory=dict)
+
+
+def scripted_timestep(spec: ClassSpec, k: int, steps: int) -> float:
+    """The timestep of step ``k`` of a scripted ``steps``-step trajectory: falling linearly from
+    ``t_max`` to ``t_max / steps``, or rising from ``t_max / steps`` to ``t_max`` (``rising``)."""
+    return spec.t_max * ((k + 1) if spec.rising else (steps - k)) / steps
 
 
 def randn(g: torch.Generator, *shape: int) -> torch.Tensor:

@@ -45,7 +45,7 @@ register(
              scaling_factor=1.0, axes_dim_rope=(4, 2, 2), axes_lens=(128, 128, 128), cap_feat_dim=32),
         lambda b, g: dict(hidden_states=randn(g, b, 4, 16, 16), encoder_hidden_states=randn(g, b, 16, 32),
                           timestep=timesteps(g, b, 1.0), encoder_attention_mask=torch.ones(b, 16, dtype=torch.bool)),
-        t_max=1.0),
+        t_max=1.0, rising=True),
     ClassSpec(
         "ChromaTransformer2DModel", "image",
         dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
@@ -60,7 +60,7 @@ register(
              axes_dims=[8, 4, 4], axes_lens=[256, 32, 32]),
         lambda b, g: dict(x=randn(g, b, 16, 1, 16, 16), cap_feats=randn(g, b, 16, 16), t=timesteps(g, b, 1.0),
                           return_dict=False),
-        timestep="t", latent="x", t_max=1.0,
+        timestep="t", latent="x", t_max=1.0, rising=True,
         note="x / cap_feats given as batched tensors (the forward iterates them per sample like its lists); "
              "return_dict=False: the output is a list of per-sample tensors, the check compares the first"),
     ClassSpec(

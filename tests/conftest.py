@@ -162,38 +162,6 @@ def in_default_tier(item) -> bool:
 #: (node id -> the error); expected to fail until fixed, reported in the closing note (not strict:
 #: a fix shows as XPASS)
 KNOWN_FAILURES: dict[str, str] = {
-    'tests/test_conformance_image.py::test_conforms[ChromaTransformer2DModel-default-backend]':
-        'replay or share check failed in the merged run (Chroma, default options, bare backend); not investigated',
-    'tests/test_conformance_video.py::test_conforms[CosmosTransformer3DModel-default-backend]':
-        'replay check failed in the merged run (Cosmos, default options, bare backend); not investigated',
-    'tests/test_conformance_video.py::test_conforms[Kandinsky5Transformer3DModel-default-backend]':
-        'text_transformer_blocks never approximated (0.0) under the default options',
-    'tests/test_conformance_image.py::test_conforms[ZImageTransformer2DModel-fast-backend]':
-        "the fast setting's steps differ from the eager replay (0.37) on Z-Image's parallel refiner lists",
-    'tests/test_conformance_image.py::test_conforms[ZImageTransformer2DModel-fast-enable]':
-        "the fast setting's steps differ from the eager replay (0.37) on Z-Image's parallel refiner lists",
-    'tests/test_conformance_video.py::test_conforms[WanVACETransformer3DModel-default-backend]':
-        'vace_blocks never approximated (0.0) under the default options',
-    'tests/test_token_select_linear.py::test_static_tokens_get_the_stack_map_in_the_graph[previous-linear]':
-        "token selection not applied: an option that does not apply reads None since the grouped config ('>' between FakeTensor and None)",
-    'tests/test_token_select_linear.py::test_static_tokens_get_the_stack_map_in_the_graph[previous-cached_linear]':
-        'token selection not applied: an option that does not apply reads None since the grouped config',
-    'tests/test_token_select_linear.py::test_static_tokens_get_the_stack_map_in_the_graph[anchor-linear]':
-        'token selection not applied: an option that does not apply reads None since the grouped config',
-    'tests/test_token_select_linear.py::test_static_tokens_get_the_stack_map_in_the_graph[anchor-cached_linear]':
-        'token selection not applied: an option that does not apply reads None since the grouped config',
-    'tests/test_token_select.py::test_sd3_variant_matches_its_blocks_on_the_same_token_subset':
-        'failed in the merged run; not investigated',
-    'tests/test_dynamic_shapes.py::test_dynamic_true_bakes_float_attributes':
-        'failed in the merged run (assert 2 == 2 and False); not investigated',
-    'tests/test_cudagraph_lowering.py::test_reference_dit_50_steps_equal_whole_graph':
-        'failed in the merged run: set_sampler on a non-module (fixed after, not re-run)',
-    'tests/test_gpu_check.py::test_smoke_on_cpu':
-        'failed in the merged run: set_sampler on a non-module (fixed after, not re-run)',
-    'tests/test_export.py::test_aotinductor_export_matches_backend_over_trajectory':
-        'setup failed in the merged run: set_sampler on a non-module (fixed after, not re-run)',
-    'tests/test_export.py::test_split_runtime_matches_backend_over_trajectory':
-        'setup failed in the merged run: set_sampler on a non-module (fixed after, not re-run)',
 }
 
 

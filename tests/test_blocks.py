@@ -84,9 +84,9 @@ def test_pass_on_hand_written_graph():
     assert gm.code == before  # pure: input graph untouched
     conds = [n for n in new.graph.nodes if n.target is torch.ops.higher_order.cond]
     assert len(conds) == 2 and res.blocks == ["blocks.0", "blocks.1"]
-    # state: step, prev_t, the output budget's (gain, run, step error), then per block anchor_in,
-    # anchor_res, consecutive
-    assert [s.name for s in res.state][:8] == ["step", "prev_t", "output.gain", "output.run_error",
+    # state: step, prev_t, t_first, the output budget's (gain, run, step error), then per block
+    # anchor_in, anchor_res, consecutive
+    assert [s.name for s in res.state][:9] == ["step", "prev_t", "t_first", "output.gain", "output.run_error",
                                                "output.step_error", "blocks.0.anchor_in.0", "blocks.0.anchor_res.0",
                                                "blocks.0.consecutive"]
     n_out = len(next(n for n in new.graph.nodes if n.op == "output").args[0])

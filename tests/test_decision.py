@@ -53,6 +53,32 @@ def test_trajectory_step():
     assert seen == [0, 1, 2, 0, 1]
 
 
+@pytest.mark.parametrize("ts, want", [
+    ([999, 800, 600, 999, 500, 250], [0, 1, 2, 0, 1, 2]),  # falling (DDIM, flow Euler)
+    ([0.0, 0.25, 0.5, 0.0, 0.5, 0.75], [0, 1, 2, 0, 1, 2]),  # rising (Z-Image, Lumina 2: 1 - sigma)
+    ([0.5, 0.5, 0.75, 0.5], [0, 0, 1, 0]),  # a repeated timestep starts over; a turn back too
+    ([float("nan")] * 3, [0, 1, 2]),  # unknown (NaN, a fragment whose control was not filled): the step advances
+])
+def test_trajectory_step_follows_the_trajectory_direction(ts, want):
+    step, prev, first = torch.tensor(-1), torch.tensor(-math.inf), torch.tensor(math.nan)
+    seen = []
+    for t in ts:
+        step, prev, first = D.trajectory_step(torch.tensor([t, t]), prev, step, first)
+        seen.append(int(step))
+    assert seen == want
+    # the host rule of the regional clock agrees
+    step, prev, first, host = -1, -math.inf, math.nan, []
+    for t in ts:
+        if math.isnan(t):
+            step += 1
+        else:
+            step = 0 if D.starts_trajectory(t, prev, step, first) else step + 1
+            first = t if step == 0 else first
+            prev = t
+        host.append(step)
+    assert host == want
+
+
 def test_update_never_stores_nan():
     h, y = torch.randn(1, 3, 2), torch.randn(1, 3, 2)
     a_in, a_res = torch.zeros_like(h), torch.zeros_like(h)

@@ -118,7 +118,7 @@ def test_sd3_variant_matches_its_blocks_on_the_same_token_subset():
     # SD3 joins [image, text] and splits by slicing at N: the slices are rewritten to k
     model, kw = zoo.build("sd3", "tiny")
     gm, inputs = dynamo_graph(model, kw)
-    g8, res = apply_token_select(gm, FastCacheConfig(), 8)
+    g8, res = apply_token_select(gm, FastCacheConfig(enable_spatial_approx=True), 8)
     assert res.applied, res.reason
     assert res.text_tokens == 6 and res.contexts == []
     state = [torch.full(s.shape, s.fill, dtype=s.dtype) for s in res.state]

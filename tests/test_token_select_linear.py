@@ -141,7 +141,7 @@ def test_static_tokens_get_the_stack_map_in_the_graph(dit, dit_graph, mode, refe
     model, kw = dit
     gm, inputs = dit_graph
     k = 4
-    gm4, res = apply_token_select(gm, FastCacheConfig(reference=reference), k, static_approx=mode)
+    gm4, res = apply_token_select(gm, FastCacheConfig(reference=reference, enable_spatial_approx=True), k, static_approx=mode)
     assert res.applied, res.reason
     assert [w.shape for w in res.weights] == [(16, 16), (16,)]
     g = torch.Generator().manual_seed(1)
@@ -171,7 +171,7 @@ def test_static_tokens_get_the_stack_map_in_the_graph(dit, dit_graph, mode, refe
         torch.testing.assert_close(y_new[:, static], y_ref[:, static])
     torch.testing.assert_close(y_new[:, idx], h, rtol=1e-5, atol=1e-5)
     # the static tokens' approximation reaches the model output: the cached one gives another
-    cached, _ = apply_token_select(gm, FastCacheConfig(reference=reference), k)
+    cached, _ = apply_token_select(gm, FastCacheConfig(reference=reference, enable_spatial_approx=True), k)
     outs_c = torch.fx.Interpreter(cached).run(*inputs, *state[:5])
     assert torch.equal(outs_c[-1], idx) and not torch.allclose(outs_c[0], outs[0])
 

@@ -83,7 +83,7 @@ class ExportedTransformer:
     Returns what the model returned: for diffusers models an ``ExportedOutput`` named tuple
     with the model output's fields (``out.sample``, ``out[0]``); a tuple or a tensor otherwise.
     Shapes and dtypes must equal the manifest's (``ValueError`` otherwise). One cache state (one
-    CFG context: batched CFG); a new trajectory starts when the timestep stops decreasing or on
+    CFG context: batched CFG); a new trajectory starts when the timestep repeats or turns back or on
     ``reset()``. ``controls`` maps control names to tensors fed every call (``force`` [L] int8:
     -1 live decisions (default), 0 force full, 1 force the approximation).
     """

@@ -35,22 +35,52 @@ def threshold_sq(cache_ratio_threshold: float, significance_level: float, dof: i
     return cache_ratio_threshold ** 2 * chi2_quantile_ratio(significance_level, dof)
 
 
-def trajectory_step(timestep: torch.Tensor | None, prev_t: torch.Tensor, step: torch.Tensor):
-    """Advance the step counter; a new trajectory starts when the timestep stops decreasing.
+def trajectory_step(timestep: torch.Tensor | None, prev_t: torch.Tensor, step: torch.Tensor,
+                    t_first: torch.Tensor | None = None):
+    """Advance the step counter, or start a new trajectory.
+
+    With ``t_first`` (the timestep at the trajectory's step 0) the rule follows the trajectory's
+    own direction: a trajectory continues while its timestep keeps moving the way its first two
+    steps went (falling for most samplers, rising for Lumina, Lumina 2 and Z-Image, whose
+    pipelines pass 1 - sigma); it starts over when the timestep repeats or turns back. Without
+    ``t_first`` (the token-selection pass's own clock) it starts over when the timestep stops
+    decreasing.
 
     Args:
-        timestep: the model's timestep input (any shape, first element used) or None.
+        timestep: the model's timestep input (any shape, first element used), or None / NaN
+            when the graph does not know it (the step then advances by one, t stays).
         prev_t: [] float32, the previous step's timestep (-inf before the first step).
         step: [] int64, steps since the trajectory started (-1 before the first step).
+        t_first: [] float32, the timestep of the trajectory's step 0, or None.
 
     Returns:
-        (step [] int64, t [] float32): the new counter and this step's timestep.
+        (step [] int64, t [] float32) and, with ``t_first``, the new t_first [] float32.
     """
     if timestep is None:
-        return step + 1, prev_t.clone()
+        return (step + 1, prev_t.clone()) + (() if t_first is None else (t_first.clone(),))
     t = timestep.reshape(-1)[0].to(torch.float32, copy=True)  # never a view of the input: cond refuses aliased operands
-    new_traj = torch.logical_not(t < prev_t)
-    return torch.where(new_traj, torch.zeros_like(step), step + 1), t
+    if t_first is None:
+        new_traj = torch.logical_not(t < prev_t)
+    else:
+        going = torch.sign(prev_t - t_first)  # 0 at step 0: any change continues
+        new_traj = (step < 0) | (t == prev_t) | ((step >= 1) & (torch.sign(t - prev_t) != going))
+    # NaN: unknown (the "timestep" control of a graph without the input, not filled): as None
+    known = torch.logical_not(torch.isnan(t))
+    new_traj = known & new_traj
+    out = (torch.where(new_traj, torch.zeros_like(step), step + 1), torch.where(known, t, prev_t))
+    if t_first is None:
+        return out
+    return out + (torch.where(new_traj, t, t_first),)
+
+
+def starts_trajectory(t: float, prev_t: float, step: int, t_first: float) -> bool:
+    """``trajectory_step``'s rule with ``t_first``, on host floats (``runtime.regional``'s clock)."""
+    if step < 0 or t == prev_t:
+        return True
+    if step == 0:
+        return False
+    sign = lambda x: (x > 0) - (x < 0)  # noqa: E731
+    return sign(t - prev_t) != sign(prev_t - t_first)
 
 
 def block_decision(

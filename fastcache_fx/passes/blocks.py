@@ -30,7 +30,8 @@ from .graph_utils import graph_io, node_value
 # "...['transformer_blocks'].3" or "transformer_blocks.3" (plain module paths)
 _INDEXED = re.compile(r"^(?P<list>.*?)(?:'\])?\.(?P<idx>\d+)$")
 _PARAM_NAME = re.compile(r"_(parameters|buffers)_")
-_TIMESTEP = re.compile(r"timestep", re.IGNORECASE)
+# "timestep" anywhere, or an input named just ``t`` (Z-Image's ``forward(x, t, ...)``: Dynamo's "l_t_")
+_TIMESTEP = re.compile(r"timestep|^(l_(kwargs_)?)?t_?$", re.IGNORECASE)
 
 
 def tensor_meta(node) -> tuple[tuple, torch.dtype] | None:
@@ -148,6 +149,9 @@ def shape_arithmetic(node: fx.Node) -> bool:
 def find_blocks(gm: fx.GraphModule) -> BlockSearchResult:
     """Find every block region of ``gm`` (pure: ``gm`` is not modified).
 
+    Only the shallowest lists count as block lists: a ``ModuleList`` nested inside another
+    submodule (Chroma's guidance approximator's ``norms``, a text refiner's blocks) is glue.
+
     Returns:
         BlockSearchResult with regions in graph order; ``left_alone`` lists (block name, reason).
     """
@@ -174,9 +178,15 @@ def find_blocks(gm: fx.GraphModule) -> BlockSearchResult:
         for a in external_inputs(nodes, members):
             consumers.setdefault(a, set()).add(name)
 
+    # the model's block lists are its shallowest ones: a list nested in another module (Chroma's
+    # distilled_guidance_layer.norms, a text refiner's blocks) is part of that module's glue
+    depth = min((lst.count(".") for lst in types_by_list), default=0)
     regions, left = [], []
     for name, nodes in groups.items():
         lst, idx, tname = info[name]
+        if lst.count(".") > depth:
+            left.append((name, f"{lst} is nested in another module (the model's block lists are its shallowest)"))
+            continue
         if len(types_by_list[lst]) != 1:
             left.append((name, f"{lst} mixes module types {sorted(types_by_list[lst])}"))
             continue
@@ -303,7 +313,8 @@ def find_block_graph(gm: fx.GraphModule) -> BlockRegion | str:
 
 
 def find_timestep(placeholders: list[fx.Node]) -> fx.Node | None:
-    """The model's timestep input (a non-parameter tensor placeholder named like ``timestep``)."""
+    """The model's timestep input (a non-parameter tensor placeholder named like ``timestep``, or
+    named ``t``)."""
     for p in placeholders:
         if not is_param(p) and _TIMESTEP.search(p.name) and tensor_meta(p) is not None:
             return p

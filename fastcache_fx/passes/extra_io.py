@@ -41,14 +41,21 @@ def meta_value(shape, dtype: torch.dtype, placeholders: list[fx.Node]) -> torch.
         return torch.empty(shape, dtype=dtype, device=device)
 
 
+#: the control of a graph without a timestep input that carries the model's timestep (``ExtraIO.clock``)
+TIMESTEP_CONTROL = "timestep"
+
+
 def insert_trajectory_step(graph: fx.Graph, before: fx.Node, timestep: fx.Node | None, prev_t: fx.Node,
-                           step: fx.Node) -> tuple[fx.Node, fx.Node]:
+                           step: fx.Node, t_first: fx.Node | None = None):
     """Insert ``ops.decision.trajectory_step`` before ``before``: (step [] int64, t [] float32)
-    nodes, with ``meta["val"]`` set."""
+    nodes, with ``meta["val"]`` set, and the new t_first node when ``t_first`` is given."""
     with graph.inserting_before(before):
-        traj = graph.call_function(D.trajectory_step, (timestep, prev_t, step))
+        traj = graph.call_function(D.trajectory_step, (timestep, prev_t, step, t_first))
         step_node = set_val(graph.call_function(operator.getitem, (traj, 0)), _meta((), torch.int64))
         t_node = set_val(graph.call_function(operator.getitem, (traj, 1)), _meta())
+        if t_first is not None:
+            first = set_val(graph.call_function(operator.getitem, (traj, 2)), _meta())
+            return step_node, t_node, first
     return step_node, t_node
 
 
@@ -100,17 +107,24 @@ class ExtraIO:
 
     def clock(self, timestep: fx.Node | None) -> tuple[fx.Node, fx.Node]:
         """(step [] int64, t [] float32) of the graph's trajectory clock: the one an earlier pass
-        inserted (found by its ``CLOCK`` meta), else a new one with its state "step" / "prev_t"
-        (``ops.decision.trajectory_step``, right after the placeholders)."""
+        inserted (found by its ``CLOCK`` meta), else a new one with its state "step" / "prev_t" /
+        "t_first" (``ops.decision.trajectory_step``: either direction of the timestep, right after the placeholders). A graph without a
+        timestep input (``None``: Dynamo split the model at a graph break and an earlier fragment
+        took it) reads it from the control ``TIMESTEP_CONTROL``, which the runtime fills with the
+        timestep the model's glue graph saw in the same call (``runtime.state``), NaN if none."""
         found = {n.meta[CLOCK]: n for n in self.graph.nodes if CLOCK in n.meta}
         if found:
             return found["step"], found["t"]
+        if timestep is None:  # a fragment after a graph break: the runtime passes the model's timestep
+            timestep = self.control(TIMESTEP_CONTROL, (), torch.float32, float("nan"))
         step_in = self.state("step", (), torch.int64, -1)
         prev_t_in = self.state("prev_t", (), torch.float32, float("-inf"))
-        step, t = insert_trajectory_step(self.graph, self.last.next, timestep, prev_t_in, step_in)
+        first_in = self.state("t_first", (), torch.float32, float("nan"))
+        step, t, first = insert_trajectory_step(self.graph, self.last.next, timestep, prev_t_in, step_in, first_in)
         step.meta[CLOCK], t.meta[CLOCK] = "step", "t"
         self.output("state", "step", step)
         self.output("state", "prev_t", t)
+        self.output("state", "t_first", first)
         return step, t
 
     def finish(self) -> GraphContract:

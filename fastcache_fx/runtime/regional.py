@@ -37,10 +37,10 @@ from .requests import current_request, end_finished
 
 
 class _Tick:
-    __slots__ = ("step", "t", "prev_t", "seen", "row", "evicted")
+    __slots__ = ("step", "t", "prev_t", "t_first", "seen", "row", "evicted")
 
     def __init__(self) -> None:
-        self.step, self.t, self.prev_t = -1, 0.0, float("-inf")
+        self.step, self.t, self.prev_t, self.t_first = -1, 0.0, float("-inf"), float("nan")
         self.seen: set[str] = set()
         self.row: dict[str, tuple] = {}
         self.evicted = False  # this step started afresh after the live-request bound dropped the state
@@ -65,14 +65,18 @@ class StepClock:
 
     def begin_step(self, timestep) -> tuple[tuple[str, str], _Tick]:
         """A forward of the transformer starts (called by the pre-hook): advance the step, or
-        start a trajectory when the timestep did not decrease (first element; None: advance)."""
+        start a trajectory when the timestep repeats or turns back against the trajectory's
+        direction (``ops.decision.starts_trajectory``; first element; None: advance)."""
         self.hooked = True
         ctx = state_key()
         c = self._tick(ctx)
         t = None if timestep is None else float(torch.as_tensor(timestep).reshape(-1)[0])
         # prev_t is -inf while only on_block counted steps (the driver came later): go on counting
-        new_traj = c.step < 0 or (t is not None and c.prev_t != float("-inf") and not t < c.prev_t)
+        new_traj = c.step < 0 or (t is not None and c.prev_t != float("-inf")
+                                  and D.starts_trajectory(t, c.prev_t, c.step, c.t_first))
         c.step = 0 if new_traj else c.step + 1
+        if new_traj and t is not None:
+            c.t_first = t
         c.t = 0.0 if t is None else t
         c.prev_t = c.t if t is not None else c.prev_t
         c.seen.clear()

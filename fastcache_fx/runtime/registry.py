@@ -34,6 +34,22 @@ class ModelEntry:
         self.uncompiled_reason: str | None = None
         self.preparing = False  # runtime.prepare will prepare the model and trace it again (no fallback warning)
         self.module = None  # weakref to the model of a bare torch.compile (runtime.prepare), names its blocks
+        # (request id, context) -> [] float32, the timestep a graph of the model holding the input saw
+        # last: graphs without it (fragments after a graph break) run their clock on it
+        self.timesteps: dict[tuple[str, str], torch.Tensor] = {}
+
+    #: the most (request, context) timesteps kept (``timesteps``), oldest dropped first
+    MAX_TIMESTEPS = 256
+
+    def see_timestep(self, key: tuple[str, str], timestep) -> None:
+        """Keep ``timestep``'s first element (no host sync) for the graphs of the same call that
+        lack the input (``passes.extra_io.TIMESTEP_CONTROL``)."""
+        if not isinstance(timestep, torch.Tensor) or timestep.numel() == 0:
+            return
+        self.timesteps.pop(key, None)
+        self.timesteps[key] = timestep.detach().reshape(-1)[0].to(torch.float32, copy=True)
+        while len(self.timesteps) > self.MAX_TIMESTEPS:
+            self.timesteps.pop(next(iter(self.timesteps)))
 
     def note_call(self, graph, key: tuple = (), request: str = "") -> bool:
         """Record that ``graph`` computes its blocks now for the call of ``request`` (an id) with
@@ -46,6 +62,8 @@ class ModelEntry:
     def end_request(self, request: str) -> None:
         """Free the cache state of request ``request`` (an id) in every graph (``runtime.requests``)."""
         self.requests.end(request)
+        for k in [k for k in list(self.timesteps) if k[0] == request]:
+            self.timesteps.pop(k, None)
 
     def drop_state(self) -> None:
         """Forget every graph's cache state (statistics stay): the next step starts a trajectory."""

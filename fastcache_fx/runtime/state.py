@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from ..passes.block_cache import BlockCacheResult
+from ..passes.extra_io import TIMESTEP_CONTROL
 from ..ops import decision as D
 from .context import current_context
 from .records import StepRecord, TraceLog
@@ -198,6 +199,8 @@ class GraphRuntime:
         end_finished()
         req, ctx = current_request(), current_context()
         sk = (req.id, ctx)
+        if self.timestep_at is not None:
+            self.entry.see_timestep(sk, args[self.timestep_at])
         live = self.entry.requests
         with live.lock:
             evicted = live.admit(req, ctx)
@@ -206,6 +209,8 @@ class GraphRuntime:
                 self._take_over(live.previous, key, req.id)
             state = self._state_for(sk, key)
             controls = self._controls(key)
+            if TIMESTEP_CONTROL in controls and sk in self.entry.timesteps:  # a fragment without the input
+                controls[TIMESTEP_CONTROL] = self.entry.timesteps[sk].to(self.device)
             if self.entry.quality is not None and "output.weight" in controls:  # target_psnr, sampler known
                 controls.update(self.entry.quality.controls(ctx, self.device))
             extra = self.contract.bind(state, controls, self.weights, self.online.accum if self.online else None)
@@ -302,6 +307,7 @@ class FallbackRuntime:
             from .regional import drive_step_clock
 
             drive_step_clock(self.entry, args[self.timestep_at])
+            self.entry.see_timestep((current_request().id, current_context()), args[self.timestep_at])
         if self.blocks:
             self.entry.note_call(self, (), current_request().id)
         if self.calls == 1 and not self.entry.warned and self.kind == "fallback" and not self.entry.preparing:

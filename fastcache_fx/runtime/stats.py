@@ -40,6 +40,9 @@ class Stats(Mapping):
         fallback: the reasons of the fallback graphs, and a line for the calls Dynamo ran
             uncompiled (``enable_fastcache`` models: ``runtime.uncompiled``).
         uncompiled_calls: those calls.
+        not_approximated: {block or span: why} for those never approximated over the trace
+            although they were decided on at later steps, where the reason is known: today, a
+            block whose stream input never changed while it was computed (``STILL_INPUT``).
         notes: why graphs were served otherwise than asked (a step or span cache level on block
             graphs Dynamo split off, served at the block level; a graph the backend could not
             rewrite, compiled with plain Inductor), one line each.
@@ -83,6 +86,7 @@ class Stats(Mapping):
     graphs: int = 0
     per_graph: list = field(default_factory=list)
     fallback: list = field(default_factory=list)
+    not_approximated: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     uncompiled_calls: int = 0
     state_bytes: int = 0
@@ -140,6 +144,7 @@ def collect(entry: ModelEntry | None) -> Stats:
         "graphs": len(entry.graphs),
         "per_graph": per_graph,
         "fallback": [g.fallback for g in entry.graphs if g.fallback is not None] + _uncompiled(entry)["fallback"],
+        "not_approximated": not_approximated(trace),
         "notes": list(dict.fromkeys(n for g in entry.graphs for n in (getattr(g, "notes", None) or []))),
         "uncompiled_calls": entry.uncompiled_calls,
         "state_bytes": sum(bytes_per_block.values()),
@@ -203,6 +208,27 @@ def _graph_row(g, blocks: list, counts: dict, totals: dict, bytes_per_block: dic
             "streams": [len(x) for x in getattr(layout, "stream_shapes", [])],
             "steps": g.calls, "block_approx_ratio": approx_n / done if done else 0.0,
             "state_bytes": sum(gb.values())}
+
+
+#: ``not_approximated``'s reason for a block whose stream input did not change between steps
+STILL_INPUT = ("its stream input did not change between steps while the block was computed: its output "
+               "moves only with context inputs (the timestep embedding, another stream), which the input "
+               "change delta does not see; the output rule bounds a block's error by delta, so it computes "
+               "this block fully (the chi-square rule would reuse it)")
+
+
+def not_approximated(trace: list[dict]) -> dict[str, str]:
+    """``stats()["not_approximated"]``: {region: reason} of the regions decided on at steps >= 1
+    and never approximated, whose reason is known (``STILL_INPUT``: delta 0 at every such step)."""
+    seen: dict[str, list[float]] = {}
+    approx: set[str] = set()
+    for t in trace:
+        for name, a, d in zip(t["blocks"], t["approx"], t["delta"]):
+            if a:
+                approx.add(name)
+            elif t["step"] >= 1:
+                seen.setdefault(name, []).append(d)
+    return {name: STILL_INPUT for name, ds in seen.items() if name not in approx and all(d == 0.0 for d in ds)}
 
 
 def _requests(entry: ModelEntry, trace: list[dict]) -> dict:
