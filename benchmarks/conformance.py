@@ -131,6 +131,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "conformance.json"))
     ap.add_argument("--markdown", default=None, help="write the table there (docs/supported-models.md)")
     ap.add_argument("--from-json", action="store_true", help="only turn --out into the table")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per class (its subprocess)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     from fastcache_fx import zoo_conformance as zc
@@ -148,14 +149,19 @@ def main(argv=None) -> int:
     if not args.from_json:
         names = args.only or sorted(zc.SPECS, key=lambda n: (zc.SPECS[n].kind, n))
         for name in names:
-            proc = subprocess.run([sys.executable, __file__, "--child", name, "--rules", *rules, "--entries", *entries],
-                                  capture_output=True, text=True, env=os.environ.copy())
-            got = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-            if not got:
-                spec = zc.SPECS[name]
-                got = [{"cls": name, "kind": spec.kind, "rule": r, "entry": e,
-                        "error": f"subprocess exit {proc.returncode}: {proc.stderr[-300:]}"}
-                       for r in rules for e in entries]
+            try:
+                proc = subprocess.run([sys.executable, __file__, "--child", name, "--rules", *rules, "--entries",
+                                       *entries], capture_output=True, text=True, env=os.environ.copy(),
+                                      timeout=args.timeout)
+                stdout, why = proc.stdout, f"subprocess exit {proc.returncode}: {proc.stderr[-300:]}"
+            except subprocess.TimeoutExpired as e:
+                stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+                why = f"timed out after {args.timeout} s"
+            got = [json.loads(line[4:]) for line in stdout.splitlines() if line.startswith("ROW ")]
+            spec = zc.SPECS[name]
+            done = {(r["rule"], r["entry"]) for r in got}
+            got += [{"cls": spec.cls, "kind": spec.kind, "rule": r, "entry": e, "error": why}
+                    for r in rules for e in entries if (r, e) not in done]
             for r in got:
                 rows[_key(r)] = r
                 print(json.dumps(r), file=sys.stderr, flush=True)

@@ -27,6 +27,9 @@ one row with the last lines of its traceback. Sections, in order:
    line without torch-tensorrt.
 4. ``aotinductor``: the bundled DiT exported as an AOTInductor package: size, build and load
    seconds, the same decisions and samples as the in-process run of section 2.
+5. ``quantized``: the bundled DiT with torchao weight-only int8, dynamic float8 and weight-only
+   int4 (``gpu_check_quant``): equal to plain Inductor with the approximation off, cached under
+   the defaults, no fallback; skipped in one row without torchao (``--smoke``: int8 only).
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--flux-single", type=int, default=4, help="single blocks (default 4 = 2 x double)")
     p.add_argument("--compile-estimate-s", type=float, default=60.0,
                    help="seconds one real-size compile is assumed to take, for the deadline (default 60)")
-    p.add_argument("--sections", default="preflight,correctness,flux,aotinductor")
+    p.add_argument("--sections", default="preflight,correctness,flux,aotinductor,quantized")
     p.add_argument("--record-reference", action="store_true",
                    help="record benchmarks/gpu_reference_trace.json on this machine's CPU and exit")
     args = p.parse_args(argv)
@@ -313,6 +316,10 @@ def main(argv=None) -> int:
         rows.run("flux", lambda: run_flux(rows, args, device), need_s=est * 2)
     if "aotinductor" in sections:
         rows.run("aotinductor", lambda: aotinductor(rows, device, run, keep), need_s=est * 1.5)
+    if "quantized" in sections:
+        from gpu_check_quant import quantized
+
+        rows.run("quantized", lambda: quantized(rows, device, args.smoke), need_s=est * 1.5)
     rows.section = "end"
     errors = sum(1 for r in rows.rows if r.get("status") == "error")
     skipped = sum(1 for r in rows.rows if r.get("status") == "skipped")

@@ -90,4 +90,9 @@ def test_smoke_on_cpu(tmp_path):
     assert "extrapolated_57_blocks_ms" in by[("flux", "fastcache block all-full")]
     aoti = by[("aotinductor", None)]
     assert aoti["same_decisions_as_in_process"] and aoti["package_mb"] > 0
+    quant = [r for r in rows if r["section"] == "quantized"]
+    if quant and quant[0].get("status") != "skipped":  # torchao installed: the int8 row
+        q = quant[0]
+        assert q["config"] == "int8_weight_only" and q["fallback"] == [] and q["finite"], q
+        assert q["off_max_rel_err_vs_inductor"] < 1e-4 and q["block_approx_ratio"] > 0, q
     assert rows[-1]["status"] == "done"

@@ -22,7 +22,8 @@ What is fitted (``kind``), matching ``ops.decision``:
   dX = x_t - x_{t-1}, dY = y_t - y_{t-1}; the issue's dY = W' dX is fitted as W' = I + C with
   dR = dY - dX = C dX + b, because ``approx_residual_linear`` computes
   H + R_anchor + C (H - H_anchor) + b = Y_anchor + dX + C dX + b. Prior C = 0: residual reuse.
-  A new trajectory starts when the model's ``timestep`` stops decreasing (the runtime's rule);
+  A new trajectory starts when the model's ``timestep`` repeats or turns back (the runtime's rule,
+  ``ops.decision.starts_trajectory``);
   calls under different ``fastcache_fx.cache_context`` names are not paired.
 - ``rank=r``: C = U V^T (reduced-rank regression, ``RidgeStats.solve``), applied as
   h + (h V) U^T + b in O(N D r).

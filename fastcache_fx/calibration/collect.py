@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from ..ops.decision import TrajectoryTracker
 from ..runtime.context import current_context
 from .file import KINDS
 from .ridge import RidgeStats
@@ -166,7 +167,7 @@ def collect_stats(model, run_fn: Callable, kind: str = "linear", time_buckets: i
     stats: dict[tuple[str, int, int], RidgeStats] = {}
     shapes: dict[tuple[str, int], tuple[int, int]] = {}
     last: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (context, block, s) -> (x, y)
-    prev_t: dict[str, float] = {}  # context -> previous timestep
+    clock = TrajectoryTracker()  # per context: the runtime's trajectory rule
     now = {"bucket": 0}
 
     def model_pre_hook(module, args, kwargs):
@@ -177,10 +178,9 @@ def collect_stats(model, run_fn: Callable, kind: str = "linear", time_buckets: i
                 raise ValueError("time_buckets: the model was called without a timestep")
             return
         now["bucket"] = time_bucket(t, time_buckets, timestep_max)
-        if ctx in prev_t and not t < prev_t[ctx]:  # timestep stopped decreasing: new trajectory
+        if clock.new(ctx, t):  # a new trajectory: pairs never span two
             for k in [k for k in last if k[0] == ctx]:
                 del last[k]
-        prev_t[ctx] = t
 
     def hook(name, bind):
         def fn(module, args, kwargs, output):

@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from ..ops.decision import TrajectoryTracker
 from ..runtime.context import current_context
 from .collect import _binder, _hook_targets, _run_hooked, _timestep_value, model_info
 from .file import FORMAT, FORMAT_VERSION, Calibration, load, save
@@ -57,15 +58,14 @@ def collect_stack_stats(model, run_fn: Callable, kind: str = "stack_linear",
     holder: dict = {"stats": None, "shape": None}
     pending: dict[str, torch.Tensor] = {}  # context -> image input of the first block this call
     prev: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # context -> (x, y) of the previous call
-    prev_t: dict[str, float] = {}
+    clock = TrajectoryTracker()  # per context: the runtime's trajectory rule
 
     def model_pre_hook(module, args, kwargs):
         t = _timestep_value(bind_model(args, kwargs))
         ctx = current_context()
         if t is not None:
-            if ctx in prev_t and not t < prev_t[ctx]:  # timestep stopped decreasing: new trajectory
+            if clock.new(ctx, t):  # a new trajectory: pairs never span two
                 prev.pop(ctx, None)
-            prev_t[ctx] = t
 
     def first_pre_hook(module, args, kwargs):
         x = _image_input(bind_first(args, kwargs))

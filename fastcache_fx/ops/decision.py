@@ -83,6 +83,21 @@ def starts_trajectory(t: float, prev_t: float, step: int, t_first: float) -> boo
     return sign(t - prev_t) != sign(prev_t - t_first)
 
 
+class TrajectoryTracker:
+    """``starts_trajectory`` per key (a CFG context) on host floats, for hooks that see the
+    model's timestep (the calibration collectors)."""
+
+    def __init__(self) -> None:
+        self._c: dict = {}  # key -> [prev_t, step, t_first]
+
+    def new(self, key, t: float) -> bool:
+        """Record timestep ``t`` of ``key``'s next call; True when it starts a trajectory."""
+        prev_t, step, first = self._c.get(key, (float("-inf"), -1, float("nan")))
+        start = starts_trajectory(t, prev_t, step, first)
+        self._c[key] = (t, 0 if start else step + 1, t if start else first)
+        return start
+
+
 def block_decision(
     streams: Sequence[torch.Tensor],
     refs: Sequence[torch.Tensor],

@@ -92,6 +92,20 @@ def _forget(key: int) -> None:
 SHARED_REGIONAL = ModelEntry()
 
 
+_CACHED_CALLS = [0]
+
+
+def count_cached_call() -> None:
+    """A graph with the cache ran (any model): ``FallbackRuntime`` tells glue from a model the
+    backend does not understand by whether one ran between its first and second call."""
+    _CACHED_CALLS[0] += 1
+
+
+def cached_calls() -> int:
+    """Calls of graphs with the cache so far, all models (``count_cached_call``)."""
+    return _CACHED_CALLS[0]
+
+
 def entry_for_params(params: Iterable[torch.Tensor], default: ModelEntry | None = None) -> ModelEntry:
     """The entry owning any of ``params``, or ``default`` (a new entry when None), registered
     under all of them."""

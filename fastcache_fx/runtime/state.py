@@ -191,6 +191,7 @@ class GraphRuntime:
 
     # call --------------------------------------------------------------------------------
     def __call__(self, *args):
+        registry.count_cached_call()
         if self.timestep_at is not None and self.entry.regional is not None:
             from .regional import drive_step_clock
 
@@ -277,6 +278,7 @@ class FallbackRuntime:
         self.reason = reason
         self.blocks = list(blocks)
         self.calls = 0
+        self._cached_at_first = 0  # registry.cached_calls() at the first call
         self.trace: collections.deque = collections.deque(maxlen=0)
         entry.graphs.append(self)
 
@@ -310,7 +312,12 @@ class FallbackRuntime:
             self.entry.see_timestep((current_request().id, current_context()), args[self.timestep_at])
         if self.blocks:
             self.entry.note_call(self, (), current_request().id)
-        if self.calls == 1 and not self.entry.warned and self.kind == "fallback" and not self.entry.preparing:
+        if self.calls == 0:
+            self._cached_at_first = registry.cached_calls()
+        # a graph with the cache ran since this one's first call: glue of a model split at graph
+        # breaks whose fragment has an entry of its own (a submodule without parameters), no warning
+        if (self.calls == 1 and not self.entry.warned and self.kind == "fallback" and not self.entry.preparing
+                and registry.cached_calls() == self._cached_at_first):
             self.entry.warned = True
             warnings.warn(f"fastcache: {self.reason}; compiled with plain Inductor", stacklevel=2)
         self.calls += 1

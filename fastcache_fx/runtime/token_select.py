@@ -33,6 +33,7 @@ import torch
 from ..passes.token_select import apply_token_select, bucket_sizes, image_tokens
 from .context import current_context
 from .records import TraceLog
+from . import registry
 from .registry import ModelEntry
 from .requests import current_request, end_finished
 
@@ -208,6 +209,7 @@ class TokenSelectRuntime:
 
     # call --------------------------------------------------------------------------------
     def __call__(self, *args):
+        registry.count_cached_call()
         end_finished()
         req, ctx = current_request(), current_context()
         live = self.entry.requests
