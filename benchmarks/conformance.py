@@ -76,7 +76,8 @@ def markdown(rows: list[dict], torch_version: str) -> str:
              f"(torch {torch_version}, CPU); do not edit by hand.", "",
              "Every diffusers transformer class below is built from a tiny config taken from diffusers' own tests "
              "(`fastcache_fx/zoo_specs_*.py`, random weights, batch 1) and run on a 10-step scripted trajectory "
-             "(the timestep falling linearly, the latent drifting 1 % a step) under two rules:",
+             "(the timestep falling linearly, or rising for the classes whose pipelines pass 1 - sigma: Lumina 2, "
+             "Z-Image; the latent drifting 1 % a step) under two rules:",
              "",
              "- **default**: no options (`decision=\"output\"`, residual reuse, one decision per block);",
              "- **fast**: `cache_level=\"step\", front_blocks=0, approx=\"taylor\", taylor_order=2` (one decision "
@@ -88,8 +89,10 @@ def markdown(rows: list[dict], torch_version: str) -> str:
              "`replay`: the largest relative difference, over the steps, between the compiled output and the "
              "uncompiled model replaying the same decisions with the cached residuals (forward hooks; "
              "Inductor's own numerics are ~1e-6), and the verdict (`cached`: no fallback, every block list "
-             "approximated at least once, replay within 1e-3, finite). A fallback or a refusal names its reason "
-             "as `stats()` does.", "",
+             "approximated at least once or refused with its reason (†), replay within 1e-3, finite). A fallback "
+             "or a refusal names its reason as `stats()` does. The `fast` rule's step level serves a model whose "
+             "block lists run in parallel (refiner lists) with one span per list, and one Dynamo graph split off "
+             "per block (HunyuanVideo 1.5) at the block level, with a note in `stats()[\"notes\"]`.", "",
              "| class | kind | rule | entry | approximated per block list | replay | graphs | verdict |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

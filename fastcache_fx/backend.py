@@ -270,7 +270,7 @@ def plan(gm: fx.GraphModule, example_inputs: list, config: FastCacheConfig, mode
                     f"the backend the graph of one {block.module_type} (graph breaks between the blocks), served at "
                     "cache_level='block'")
             _warn_once(note)
-            config = config.replace(cache_level="block")
+            config = block_level(config)
     elif (refused := not_a_denoiser(gm)) is not None:
         return refused
     if config.lowering == "tensorrt":
@@ -283,6 +283,18 @@ def plan(gm: fx.GraphModule, example_inputs: list, config: FastCacheConfig, mode
     if note is not None:
         b.note = note
     return b
+
+
+def block_level(config: FastCacheConfig) -> FastCacheConfig:
+    """``config`` served at the block level: the step / span levels' own options (front and back
+    blocks, spans, the split lowering) dropped, the rest kept (HiDream, HunyuanVideo 1.5: Dynamo
+    hands the backend one block's graph)."""
+    from .config_rules import LEVEL_KNOBS
+
+    drop = {n: None for n in (*LEVEL_KNOBS, "num_spans", "span_sizes")}
+    if config.lowering == "inductor_split":
+        drop["lowering"] = "inductor"
+    return config.replace(cache_level="block", **drop)
 
 
 _WARNED: set[str] = set()
