@@ -113,6 +113,37 @@ def test_controls_weight_offset_and_pacing():
     assert float(q.controls("default", "cpu")["output.offset"]) == pytest.approx(0.15 + 0.5 - 0.4)
 
 
+def test_concurrent_requests_pace_their_own_trajectories():
+    """Two requests interleaving their steps on one model: each has its own spent error, step and
+    output scale (the pacing of one never spends the other's budget)."""
+    import contextvars
+
+    import fastcache_fx
+
+    q = QualityTarget(35.0, 0.5)
+    sched = _ddim(10)
+    q.bind(sched, guidance_scale=1.0)
+    a, b = contextvars.copy_context(), contextvars.copy_context()  # two requests' contexts, resumed in turns
+    scopes = [fastcache_fx.request("a"), fastcache_fx.request("b")]  # kept: a dropped scope ends its request
+    a.run(scopes[0].__enter__)
+    b.run(scopes[1].__enter__)
+
+    def step(t, rms=None, spent=None):
+        q.before_call(sched.timesteps[t], (1, 1, 8, 8))
+        if rms is not None:
+            q.after_call("default", torch.full((1, 4), rms))
+        if spent is not None:
+            q.after_step("default", torch.tensor(spent))
+        return q.total, q.k, q.rms["default"]
+
+    a.run(step, 0, 0.5)
+    b.run(step, 0, 2.0)
+    got_a = a.run(step, 4, None, 0.3)
+    got_b = b.run(step, 1)
+    assert got_a == (pytest.approx(0.3), 4, pytest.approx(0.5))
+    assert got_b == (0.0, 1, pytest.approx(2.0))
+
+
 def test_calibration_reused_for_the_same_setting_and_redone_for_another():
     q = QualityTarget(35.0, 0.5)
     shape = (2, 1, 8, 8)

@@ -28,12 +28,14 @@ sampling loops). A transformer call's ``timestep`` gives the step index.
 
 from __future__ import annotations
 
+import collections
 import weakref
 
 import torch
 
 from ..config import budget_for_psnr
 from ..sensitivity import output_sensitivity, step_index
+from .requests import current_request
 
 #: the factor on the weight before a setting is calibrated: the linear sum of the per-step
 #: predictions overestimated the measured final error by about 4-6x on three models (measured /
@@ -49,6 +51,8 @@ REFERENCE_STEPS = 50
 CALIBRATION_MARGIN = 1.0
 #: the most a calibration divides the uncalibrated factor by (``calibrate``)
 MAX_LOOSENING = 3.0
+#: requests whose trajectory state a QualityTarget keeps (least recently started dropped first)
+MAX_REQUESTS = 64
 #: the weight of a call before its context's output scale is known (the first step, which is
 #: computed fully anyway): large enough that nothing is approximated
 UNKNOWN_WEIGHT = 1e30
@@ -86,14 +90,37 @@ class QualityTarget:
         self.sens: torch.Tensor | None = None
         self.timesteps: torch.Tensor | None = None
         self.guidance = 1.0
-        self.k = 0
         self.trajectories = 0
         self.sampler_name = None
-        self.key = None  # the setting of the current trajectory (``setting_key``)
         self.calibrations: dict[tuple, dict] = {}  # setting -> {"scale", "rounds", "seconds", ...}
-        self.scale = UNCALIBRATED_SCALE  # the current setting's calibrated factor on the weight
         self.full = False  # compute every block (a calibration's reference generation)
+        # request id -> its trajectory (spent error, step, output scales): concurrent requests on
+        # one model pace their own trajectories (runtime.requests)
+        self._per: collections.OrderedDict[str, _Trajectory] = collections.OrderedDict()
         self._new_trajectory()
+
+    # the calling request's trajectory ----------------------------------------------------------
+    def _t(self) -> "_Trajectory":
+        rid = current_request().id
+        t = self._per.get(rid)
+        if t is None:
+            t = self._per[rid] = _Trajectory()
+            while len(self._per) > MAX_REQUESTS:
+                self._per.popitem(last=False)
+        return t
+
+    total = property(lambda self: self._t().total, lambda self, v: setattr(self._t(), "total", v),
+                     doc="the predicted final error the calling request's trajectory spent (units of the allowed one)")
+    run = property(lambda self: self._t().run, lambda self, v: setattr(self._t(), "run", v),
+                   doc="{context: the part of ``total`` of the context's current run of approximated steps}")
+    rms = property(lambda self: self._t().rms, lambda self, v: setattr(self._t(), "rms", v),
+                   doc="{context: the root mean square of its previous output}")
+    k = property(lambda self: self._t().k, lambda self, v: setattr(self._t(), "k", v),
+                 doc="the step index of the calling request's trajectory")
+    key = property(lambda self: self._t().key, lambda self, v: setattr(self._t(), "key", v),
+                   doc="the setting of the calling request's trajectory (``setting_key``), None before its first call")
+    scale = property(lambda self: self._t().scale, lambda self, v: setattr(self._t(), "scale", v),
+                     doc="the factor on the weight of the calling request's setting (calibrated, else uncalibrated)")
 
     # the sampler -------------------------------------------------------------------------
     def bind(self, scheduler, guidance_scale: float = 1.0) -> None:
@@ -212,6 +239,15 @@ class QualityTarget:
                 "predicted_final_error": self.total, "allowed_rms_error": self.allowed,
                 "calibration": self.calibrations.get(self.key) if self.key is not None else None,
                 "calibrations": len(self.calibrations)}
+
+
+class _Trajectory:
+    """One request's trajectory under a ``QualityTarget`` (its properties of the same names)."""
+
+    __slots__ = ("total", "run", "rms", "k", "key", "scale")
+
+    def __init__(self) -> None:
+        self.total, self.run, self.rms, self.k, self.key, self.scale = 0.0, {}, {}, 0, None, UNCALIBRATED_SCALE
 
 
 def quality_forward(forward, entry):
