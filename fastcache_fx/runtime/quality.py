@@ -58,6 +58,11 @@ MAX_REQUESTS = 64
 UNKNOWN_WEIGHT = 1e30
 
 
+def _of_request(name: str, doc: str) -> property:
+    """A ``QualityTarget`` attribute kept per request (``QualityTarget._t``)."""
+    return property(lambda self: getattr(self._t(), name), lambda self, v: setattr(self._t(), name, v), doc=doc)
+
+
 class QualityTarget:
     """Per-step output-budget controls of one model for a target PSNR (see the module doc).
 
@@ -109,18 +114,12 @@ class QualityTarget:
                 self._per.popitem(last=False)
         return t
 
-    total = property(lambda self: self._t().total, lambda self, v: setattr(self._t(), "total", v),
-                     doc="the predicted final error the calling request's trajectory spent (units of the allowed one)")
-    run = property(lambda self: self._t().run, lambda self, v: setattr(self._t(), "run", v),
-                   doc="{context: the part of ``total`` of the context's current run of approximated steps}")
-    rms = property(lambda self: self._t().rms, lambda self, v: setattr(self._t(), "rms", v),
-                   doc="{context: the root mean square of its previous output}")
-    k = property(lambda self: self._t().k, lambda self, v: setattr(self._t(), "k", v),
-                 doc="the step index of the calling request's trajectory")
-    key = property(lambda self: self._t().key, lambda self, v: setattr(self._t(), "key", v),
-                   doc="the setting of the calling request's trajectory (``setting_key``), None before its first call")
-    scale = property(lambda self: self._t().scale, lambda self, v: setattr(self._t(), "scale", v),
-                     doc="the factor on the weight of the calling request's setting (calibrated, else uncalibrated)")
+    total = _of_request("total", "the predicted final error the calling request's trajectory spent (units of the allowed one)")
+    run = _of_request("run", "{context: the part of ``total`` of the context's current run of approximated steps}")
+    rms = _of_request("rms", "{context: the root mean square of its previous output}")
+    k = _of_request("k", "the step index of the calling request's trajectory")
+    key = _of_request("key", "the setting of the calling request's trajectory (``setting_key``), None before its first call")
+    scale = _of_request("scale", "the factor on the weight of the calling request's setting (calibrated, else uncalibrated)")
 
     # the sampler -------------------------------------------------------------------------
     def bind(self, scheduler, guidance_scale: float = 1.0) -> None:
