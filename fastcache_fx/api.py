@@ -3,6 +3,8 @@ reset, calibrate."""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from . import torch_compat
@@ -156,6 +158,7 @@ def _compile_module(target: torch.nn.Module, config: FastCacheConfig, fullgraph:
     # on a block (Wan) would break the block loop
     prepare(module)
     registry.entry_for_params(module.parameters(), default=entry)  # unwrapped parameters' plain tensors
+    entry.module = weakref.ref(module)  # block graphs Dynamo splits off (graph breaks) take the model's block names
     if regional:
         _compile_regional(module, backend, fullgraph=fullgraph, dynamic=dynamic)
         return module

@@ -210,13 +210,13 @@ class EagerReplay:
                 if not decisions.get(region, False):
                     if last_of.get(name) == region:  # a full computation: new anchor residual
                         res = [(o - h) if h is not None and isinstance(o, torch.Tensor) else None
-                               for o, h in zip(outs, self._entry(region, entry_streams, pairs, inputs))]
+                               for o, h in zip(outs, self._entry(region, entry_streams, pairs, inputs, outs))]
                         hist = self.history.setdefault(region, [])
                         hist.insert(0, (t, res))
                         del hist[self.taylor_order + 1:]
                     return None
                 if last_of.get(name) == region:
-                    hs = self._entry(region, entry_streams, pairs, inputs)
+                    hs = self._entry(region, entry_streams, pairs, inputs, outs)
                     r_hat = self._forecast(region, t)
                     new = [h + r if h is not None and r is not None else o for o, h, r in zip(outs, hs, r_hat)]
                 else:  # inside an approximated span: the block is skipped
@@ -233,9 +233,19 @@ class EagerReplay:
             for h in handles:
                 h.remove()
 
-    def _entry(self, region, entry_streams, pairs, inputs):
+    def _entry(self, region, entry_streams, pairs, inputs, outs):
+        """The region's stream input H_first of each of its last block's outputs: the first block's
+        stream inputs in order where they match the outputs' shapes, else (a span across lists
+        whose streams differ, Kandinsky 5's text -> visual) the last block's own stream input,
+        which then entered the region from outside it."""
+        own = [inputs[p][1] if p is not None else None for p in pairs]
         got = entry_streams.get(region)
-        return got if got is not None else [inputs[p][1] if p is not None else None for p in pairs]
+        if got is None:
+            return own
+        if len(got) == len(outs) and all(h is None or (isinstance(o, torch.Tensor) and h.shape == o.shape)
+                                         for h, o in zip(got, outs)):
+            return got
+        return own
 
     def _forecast(self, region: str, t: float) -> list:
         from .ops.forecast import taylor_weights
