@@ -28,17 +28,6 @@ HERE = Path(__file__).resolve().parent
 OK_ERR = 1e-3  # eager replay vs compiled: Inductor's own numerics ~1e-6, a wrong residual > 1e-2
 
 
-#: cells whose verdict the check cannot give, with why (shown under the table)
-UNVERIFIED = {
-    ("WanVACETransformer3DModel", "fast"):
-        "the step level makes one span of the VACE control block and the main block (the VACE list runs "
-        "first, though registered second); the span's outputs include the control block's hint, which the "
-        "glue adds after the main block, and the eager replay only replaces the span's last block's outputs, "
-        "so it cannot check this span (the per-list shares read 0 because the span's name runs against the "
-        "module order). Open: the replay of inner outputs that leave a span.",
-}
-
-
 def verdict(row: dict) -> str:
     """"cached", or what fails: an error, a fallback, a block list never approximated, a replay
     mismatch, a non-finite output."""
@@ -118,9 +107,6 @@ def markdown(rows: list[dict], torch_version: str) -> str:
                      f"{verdict(r).replace('|', '/')} |")
     ok = sum(verdict(r) == "cached" for r in rows)
     lines += ["", f"{ok} of {len(rows)} cells cached."]
-    unverified = sorted({(r["cls"], r["rule"]) for r in rows if (r["cls"], r["rule"]) in UNVERIFIED})
-    for cls, rule in unverified:
-        lines += ["", f"Not verified: {cls}, `{rule}`: {UNVERIFIED[cls, rule]}"]
     if any(r.get("refused") for r in rows):
         from fastcache_fx.runtime.stats import STILL_INPUT
 

@@ -48,9 +48,11 @@ def cells(kind: str) -> list:
     return out
 
 
-#: more cells of the slow tier: the bare backend hands these models' blocks over one graph per
-#: block (graph breaks between them), where the fast rule's step level is served at the block level
-EXTRA = {("HiDreamImageTransformer2DModel", "fast", "backend"), ("HunyuanVideo15Transformer3DModel", "fast", "backend")}
+#: more cells of the slow tier: the bare backend hands HiDream's and HunyuanVideo 1.5's blocks over
+#: one graph per block, where the fast rule's step level is served at the block level; Wan VACE's
+#: control block feeds the glue after the main block, so the step level keeps one span per list
+EXTRA = {("HiDreamImageTransformer2DModel", "fast", "backend"), ("HunyuanVideo15Transformer3DModel", "fast", "backend"),
+         ("WanVACETransformer3DModel", "fast", "backend")}
 
 #: cells measured to fail (class, rule, entry) -> why; listed in docs/supported-models.md
 KNOWN: dict = {}

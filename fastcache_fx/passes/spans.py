@@ -74,7 +74,8 @@ def merge_regions(gm: fx.GraphModule, blocks: list[BlockRegion], others: list[Bl
 
     Returns:
         the span's BlockRegion, or why it cannot be one (its outputs are not streams of the
-        shape of its inputs, it is not convex).
+        shape of its inputs, it is not convex, or, across block lists, an inner block's output is
+        read after the span).
     """
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     core = {n for b in blocks for n in b.nodes}
@@ -93,6 +94,13 @@ def merge_regions(gm: fx.GraphModule, blocks: list[BlockRegion], others: list[Bl
     for a in external_inputs(nodes, members):
         consumers.setdefault(a, set()).add(name)
     reason, region = analyse_region(name, blocks[0].list_name, blocks[0].index, blocks[0].module_type, nodes, consumers)
+    if region is not None and len({b.list_name for b in blocks}) > 1:
+        # across lists, an inner block whose output the glue reads after the span (Wan VACE's hint,
+        # added after the main block) would leave through the span's residual: one span per list
+        inner = {n for b in blocks[:-1] for n in b.nodes}
+        leaving = [o.name for o in region.stream_outputs if o in inner]
+        if leaving:
+            return f"span {name}: inner blocks' outputs {leaving} are read after the span"
     return region if region is not None else f"span {name}: {reason}"
 
 
