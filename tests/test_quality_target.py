@@ -142,6 +142,11 @@ def test_concurrent_requests_pace_their_own_trajectories():
     got_b = b.run(step, 1)
     assert got_a == (pytest.approx(0.3), 4, pytest.approx(0.5))
     assert got_b == (0.0, 1, pytest.approx(2.0))
+    # read after its request ended (a pipeline call's), stats() describes the latest trajectory
+    with fastcache_fx.request("c"):
+        step(0, 1.0)
+        step(2, None, 0.2)
+    assert q.describe()["predicted_final_error"] == pytest.approx(0.2)
 
 
 def test_calibration_reused_for_the_same_setting_and_redone_for_another():

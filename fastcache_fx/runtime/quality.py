@@ -102,6 +102,7 @@ class QualityTarget:
         # request id -> its trajectory (spent error, step, output scales): concurrent requests on
         # one model pace their own trajectories (runtime.requests)
         self._per: collections.OrderedDict[str, _Trajectory] = collections.OrderedDict()
+        self.last = _Trajectory()  # the trajectory of the latest call, whichever request made it
         self._new_trajectory()
 
     # the calling request's trajectory ----------------------------------------------------------
@@ -181,6 +182,7 @@ class QualityTarget:
             cal = self.calibrations.get(self.key)
             self.scale = cal["scale"] if cal is not None else self.uncalibrated_scale()
         self.k = k
+        self.last = self._t()
 
     def after_call(self, ctx: str, output) -> None:
         """Keep the root mean square of this context's output (the next call's scale)."""
@@ -231,12 +233,14 @@ class QualityTarget:
             self.run[ctx] = 0.0
 
     def describe(self) -> dict:
-        """For ``stats()``: the target, whether the sampler was known, the trajectory's predicted
-        final error (units of the allowed one) and its step count."""
+        """For ``stats()``: the target, whether the sampler was known, the latest trajectory's
+        predicted final error (units of the allowed one; of the request that called last: a
+        pipeline call's request has ended when stats() is read) and its step count."""
+        t = self.last
         return {"target_psnr": self.target, "sampler_known": self.sens is not None,
                 "steps": None if self.sens is None else len(self.sens), "guidance_scale": self.guidance,
-                "predicted_final_error": self.total, "allowed_rms_error": self.allowed,
-                "calibration": self.calibrations.get(self.key) if self.key is not None else None,
+                "predicted_final_error": t.total, "allowed_rms_error": self.allowed,
+                "calibration": self.calibrations.get(t.key) if t.key is not None else None,
                 "calibrations": len(self.calibrations)}
 
 
@@ -292,7 +296,7 @@ def calibrate(q: QualityTarget, run, *, rounds: int = 3) -> dict:
         ref = run().detach().float()
     finally:
         q.full = False
-    key = q.key
+    key = q.last.key  # the reference generation's setting (its pipeline call's request has ended)
     scale, tried = q.uncalibrated_scale(), []
     for _ in range(rounds):
         q.calibrations[key] = {"scale": scale}
