@@ -242,7 +242,8 @@ class EagerReplay:
         got = entry_streams.get(region)
         if got is None:
             return own
-        if len(got) == len(outs) and all(h is None or (isinstance(o, torch.Tensor) and h.shape == o.shape)
+        # (an output that is None: SD3's last block, context_pre_only, returns no text stream)
+        if len(got) == len(outs) and all(h is None or o is None or (isinstance(o, torch.Tensor) and h.shape == o.shape)
                                          for h, o in zip(got, outs)):
             return got
         return own
