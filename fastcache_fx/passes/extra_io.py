@@ -108,10 +108,11 @@ class ExtraIO:
     def clock(self, timestep: fx.Node | None) -> tuple[fx.Node, fx.Node]:
         """(step [] int64, t [] float32) of the graph's trajectory clock: the one an earlier pass
         inserted (found by its ``CLOCK`` meta), else a new one with its state "step" / "prev_t" /
-        "t_first" (``ops.decision.trajectory_step``: either direction of the timestep, right after the placeholders). A graph without a
-        timestep input (``None``: Dynamo split the model at a graph break and an earlier fragment
-        took it) reads it from the control ``TIMESTEP_CONTROL``, which the runtime fills with the
-        timestep the model's glue graph saw in the same call (``runtime.state``), NaN if none."""
+        "t_first" (``ops.decision.trajectory_step``: either direction of the timestep), right
+        after the placeholders. A graph without a timestep input (``None``: Dynamo split the model
+        at a graph break and an earlier fragment took it) reads it from the control
+        ``TIMESTEP_CONTROL``, which the runtime fills with the timestep the model's glue graph
+        saw in the same call (``runtime.state``), NaN if none."""
         found = {n.meta[CLOCK]: n for n in self.graph.nodes if CLOCK in n.meta}
         if found:
             return found["step"], found["t"]

@@ -15,10 +15,10 @@ wraps the whole block graph in the guarded cond (``passes.blocks.find_block_grap
 - ``StepClock``: step and trajectory bookkeeping. The block graph has no timestep input, so
   ``enable_fastcache(..., regional=True)`` installs a forward pre-hook on the transformer that
   reads its ``timestep`` argument: a new trajectory starts when it repeats or turns back (the
-  whole-graph rule, ``ops.decision.starts_trajectory``) and t feeds ``adaptive_beta`` / time buckets. Without the hook (a bare
-  ``compile_repeated_blocks``), steps are counted from the blocks' call order (a step starts when
-  a block that already ran in this step runs again), t is 0, and only ``reset()`` starts a
-  new trajectory.
+  whole-graph rule, ``ops.decision.starts_trajectory``) and t feeds ``adaptive_beta`` / time
+  buckets. Without the hook (a bare ``compile_repeated_blocks``), steps are counted from the
+  blocks' call order (a step starts when a block that already ran in this step runs again), t is
+  0, and only ``reset()`` starts a new trajectory.
 """
 
 from __future__ import annotations

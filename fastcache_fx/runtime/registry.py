@@ -34,7 +34,7 @@ class ModelEntry:
         self.uncompiled_reason: str | None = None
         self.preparing = False  # runtime.prepare will prepare the model and trace it again (no fallback warning)
         self.module = None  # weakref to the model of a bare torch.compile (runtime.prepare), names its blocks
-        # (request id, context) -> [] float32, the timestep a graph of the model holding the input saw
+        # (request id, context) -> the timestep input a graph of the model holding it saw
         # last: graphs without it (fragments after a graph break) run their clock on it
         self.timesteps: dict[tuple[str, str], torch.Tensor] = {}
 
@@ -42,14 +42,21 @@ class ModelEntry:
     MAX_TIMESTEPS = 256
 
     def see_timestep(self, key: tuple[str, str], timestep) -> None:
-        """Keep ``timestep``'s first element (no host sync) for the graphs of the same call that
-        lack the input (``passes.extra_io.TIMESTEP_CONTROL``)."""
+        """Keep ``timestep`` (a reference: no op on the hot path of models that never read it) for
+        the graphs of the same call that lack the input (``passes.extra_io.TIMESTEP_CONTROL``,
+        ``timestep_of``)."""
         if not isinstance(timestep, torch.Tensor) or timestep.numel() == 0:
             return
         self.timesteps.pop(key, None)
-        self.timesteps[key] = timestep.detach().reshape(-1)[0].to(torch.float32, copy=True)
+        self.timesteps[key] = timestep
         while len(self.timesteps) > self.MAX_TIMESTEPS:
             self.timesteps.pop(next(iter(self.timesteps)))
+
+    def timestep_of(self, key: tuple[str, str], device) -> torch.Tensor | None:
+        """The first element [] float32 on ``device`` of the timestep ``see_timestep`` kept for
+        ``key``, or None."""
+        t = self.timesteps.get(key)
+        return None if t is None else t.detach().reshape(-1)[0].to(device=device, dtype=torch.float32, copy=True)
 
     def note_call(self, graph, key: tuple = (), request: str = "") -> bool:
         """Record that ``graph`` computes its blocks now for the call of ``request`` (an id) with

@@ -210,8 +210,10 @@ class GraphRuntime:
                 self._take_over(live.previous, key, req.id)
             state = self._state_for(sk, key)
             controls = self._controls(key)
-            if TIMESTEP_CONTROL in controls and sk in self.entry.timesteps:  # a fragment without the input
-                controls[TIMESTEP_CONTROL] = self.entry.timesteps[sk].to(self.device)
+            if TIMESTEP_CONTROL in controls:  # a fragment without the input
+                t = self.entry.timestep_of(sk, self.device)
+                if t is not None:
+                    controls[TIMESTEP_CONTROL] = t
             if self.entry.quality is not None and "output.weight" in controls:  # target_psnr, sampler known
                 controls.update(self.entry.quality.controls(ctx, self.device))
             extra = self.contract.bind(state, controls, self.weights, self.online.accum if self.online else None)
