@@ -84,6 +84,10 @@ FASTCACHE_VARIANTS = {
                                     "taylor_order": 2, "max_consecutive_approx": 8},
     "fastcache_step_taylor2_mc8": {"decision": "output", "cache_level": "step", "approx": "taylor",
                                    "taylor_order": 2, "max_consecutive_approx": 8},
+    # set only by target_psnr (enable_fastcache: the sampler-aware budget, docs/quality.md)
+    "fastcache_target": {},
+    "fastcache_step_target": {"cache_level": "step", "front_blocks": 0, "approx": "taylor", "taylor_order": 2,
+                              "max_consecutive_approx": 8},
     # never approximating: the rewritten graph's own cost (decisions, error sums, state) per call
     "fastcache_off": {"decision": "output", "enable_block_approx": False},
     "fastcache_step_off": {"decision": "output", "cache_level": "step", "approx": "taylor",
@@ -106,6 +110,8 @@ FASTCACHE_LABELS = {"fastcache": "fastcache chi2", "fastcache_taylor": "fastcach
                     "fastcache_step0_taylor2_mc8": "fastcache step level, no front block, span Taylor-2, "
                                                    "max_consecutive_approx=8",
                     "fastcache_step_taylor2_mc8": "fastcache step level + span Taylor-2, max_consecutive_approx=8",
+                    "fastcache_target": "fastcache target_psnr (no other option)",
+                    "fastcache_step_target": "fastcache target_psnr, step level, no front block, span Taylor-2",
                     "fastcache_off": "fastcache block level, never approximating",
                     "fastcache_step_off": "fastcache step level + span Taylor, never approximating"}
 METHODS = BASELINES + tuple(FASTCACHE_VARIANTS) + P.PEERS
@@ -131,6 +137,8 @@ SWEEPS = {
     "fastcache_span": ("error_budget", "0.25,0.5,1.0"),
     "fastcache_step0_taylor2_mc8": ("error_budget", "1.0,2.0,4.0"),
     "fastcache_step_taylor2_mc8": ("error_budget", "1.0,2.0,4.0"),
+    "fastcache_target": ("target_psnr", "30,35,40"),
+    "fastcache_step_target": ("target_psnr", "30,35,40"),
     "fastcache_off": ("error_budget", "0.5"),
     "fastcache_step_off": ("error_budget", "0.5"),
     "fbcache": ("threshold", "0.05,0.1,0.2"),

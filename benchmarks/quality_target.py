@@ -176,6 +176,8 @@ def run(args) -> dict:
     rows = []
     t0 = time.time()
     for name in args.models:
+        # the models share classes (three DiTs): Dynamo's recompile limit would leave a later one uncompiled
+        torch._dynamo.reset()
         model = Model(name, args.batch)
         for (m, sampler, g, cfg, steps) in cells([name], args.quick):
             with torch.no_grad():
@@ -199,7 +201,8 @@ def run(args) -> dict:
                         row = dict(model=m, sampler=sampler, guidance=g, cfg=cfg, steps=steps, level=level, mode=mode,
                                    target=target, psnr=round(p, 2), approx=round(st["block_approx_ratio"], 3),
                                    predicted_final_error=q.get("predicted_final_error"),
-                                   calibration=cal, calibration_used=(q.get("calibration") or {}).get("scale"))
+                                   calibration=cal, calibration_used=(q.get("calibration") or {}).get("scale"),
+                                   step_errors=q.get("step_errors"))
                         rows.append(row)
                         print(f"{m:10s} {sampler:10s} g={g:<4} {cfg:8s} {steps:3d} steps {level:5s} {mode:5s} "
                               f"T={target:4.1f}  PSNR {p:6.2f}  approx {row['approx']:.2f}"
@@ -221,6 +224,37 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def markdown(res: dict) -> str:
+    """The matrix as markdown: per (level, mode) one table of cells x targets, "PSNR (approximated
+    share)" with misses (below T - 1 dB) in bold, then the summary per target."""
+    rows, out = res["rows"], []
+    targets = sorted({r["target"] for r in rows})
+    for level, mode in sorted({(r["level"], r["mode"]) for r in rows}):
+        out += [f"**{level} level, {mode}**", "",
+                "| model | sampler | CFG | steps | " + " | ".join(f"T={t:g}" for t in targets) + " |",
+                "|---|---|---|---|" + "---|" * len(targets)]
+        cells = sorted({(r["model"], r["sampler"], r["guidance"], r["cfg"], r["steps"]) for r in rows
+                        if (r["level"], r["mode"]) == (level, mode)}, key=lambda c: (c[0], c[1], c[2], c[3], -c[4]))
+        for c in cells:
+            got = {r["target"]: r for r in rows if (r["level"], r["mode"]) == (level, mode)
+                   and (r["model"], r["sampler"], r["guidance"], r["cfg"], r["steps"]) == c}
+            vals = []
+            for t in targets:
+                r = got.get(t)
+                p = "-" if r is None else (f"**{r['psnr']:.1f}**" if r["psnr"] < t - 1 else f"{r['psnr']:.1f}")
+                vals.append(p if r is None else f"{p} ({r['approx']:.2f})")
+            out.append(f"| {c[0]} | {c[1]} | {c[3]} {c[2]:g} | {c[4]} | " + " | ".join(vals) + " |")
+        out.append("")
+    out += ["| level / mode / T | cells | worst | median | cells < T - 1 | median approximated | worst cell |",
+            "|---|---|---|---|---|---|---|"]
+    for k, v in res["summary"].items():
+        mode, level, t = k.split("/")
+        w = v["worst_cell"]
+        out.append(f"| {level} / {mode} / {t} | {v['cells']} | {v['worst']:.1f} | {v['median']:.1f} | {v['misses']} | "
+                   f"{v['median_approx']:.2f} | {w['model']}, {w['sampler']} {w['steps']}, CFG {w['guidance']:g} {w['cfg']} |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["dit", "dit_unseen", "mmdit", "wan", "dit_cosine"])
@@ -232,7 +266,12 @@ def main(argv=None) -> None:
                    help="aware: sampler-aware weight; calibrated: + calibrate_target on other seeds; fixed: the "
                         "fixed relation (main before issue 37)")
     p.add_argument("--out", type=Path, default=HERE / "quality_target.json")
+    p.add_argument("--markdown", type=Path, default=None, help="also write the tables (markdown) here")
+    p.add_argument("--render", type=Path, default=None, help="only print the tables of this JSON (no run)")
     a = p.parse_args(argv)
+    if a.render is not None:
+        print(markdown(json.loads(a.render.read_text())))
+        return
     torch.manual_seed(0)
     res = run(a)
     print()
@@ -244,6 +283,9 @@ def main(argv=None) -> None:
                note="PSNR of the final samples against the eager model computing every block, same seeds")
     a.out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {a.out}")
+    if a.markdown is not None:
+        a.markdown.write_text(markdown(res))
+        print(f"wrote {a.markdown}")
 
 
 if __name__ == "__main__":

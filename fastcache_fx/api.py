@@ -73,7 +73,7 @@ def enable_fastcache(pipe_or_model, *, config: FastCacheConfig | dict | None = N
     offload_device = _suspend_model_offload(pipe_or_model)
     for name in names:
         setattr(pipe_or_model, name, _compile_module(getattr(pipe_or_model, name), config, fullgraph, mode, dynamic,
-                                                     regional, target, pipe=pipe_or_model))
+                                                     regional, target, pipe=pipe_or_model, denoiser=name))
     if offload_device is not None:
         pipe_or_model.enable_model_cpu_offload(device=offload_device)
     return pipe_or_model
@@ -146,10 +146,11 @@ def _sampler_target(config: FastCacheConfig, regional: bool) -> float | None:
 
 
 def _compile_module(target: torch.nn.Module, config: FastCacheConfig, fullgraph: bool, mode, dynamic, regional: bool,
-                    target_psnr: float | None = None, pipe=None):
+                    target_psnr: float | None = None, pipe=None, denoiser: str = "transformer"):
     """One denoiser compiled (whole graph) or its blocks compiled in place (regional); each model
     its own registry entry, so its own cache state and statistics. ``target_psnr``: the model's
-    ``runtime.quality.QualityTarget`` (its sampler from ``pipe``'s scheduler when given)."""
+    ``runtime.quality.QualityTarget`` (its sampler from ``pipe``'s scheduler when given; ``denoiser``:
+    the pipeline attribute that holds the model)."""
     module = registry.unwrap(target)
     entry = registry.entry_for_params(module.parameters())
     end_request_with_pipeline_call(module)
@@ -172,7 +173,7 @@ def _compile_module(target: torch.nn.Module, config: FastCacheConfig, fullgraph:
     if target_psnr is not None:
         from .runtime.quality import QualityTarget, quality_forward
 
-        entry.quality = QualityTarget(target_psnr, config.error_budget, pipe=pipe)
+        entry.quality = QualityTarget(target_psnr, config.error_budget, pipe=pipe, denoiser=denoiser)
         compiled.forward = quality_forward(compiled.forward, entry)
     return compiled
 
@@ -210,14 +211,20 @@ def set_target_psnr(pipe_or_model, target_psnr: float, *, sampler_aware: bool = 
     from .runtime.quality import QualityTarget
 
     names = denoiser_names(pipe_or_model)
-    models = [getattr(pipe_or_model, n) for n in names] if names else [pipe_or_model]
-    for m in models:
-        entry = registry.lookup(m)
-        if entry is None or entry.quality is None:
-            raise ValueError("target_psnr: the model was not compiled by enable_fastcache(..., target_psnr=...)")
+    pipe = pipe_or_model if denoiser_names(pipe_or_model) else None
+    for entry in _quality_entries(pipe_or_model):
         q = entry.quality
-        entry.quality = QualityTarget(target_psnr, q.budget, pipe=pipe_or_model if names else None,
-                                      aware=sampler_aware)
+        entry.quality = QualityTarget(target_psnr, q.budget, pipe=pipe, aware=sampler_aware, denoiser=q.denoiser)
+
+
+def _quality_entries(pipe_or_model) -> list:
+    """The registry entries of a pipeline's denoisers (or of a model) with a target; raises
+    ValueError when one has none."""
+    names = denoiser_names(pipe_or_model)
+    entries = [registry.lookup(getattr(pipe_or_model, n)) for n in names] if names else [registry.lookup(pipe_or_model)]
+    if any(e is None or e.quality is None for e in entries):
+        raise ValueError("target_psnr: the model was not compiled by enable_fastcache(..., target_psnr=...)")
+    return entries
 
 
 def calibrate_target(pipe_or_model, run, *, rounds: int = 3) -> dict:
@@ -227,19 +234,17 @@ def calibrate_target(pipe_or_model, run, *, rounds: int = 3) -> dict:
     and returns the final sample. It runs 1 generation computing every block and up to
     ``rounds`` cached ones (``runtime.quality.calibrate``); later generations of the same setting
     use the factor found, another setting is calibrated anew (or uses the uncalibrated
-    sampler-aware weight). Returns the record (scale, PSNR per round, generations, seconds), which
-    ``stats()["quality"]["calibration"]`` also shows for each call that used it.
+    sampler-aware weight). A pipeline's denoisers (Wan 2.2's two experts) are calibrated together,
+    each keeping the record under its own setting (its guidance scale). Returns the record (scale,
+    PSNR per round, generations, seconds), which ``stats()["quality"]["calibration"]`` also shows
+    for each call that used it.
 
     Raises:
         ValueError: the model was not compiled with a ``target_psnr``.
     """
     from .runtime.quality import calibrate
 
-    names = denoiser_names(pipe_or_model)
-    entry = registry.lookup(getattr(pipe_or_model, names[0]) if names else pipe_or_model)
-    if entry is None or entry.quality is None:
-        raise ValueError("target_psnr: the model was not compiled by enable_fastcache(..., target_psnr=...)")
-    return calibrate(entry.quality, run, rounds=rounds)
+    return calibrate([e.quality for e in _quality_entries(pipe_or_model)], run, rounds=rounds)
 
 
 def set_sampler(model, scheduler, guidance_scale: float = 1.0) -> bool:

@@ -22,14 +22,14 @@ import torch
 def output_sensitivity(scheduler) -> torch.Tensor:
     """s_k for every step of ``scheduler``'s current timesteps: [N] float64.
 
-    ``scheduler``: a diffusers scheduler after ``set_timesteps`` and before its first ``step``
-    (it is deep-copied, not changed). Raises ValueError when ``set_timesteps`` was not called
+    ``scheduler``: a diffusers scheduler after ``set_timesteps`` (it is deep-copied, not changed;
+    a copy taken mid-trajectory is reset to the first step). Raises ValueError when ``set_timesteps`` was not called
     (no ``timesteps``). Stochastic schedulers (DDPM, ancestral Euler) are not linear in the
     model output alone: their noise term is left out by using x_T = 0 and a fixed generator."""
     ts = getattr(scheduler, "timesteps", None)
     if ts is None or len(ts) == 0:
         raise ValueError("scheduler: call set_timesteps before reading its sensitivity (no timesteps)")
-    sched = copy.deepcopy(scheduler)
+    sched = _at_first_step(copy.deepcopy(scheduler))
     n = len(sched.timesteps)
     # float32: several schedulers compute in float32 and would mix dtypes with float64 samples
     x = torch.zeros(n, 1, 1, 1)
@@ -42,6 +42,25 @@ def output_sensitivity(scheduler) -> torch.Tensor:
             kw["generator"] = torch.Generator().manual_seed(0)
         x = sched.step(eye[k], t, x, return_dict=False, **kw)[0]
     return x.flatten().double()
+
+
+#: a scheduler's per-trajectory state and its value before the first step (diffusers' DDIM,
+#: DPM-Solver++, UniPC, DEIS, Euler, Heun, flow-matching Euler: ``set_timesteps`` resets these)
+_TRAJECTORY_STATE = {"_step_index": None, "_begin_index": None, "lower_order_nums": 0, "last_sample": None,
+                     "prev_derivative": None, "dt": None, "sample": None}
+_HISTORIES = ("model_outputs", "timestep_list")
+
+
+def _at_first_step(sched):
+    """``sched`` (a copy) back at its first step: a scheduler read mid-trajectory (Wan 2.2's second
+    expert is first called after the first expert's steps) keeps its schedule but not its history."""
+    for name, value in _TRAJECTORY_STATE.items():
+        if name in sched.__dict__:
+            setattr(sched, name, value)
+    for name in _HISTORIES:
+        if isinstance(sched.__dict__.get(name), list):
+            setattr(sched, name, [None] * len(sched.__dict__[name]))
+    return sched
 
 
 def _step_params(sched) -> set[str]:

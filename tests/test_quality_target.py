@@ -52,6 +52,10 @@ def test_sensitivity_equals_the_schedulers_own_step_on_a_perturbation(name):
         # least squares over the elements: float32 rounding of the base sample dominates where d is tiny
         ratio = float(((moved - base) * d).sum() / d.pow(2).sum())
         assert ratio == pytest.approx(float(s[k]), rel=1e-3)
+    # read mid-trajectory (Wan 2.2's second expert): the same coefficients
+    for k, t in enumerate(sched.timesteps[:5]):
+        x = sched.step(outs[k], t, x, return_dict=False)[0]
+    assert torch.equal(output_sensitivity(sched), s)
 
 
 def test_step_index_and_unknown_scheduler():
@@ -102,15 +106,19 @@ def test_controls_weight_offset_and_pacing():
     q.before_call(sched.timesteps[3], (2, 1, 8, 8))
     s = output_sensitivity(sched).abs()
     w = float(q.controls("default", "cpu")["output.weight"])
-    scale = UNCALIBRATED_SCALE * (50 / 10) ** 0.5  # 10 steps: sqrt(REFERENCE_STEPS / N)
-    assert w == pytest.approx(scale * float(s[3]) * 0.5 / q.allowed, rel=1e-5)  # batched CFG: factor 1
+    assert w == pytest.approx(UNCALIBRATED_SCALE * float(s[3]) * 0.5 / q.allowed, rel=1e-5)  # batched CFG: factor 1
     assert q.context_factor("uncond") == 2.0 and q.context_factor("cond") == 3.0
     q.after_step("default", torch.tensor(0.1))
     q.after_step("default", torch.tensor(0.05))
-    # the graph approximates while spent + p <= pace: c = total - run + budget - (k + 1) / N
-    assert float(q.controls("default", "cpu")["output.offset"]) == pytest.approx(0.15 - 0.15 + 0.5 - 0.4)
-    q.after_step("default", torch.tensor(0.0))  # a full step ends the run, the total stays
-    assert float(q.controls("default", "cpu")["output.offset"]) == pytest.approx(0.15 + 0.5 - 0.4)
+    # the steps' errors add in quadrature; the graph approximates while its run A + this step's
+    # e <= A + the allowance sqrt((k + 1) / N - sum e^2): c = budget - run - allowance
+    sq = 0.1 ** 2 + 0.05 ** 2
+    assert q.describe()["predicted_final_error"] == pytest.approx(sq ** 0.5)
+    assert float(q.controls("default", "cpu")["output.offset"]) == pytest.approx(0.5 - 0.15 - (0.4 - sq) ** 0.5)
+    q.after_step("default", torch.tensor(0.0))  # a full step ends the run, the spent error stays
+    assert float(q.controls("default", "cpu")["output.offset"]) == pytest.approx(0.5 - (0.4 - sq) ** 0.5)
+    q.after_step("default", torch.tensor(0.7))  # over the pace: nothing is allowed
+    assert float(q.controls("default", "cpu")["output.offset"]) == pytest.approx(0.5 - 0.7)
 
 
 def test_concurrent_requests_pace_their_own_trajectories():
@@ -134,13 +142,13 @@ def test_concurrent_requests_pace_their_own_trajectories():
             q.after_call("default", torch.full((1, 4), rms))
         if spent is not None:
             q.after_step("default", torch.tensor(spent))
-        return q.total, q.k, q.rms["default"]
+        return q.sq, q.k, q.rms["default"]
 
     a.run(step, 0, 0.5)
     b.run(step, 0, 2.0)
     got_a = a.run(step, 4, None, 0.3)
     got_b = b.run(step, 1)
-    assert got_a == (pytest.approx(0.3), 4, pytest.approx(0.5))
+    assert got_a == (pytest.approx(0.09), 4, pytest.approx(0.5))
     assert got_b == (0.0, 1, pytest.approx(2.0))
     # read after its request ended (a pipeline call's), stats() describes the latest trajectory
     with fastcache_fx.request("c"):

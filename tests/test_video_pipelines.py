@@ -15,6 +15,7 @@ import torch
 
 import fastcache_fx
 from fastcache_fx import zoo_video
+from fastcache_fx.runtime import registry
 from conftest import rel_err
 
 STEPS = 4
@@ -148,3 +149,32 @@ def test_wan22_experts_keep_their_own_cache():
         forced = zoo_video.run_video_pipeline(pipe, kwargs, frames[0], sizes[-1])
     assert rel_err(forced, zoo_video.run_video_pipeline(eager, kwargs, frames[0], sizes[-1])) < TOL
     assert out.shape == forced.shape
+
+
+def test_wan22_experts_target_psnr_each_its_guidance_share_and_calibration():
+    """Wan 2.2 under ``target_psnr``: each expert's target reads its own guidance scale
+    (``guidance_scale`` / ``guidance_scale_2``), paces only the steps it serves (the low-noise
+    expert starts at the boundary step, so the two together stay within the allowed final error),
+    and ``calibrate_target(pipe)`` calibrates both, each under its own setting."""
+    torch._dynamo.reset_code_state()
+    pipe, kwargs = zoo_video.video_pipeline("wan22", steps=STEPS)
+    pipe = fastcache_fx.enable_fastcache(pipe, target_psnr=30.0)
+    frames, sizes = zoo_video.VIDEO_SIZE["wan22"]
+
+    def run():
+        return zoo_video.run_video_pipeline(pipe, kwargs, frames[0], sizes[-1])
+
+    run()
+    high, low = (fastcache_fx.stats(m)["quality"] for m in (pipe.transformer, pipe.transformer_2))
+    assert (high["guidance_scale"], low["guidance_scale"]) == (kwargs["guidance_scale"], kwargs["guidance_scale_2"])
+    assert high["sampler_known"] and low["sampler_known"] and high["steps"] == low["steps"] == STEPS
+    qh, ql = (registry.lookup(m).quality for m in (pipe.transformer, pipe.transformer_2))
+    n_high = len(trace_by_context(pipe.transformer)["cond"])
+    assert 1 <= n_high < STEPS and (qh.last.k0, ql.last.k0) == (0, n_high)
+    assert qh.last.sq <= n_high / STEPS + 1e-6 and ql.last.sq <= (STEPS - n_high) / STEPS + 1e-6
+    rec = fastcache_fx.calibrate_target(pipe, run, rounds=1)
+    assert rec["generations"] == 2
+    assert qh.calibrations[qh.last.key] is rec and ql.calibrations[ql.last.key] is rec
+    assert qh.last.key != ql.last.key  # another guidance scale: another setting
+    run()
+    assert fastcache_fx.stats(pipe.transformer_2)["quality"]["calibration"] is rec

@@ -113,7 +113,8 @@ class ReferenceJob:
 
     def fastcache(self, model: torch.nn.Module, options: dict | None = None):
         """``model`` under ``backend="fastcache"`` with ``options``, in the form ``sample`` takes: the
-        compiled module (DiT) or a ``StableDiffusion3Pipeline`` after ``enable_fastcache(pipe)`` (MMDiT)."""
+        compiled module (DiT; ``enable_fastcache(model)`` with a ``target_psnr``, whose sampler the
+        sampling loop sets) or a ``StableDiffusion3Pipeline`` after ``enable_fastcache(pipe)`` (MMDiT)."""
         from ..api import enable_fastcache
         from ..backend import FastCacheBackend
 
@@ -125,6 +126,8 @@ class ReferenceJob:
                 from .mmdit_sampling import build_pipeline
 
             return enable_fastcache(build_pipeline(model), **options)
+        if "target_psnr" in options:  # the sampling loop tells the target its sampler (set_sampler)
+            return enable_fastcache(model, dynamic=False, **options)
         return torch.compile(model, backend=FastCacheBackend(**options), dynamic=False)
 
 

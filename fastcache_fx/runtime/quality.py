@@ -12,12 +12,20 @@ CFG is called. ``QualityTarget`` turns the target into per-step controls of the 
   weight of this call's output in the guided output u + g (c - u): g for a separate "cond" call,
   g - 1 for a separate "uncond" call, 1 for batched CFG (one decision for both halves: their
   errors are alike and mostly cancel in g (c - u); measured) and without CFG; times the setting's
-  calibrated factor (``calibrate``), else ``UNCALIBRATED_SCALE``. So w_k p_k (p_k the graph's predicted relative output error) is the predicted final-sample
-  error of the step in units of E, added linearly over the trajectory.
-- offset c = (spent by this trajectory so far - the current run's part the graph holds) +
-  budget - pace_k: the graph then approximates while (spent so far + this step's p) <= pace_k =
-  (k + 1) / N, i.e. the whole trajectory spends at most E, paced evenly over its N steps (steps
-  the sensitivity makes expensive leave their share to later ones).
+  calibrated factor (``calibrate``), else ``UNCALIBRATED_SCALE``. So e_k = w_k p_k (p_k the
+  graph's predicted relative output error) is the predicted final-sample error of the step in
+  units of E.
+- The errors of different steps (and of the separate CFG calls of one step) add in quadrature:
+  the predicted final error is sqrt(sum e_k^2). Errors made at different steps point in unaligned
+  directions and the model's own feedback damps them: a linear sum overestimated the measured
+  final error 4-6x at 50 steps and about 2x at 10 (the overestimate of a linear sum of n unaligned
+  errors grows as sqrt(n)); the quadrature sum's measured / predicted ratio is about the same at
+  10 and 50 steps (benchmarks/quality_target.py, docs/quality.md).
+- offset c = budget - (the current run's part the graph holds) - a_k, with the allowance
+  a_k = sqrt(max(0, (k + 1) / N - sum_{earlier} e^2)): the graph then approximates while this
+  step's e <= a_k, i.e. the trajectory's squared error stays within the share (k + 1) / N of E^2,
+  paced evenly over its N steps (steps the sensitivity makes expensive leave their share to later
+  ones).
 
 Without a known scheduler (a bare ``torch.compile``) the weight is 1 and the offset reproduces the
 fixed relation ``config.budget_for_psnr`` (the best estimate without the sampler).
@@ -37,20 +45,16 @@ from ..config import budget_for_psnr
 from ..sensitivity import output_sensitivity, step_index
 from .requests import current_request
 
-#: the factor on the weight before a setting is calibrated: the linear sum of the per-step
-#: predictions overestimated the measured final error by about 4-6x on three models (measured /
-#: predicted 0.18-0.28 with the batched-CFG factor 1; benchmarks/quality_target.py, 2026-12-07),
-#: because errors of different steps are not aligned and the model's own feedback damps them
-UNCALIBRATED_SCALE = 0.3
-#: ... at this step count; at N steps the factor is UNCALIBRATED_SCALE sqrt(REFERENCE_STEPS / N):
-#: the overestimate of a linear sum over n approximated steps of unaligned errors is about
-#: sqrt(n), so short trajectories need a larger factor (at 10 steps the 0.3 missed the target by
-#: up to 2.6 dB on the MMDiT and the cosine DiT)
-REFERENCE_STEPS = 50
+#: the factor on the weight before a setting is calibrated (the quadrature sum's measured / predicted
+#: final error: see ``quality_target.py``'s fit in docs/quality.md)
+UNCALIBRATED_SCALE = 1.5
 #: dB above the target a calibration's own samples must reach (``calibrate``)
 CALIBRATION_MARGIN = 1.0
 #: the most a calibration divides the uncalibrated factor by (``calibrate``)
 MAX_LOOSENING = 3.0
+#: the pipeline attributes that hold a denoiser's guidance scale, first found and not None wins
+#: (Wan 2.2's low-noise expert ``transformer_2`` runs at the pipeline's ``guidance_scale_2``)
+GUIDANCE_ATTRIBUTES = {"transformer": ("_guidance_scale",), "transformer_2": ("_guidance_scale_2", "_guidance_scale")}
 #: requests whose trajectory state a QualityTarget keeps (least recently started dropped first)
 MAX_REQUESTS = 64
 #: the weight of a call before its context's output scale is known (the first step, which is
@@ -73,6 +77,8 @@ class QualityTarget:
             weakly), or None (then ``bind`` gives the sampler).
         data_range: R of the PSNR (2 for samples in [-1, 1]).
         aware: False ignores the sampler and keeps the fixed relation (for comparisons).
+        denoiser: the pipeline attribute of the model (``GUIDANCE_ATTRIBUTES``: which guidance
+            scale it runs at).
 
     Raises:
         ValueError: a target above ``config.MAX_TARGET_PSNR`` (that one computes fully: the
@@ -80,7 +86,7 @@ class QualityTarget:
     """
 
     def __init__(self, target_psnr: float, budget: float, pipe=None, data_range: float = 2.0,
-                 aware: bool = True) -> None:
+                 aware: bool = True, denoiser: str = "transformer") -> None:
         fixed = budget_for_psnr(float(target_psnr)) if target_psnr > 0 else None
         if fixed is None:
             raise ValueError(f"target_psnr: expected 0 < target <= MAX_TARGET_PSNR, got {target_psnr!r}")
@@ -90,6 +96,7 @@ class QualityTarget:
         self.fixed_offset = self.budget - fixed  # no sampler known: the fixed relation's budget
         self._pipe = weakref.ref(pipe) if pipe is not None and aware else None
         self.aware = aware
+        self.denoiser = denoiser
         self._bound = None  # (scheduler copy, guidance) from bind()
         self._ts_id = None
         self.sens: torch.Tensor | None = None
@@ -115,8 +122,8 @@ class QualityTarget:
                 self._per.popitem(last=False)
         return t
 
-    total = _of_request("total", "the predicted final error the calling request's trajectory spent (units of the allowed one)")
-    run = _of_request("run", "{context: the part of ``total`` of the context's current run of approximated steps}")
+    sq = _of_request("sq", "the squared predicted final error the calling request's trajectory spent (units of the allowed one)")
+    run = _of_request("run", "{context: the linear sum of the predicted errors of the context's current run of approximated steps}")
     rms = _of_request("rms", "{context: the root mean square of its previous output}")
     k = _of_request("k", "the step index of the calling request's trajectory")
     key = _of_request("key", "the setting of the calling request's trajectory (``setting_key``), None before its first call")
@@ -141,11 +148,8 @@ class QualityTarget:
         self._new_trajectory()
 
     def _new_trajectory(self) -> None:
-        self.total = 0.0
-        self.run: dict[str, float] = {}
-        self.rms: dict[str, float] = {}
-        self.k = 0
-        self.key = None
+        self._per.pop(current_request().id, None)
+        self._t()  # a fresh one, the most recently started
         self.trajectories += 1
 
     def setting_key(self, shape) -> tuple:
@@ -156,8 +160,7 @@ class QualityTarget:
 
     def uncalibrated_scale(self) -> float:
         """The weight's factor of a setting without calibration (``UNCALIBRATED_SCALE``)."""
-        n = len(self.sens) if self.sens is not None else REFERENCE_STEPS
-        return UNCALIBRATED_SCALE * (REFERENCE_STEPS / n) ** 0.5
+        return UNCALIBRATED_SCALE
 
     def before_call(self, timestep, shape=None) -> None:
         """A transformer call at ``timestep`` on an input of ``shape``: find the sampler (a
@@ -169,7 +172,8 @@ class QualityTarget:
             sched = getattr(pipe, "scheduler", None)
             ts = getattr(sched, "timesteps", None)
             if ts is not None and id(ts) != self._ts_id:
-                g = getattr(pipe, "_guidance_scale", None)
+                g = next((v for v in (getattr(pipe, a, None) for a in GUIDANCE_ATTRIBUTES.get(self.denoiser, ("_guidance_scale",)))
+                          if v is not None), None)
                 self._set_sampler(sched, float(g) if isinstance(g, (int, float)) else 1.0)
                 self.k = -1
         if self.timesteps is None or timestep is None:
@@ -178,6 +182,7 @@ class QualityTarget:
         if k < self.k:
             self._new_trajectory()
         if self.key is None:
+            self._t().k0 = k  # a trajectory may start later (Wan 2.2's second expert, img2img)
             self.key = self.setting_key(shape)
             cal = self.calibrations.get(self.key)
             self.scale = cal["scale"] if cal is not None else self.uncalibrated_scale()
@@ -207,8 +212,15 @@ class QualityTarget:
         return self.scale * self.context_factor(ctx) * float(self.sens[self.k]) * rms / self.allowed
 
     def pace(self) -> float:
-        """The share of the allowed final error the trajectory may have spent by the end of step k."""
-        return (self.k + 1) / len(self.sens)
+        """The share of the allowed squared final error the trajectory may have spent by the end of
+        step k: (k + 1 - k0) / N, k0 its first step (a model that serves only the later steps,
+        Wan 2.2's low-noise expert, spends only their share: the two experts together stay
+        within E)."""
+        return (self.k + 1 - self._t().k0) / len(self.sens)
+
+    def allowance(self) -> float:
+        """a_k: the most this step's predicted final error may be (units of the allowed one)."""
+        return max(0.0, self.pace() - self.sq) ** 0.5
 
     def controls(self, ctx: str, device) -> dict[str, torch.Tensor]:
         """"output.weight" and "output.offset" [] float32 for this call."""
@@ -216,19 +228,21 @@ class QualityTarget:
             w, c = 1.0, self.fixed_offset
         else:
             w = min(self.weight(ctx), UNKNOWN_WEIGHT)
-            c = self.total - self.run.get(ctx, 0.0) + self.budget - self.pace()
+            c = self.budget - self.run.get(ctx, 0.0) - self.allowance()
         return {"output.weight": torch.tensor(w, dtype=torch.float32, device=device),
                 "output.offset": torch.tensor(c, dtype=torch.float32, device=device)}
 
     def after_step(self, ctx: str, step_error: torch.Tensor) -> None:
         """The graph's predicted error of the step (weighted: units of the allowed final error):
-        add it to the trajectory; a step that approximated nothing ends the context's run."""
+        add its square to the trajectory; a step that approximated nothing ends the context's run."""
         if self.sens is None:
             return
         e = float(step_error)
         if e > 0:
             self.run[ctx] = self.run.get(ctx, 0.0) + e
-            self.total += e
+            self.sq += e * e
+            unit = self.scale * self.context_factor(ctx)
+            self._t().steps.append((self.k, ctx, e / unit if unit > 0 else 0.0))
         else:
             self.run[ctx] = 0.0
 
@@ -239,18 +253,20 @@ class QualityTarget:
         t = self.last
         return {"target_psnr": self.target, "sampler_known": self.sens is not None,
                 "steps": None if self.sens is None else len(self.sens), "guidance_scale": self.guidance,
-                "predicted_final_error": t.total, "allowed_rms_error": self.allowed,
+                "predicted_final_error": t.sq ** 0.5, "allowed_rms_error": self.allowed,
                 "calibration": self.calibrations.get(t.key) if t.key is not None else None,
-                "calibrations": len(self.calibrations)}
+                "calibrations": len(self.calibrations), "step_errors": list(t.steps)}
 
 
 class _Trajectory:
     """One request's trajectory under a ``QualityTarget`` (its properties of the same names)."""
 
-    __slots__ = ("total", "run", "rms", "k", "key", "scale")
+    __slots__ = ("sq", "run", "rms", "k", "k0", "key", "scale", "steps")
 
     def __init__(self) -> None:
-        self.total, self.run, self.rms, self.k, self.key, self.scale = 0.0, {}, {}, 0, None, UNCALIBRATED_SCALE
+        self.sq, self.run, self.rms, self.k, self.k0, self.key, self.scale = 0.0, {}, {}, 0, 0, None, UNCALIBRATED_SCALE
+        # (step index, context, predicted final error of the step without the factor and f_ctx)
+        self.steps: list[tuple[int, str, float]] = []
 
 
 def quality_forward(forward, entry):
@@ -275,44 +291,52 @@ def quality_forward(forward, entry):
     return call
 
 
-def calibrate(q: QualityTarget, run, *, rounds: int = 3) -> dict:
-    """Calibrate ``q`` for the setting ``run`` generates (see ``api.calibrate_target``): one
-    generation computing every block (the reference), then up to ``rounds`` cached ones, each
-    moving the weight's factor by 10^((T + 2 - PSNR) / 10) (the output budget's PSNR changes by
-    about 10 dB per decade, ``config.PSNR_PER_DECADE``) until the PSNR is in [T + 1, T + 4]; the
-    factor kept is the smallest whose PSNR was >= T + 1 (none: the largest tried, times 10), and
-    at least the uncalibrated one / ``MAX_LOOSENING``. The
-    1 dB margin: other samples of the same setting fell up to 2.2 dB below the calibration
-    samples' PSNR (benchmarks/quality_target.py, unseen DiT, with a margin of -1 dB).
-    ``run()`` -> the final sample [B, ...], the same noise every call. Returns the record kept
-    for the setting: scale, rounds (PSNR per round), generations, seconds."""
+def calibrate(qs, run, *, rounds: int = 3) -> dict:
+    """Calibrate the ``QualityTarget``s ``qs`` (one, or a pipeline's denoisers together: Wan 2.2's
+    experts) for the setting ``run`` generates (see ``api.calibrate_target``): one generation
+    computing every block (the reference), then up to ``rounds`` cached ones, each moving the
+    weight's factor by 10^((T + 2 - PSNR) / 10) (the output budget's PSNR changes by about 10 dB
+    per decade, ``config.PSNR_PER_DECADE``) until the PSNR is in [T + 1, T + 4]; the factor kept is
+    the smallest whose PSNR was >= T + 1 (none: the largest tried, times 10), and at least the
+    uncalibrated one / ``MAX_LOOSENING``. The 1 dB margin: other samples of the same setting fell
+    up to 2.2 dB below the calibration samples' PSNR (benchmarks/quality_target.py, unseen DiT,
+    with a margin of -1 dB). Each denoiser keeps the record under its own setting (a denoiser the
+    generation never called keeps none). ``run()`` -> the final sample [B, ...], the same noise
+    every call. Returns the record: scale, rounds (PSNR per round), generations, seconds."""
     import time
 
     from ..config import PSNR_PER_DECADE
 
+    qs = [qs] if isinstance(qs, QualityTarget) else list(qs)
+    target = qs[0].target
     t0 = time.perf_counter()
-    q.full = True
+    for q in qs:
+        q.full = True
     try:
         ref = run().detach().float()
     finally:
-        q.full = False
-    key = q.last.key  # the reference generation's setting (its pipeline call's request has ended)
-    scale, tried = q.uncalibrated_scale(), []
+        for q in qs:
+            q.full = False
+    # the reference generation's settings (its pipeline call's request has ended)
+    keyed = [(q, q.last.key) for q in qs if q.last.key is not None]
+    scale, tried = qs[0].uncalibrated_scale(), []
     for _ in range(rounds):
-        q.calibrations[key] = {"scale": scale}
+        for q, key in keyed:
+            q.calibrations[key] = {"scale": scale}
         out = run().detach().float()
         mse = (out - ref).pow(2).flatten(1).mean(1).clamp_min(1e-20)
         psnr = float((10 * torch.log10(2.0 ** 2 / mse)).clamp_max(100.0).mean())
         tried.append({"scale": scale, "psnr": round(psnr, 2)})
-        if q.target + CALIBRATION_MARGIN <= psnr <= q.target + CALIBRATION_MARGIN + 3:
+        if target + CALIBRATION_MARGIN <= psnr <= target + CALIBRATION_MARGIN + 3:
             break
-        scale *= 10.0 ** ((q.target + CALIBRATION_MARGIN + 1 - psnr) / PSNR_PER_DECADE)
-    ok = [r for r in tried if r["psnr"] >= q.target + CALIBRATION_MARGIN]
+        scale *= 10.0 ** ((target + CALIBRATION_MARGIN + 1 - psnr) / PSNR_PER_DECADE)
+    ok = [r for r in tried if r["psnr"] >= target + CALIBRATION_MARGIN]
     best = min(ok, key=lambda r: r["scale"])["scale"] if ok else 10.0 * max(r["scale"] for r in tried)
     # loosen at most MAX_LOOSENING x: a few calibration samples over-loosened the factor to
     # 24.3 dB on other samples at T = 30 (DiT, DDIM 10 steps, margin -1 dB; benchmarks/quality_target.py)
     best = max(best, tried[0]["scale"] / MAX_LOOSENING)
     rec = {"scale": best, "rounds": tried, "generations": 1 + len(tried),
            "seconds": round(time.perf_counter() - t0, 2)}
-    q.calibrations[key] = rec
+    for q, key in keyed:
+        q.calibrations[key] = rec
     return rec
