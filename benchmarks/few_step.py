@@ -5,7 +5,9 @@ Inductor where it approximates nothing.
 For each bundled model (``quality_target.Model``: the DiT and the unseen DiT with DDIM, the
 MMDiT with flow Euler, batch 8, CFG batched) and step count, in one run: plain
 ``torch.compile`` (Inductor, default arguments but ``dynamic=False``), and ``enable_fastcache(...,
-target_psnr=T)`` at the block and the step level (``quality_target.LEVELS``). Each variant is
+target_psnr=T)`` at the block and the step level (``quality_target.LEVELS``), each also with
+every decision forced to compute (``replay_decisions``; rows ", none"): the same graph and the
+same per-call work approximating nothing, i.e. the cache's own cost. Each variant is
 warmed up once, then timed ``--repeats`` times, interleaved (Inductor, fastcache block, fastcache
 step, Inductor, ...); the row keeps the fastest generation. Speed is the ratio against the
 Inductor of the same run; PSNR against the eager model's samples of the same seeds. Prints a
@@ -41,23 +43,37 @@ def run(args) -> list[dict]:
         torch._dynamo.reset()
         model = Model(name, args.batch)
         sampler, g, cfg = SETTINGS[name][0][0], SETTINGS[name][1][0], SETTINGS[name][2][0]
-        inductor = torch.compile(model._load(), dynamic=False)
-        variants = {"inductor": inductor}
-        for level in args.levels:
-            variants[f"fastcache {level}"] = model.compiled(level, args.target)
+        variants = {"inductor": (torch.compile(model._load(), dynamic=False), None)}
+        for level in args.levels:  # one graph per level; the target is a control (set_target_psnr)
+            runner = model.compiled(level, args.target)
+            variants[f"fastcache {level}"] = (runner, args.target)
+            variants[f"fastcache {level}, none"] = (runner, args.target)
+
+        def gen(k, steps):
+            runner, target = variants[k]
+            if target is None:
+                return model.sample(runner, sampler, g, cfg, steps)
+            fastcache_fx.reset(runner)
+            if not k.endswith(", none"):
+                return model.sample(runner, sampler, g, cfg, steps)
+            # every decision forced to "compute": the graph, its decisions and error sums and the
+            # target's per-call work all run, nothing is approximated
+            with fastcache_fx.replay_decisions(runner, [[False]], then="full"):
+                return model.sample(runner, sampler, g, cfg, steps)
+
         for steps in args.steps:
             with torch.no_grad():
                 ref = model.sample(model.eager, sampler, g, cfg, steps)
                 times = {k: [] for k in variants}
-                outs = {}
-                for k, v in variants.items():  # warm-up (compiles) and the samples compared
-                    outs[k] = model.sample(v, sampler, g, cfg, steps)
-                approx = {k: fastcache_fx.stats(v if model.dit else v.transformer)["block_approx_ratio"]
-                          for k, v in variants.items() if k != "inductor"}
+                outs, approx = {}, {}
+                for k, (runner, target) in variants.items():  # warm-up (compiles) and the samples compared
+                    outs[k] = gen(k, steps)
+                    if target is not None:
+                        approx[k] = fastcache_fx.stats(runner if model.dit else runner.transformer)["block_approx_ratio"]
                 for _ in range(args.repeats):
-                    for k, v in variants.items():
+                    for k in variants:
                         t0 = time.perf_counter()
-                        model.sample(v, sampler, g, cfg, steps)
+                        gen(k, steps)
                         times[k].append(time.perf_counter() - t0)
             base = min(times["inductor"])
             for k in variants:
@@ -66,7 +82,7 @@ def run(args) -> list[dict]:
                            speed_vs_inductor=round(base / min(times[k]), 3), psnr=round(psnr_db(outs[k], ref), 2),
                            approx=round(approx.get(k, 0.0), 3))
                 rows.append(row)
-                print(f"{name:10s} {sampler:10s} {steps:2d} steps {k:16s} {row['seconds']:8.3f} s  "
+                print(f"{name:10s} {sampler:10s} {steps:2d} steps {k:22s} {row['seconds']:8.3f} s  "
                       f"{row['speed_vs_inductor']:5.2f}x  PSNR {row['psnr']:6.2f}  approx {row['approx']:.2f}",
                       flush=True)
     return rows

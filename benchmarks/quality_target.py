@@ -172,6 +172,18 @@ def cells(models, quick: bool):
             yield (m, s, g, c, n)
 
 
+def predicted_sums(step_errors: list, guidance: float) -> dict:
+    """A trajectory's predicted final error without the weight's factor (units of the allowed
+    error; ``stats()["quality"]["step_errors"]``: (step, context, e / (factor f_ctx))), summed
+    linearly and in quadrature with f_ctx (g / g - 1 for separate "cond" / "uncond" calls): the
+    measured / predicted ratio of each fits ``UNCALIBRATED_SCALE`` (docs/quality.md)."""
+    def f(ctx):
+        return 1.0 if guidance <= 1 or ctx not in ("cond", "uncond") else (guidance - 1 if ctx == "uncond" else guidance)
+    es = [e * f(c) for _, c, e in step_errors]
+    return {"steps_approximated": len({k for k, _, _ in step_errors}), "predicted_linear": round(sum(es), 4),
+            "predicted_quadrature": round(sum(e * e for e in es) ** 0.5, 4)}
+
+
 def run(args) -> dict:
     rows = []
     t0 = time.time()
@@ -202,7 +214,7 @@ def run(args) -> dict:
                                    target=target, psnr=round(p, 2), approx=round(st["block_approx_ratio"], 3),
                                    predicted_final_error=q.get("predicted_final_error"),
                                    calibration=cal, calibration_used=(q.get("calibration") or {}).get("scale"),
-                                   step_errors=q.get("step_errors"))
+                                   **predicted_sums(q.get("step_errors") or [], g))
                         rows.append(row)
                         print(f"{m:10s} {sampler:10s} g={g:<4} {cfg:8s} {steps:3d} steps {level:5s} {mode:5s} "
                               f"T={target:4.1f}  PSNR {p:6.2f}  approx {row['approx']:.2f}"
@@ -222,6 +234,29 @@ def summarize(rows: list[dict]) -> dict:
             "misses": sum(p < key[2] - 1 for p in ps), "median_approx": statistics.median(r["approx"] for r in rs),
             "worst_cell": {k: worst[k] for k in ("model", "sampler", "guidance", "cfg", "steps")}}
     return out
+
+
+#: the matrix's factors: a row's key for each
+FACTORS = {"model": lambda r: r["model"], "sampler": lambda r: r["sampler"], "CFG mode": lambda r: r["cfg"],
+           "guidance": lambda r: "high" if r["guidance"] == max(SETTINGS[r["model"]][1]) else "low",
+           "steps": lambda r: "short" if r["steps"] == SHORT_STEPS else "long", "level": lambda r: r["level"],
+           "target": lambda r: f"T={r['target']:g}"}
+
+
+def factors(rows: list[dict]) -> list[str]:
+    """Which factor moves the final PSNR: per factor and value (over every other factor), the
+    median of PSNR - T (dB; a cell that approximated nothing counts at its 100 dB cap: left out),
+    the lowest PSNR - T and the median approximated share (markdown table lines)."""
+    out = ["| factor | value | cells | median PSNR - T | lowest PSNR - T | median approximated |", "|---|---|---|---|---|---|"]
+    for name, key in FACTORS.items():
+        for value in sorted({key(r) for r in rows}):
+            rs = [r for r in rows if key(r) == value]
+            d = [r["psnr"] - r["target"] for r in rs if r["approx"] > 0]
+            if not d:
+                continue
+            out.append(f"| {name} | {value} | {len(rs)} | {statistics.median(d):+.1f} | {min(d):+.1f} | "
+                       f"{statistics.median(r['approx'] for r in rs):.2f} |")
+    return out + [""]
 
 
 def markdown(res: dict) -> str:
@@ -245,6 +280,7 @@ def markdown(res: dict) -> str:
                 vals.append(p if r is None else f"{p} ({r['approx']:.2f})")
             out.append(f"| {c[0]} | {c[1]} | {c[3]} {c[2]:g} | {c[4]} | " + " | ".join(vals) + " |")
         out.append("")
+    out += factors(rows)
     out += ["| level / mode / T | cells | worst | median | cells < T - 1 | median approximated | worst cell |",
             "|---|---|---|---|---|---|---|"]
     for k, v in res["summary"].items():

@@ -210,7 +210,6 @@ def set_target_psnr(pipe_or_model, target_psnr: float, *, sampler_aware: bool = 
     """
     from .runtime.quality import QualityTarget
 
-    names = denoiser_names(pipe_or_model)
     pipe = pipe_or_model if denoiser_names(pipe_or_model) else None
     for entry in _quality_entries(pipe_or_model):
         q = entry.quality
