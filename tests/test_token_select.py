@@ -164,7 +164,7 @@ def test_changed_token_set_forces_full_blocks():
                 extra.append(torch.randn(spec.shape, dtype=spec.dtype))
             else:
                 extra.append(torch.zeros(spec.shape, dtype=spec.dtype))
-        outs = gm4(*inputs, *mine[:4], idx_prev, *extra)
+        outs = gm4(*inputs, *mine[:5], idx_prev, *extra)
         nu = layout.num_user_outputs
         return outs[0], outs[nu - 1], outs[nu + len(layout.state) + 2]  # output, idx, approx [L]
 
@@ -276,3 +276,32 @@ def test_new_trajectory_runs_every_token(selected_run):
     assert last["step"] == 0 and last["k"] == 16
     assert st2["token_select"]["variants_compiled"] == st1["token_select"]["variants_compiled"]
     assert st2["steps"] == st1["steps"] + 1  # the discarded small-variant call leaves no block trace
+
+
+@pytest.mark.parametrize("rising", [False, True])
+def test_token_selection_clock_follows_the_trajectory_direction(rising):
+    """A pipeline passing 1 - sigma (Lumina 2, Z-Image) raises the timestep every step: the
+    variant's own clock continues the trajectory as it does for a falling one (state t_first),
+    and a repeated timestep starts a new one."""
+    from fastcache_fx.passes.blocks import find_timestep
+
+    model, kw = zoo.build("dit", "tiny")
+    gm, inputs = dynamo_graph(model, kw)
+    g4, res = apply_token_select(gm, FastCacheConfig(enable_spatial_approx=True), 4)
+    assert res.applied, res.reason
+    names = [s.name for s in res.state]
+    assert names[:5] == ["token_select.x_ref", "token_select.y_ref", "token_select.step", "token_select.prev_t",
+                         "token_select.t_first"]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    at = placeholders.index(find_timestep(placeholders))
+    state = [torch.full(s.shape, s.fill, dtype=s.dtype) for s in res.state]
+    nu = res.num_user_outputs
+    steps = []
+    for t in ([100.0, 200.0, 300.0, 300.0] if rising else [300.0, 200.0, 100.0, 100.0]):
+        args = list(inputs)
+        args[at] = torch.full_like(inputs[at], t)
+        outs = g4(*args, *state)
+        new = list(outs[nu:])
+        steps.append(int(new[2]))
+        state = new[:5] + [new[-1]]  # x_ref, y_ref, step, prev_t, t_first; the indices
+    assert steps == [0, 1, 2, 0]

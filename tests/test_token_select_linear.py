@@ -151,7 +151,7 @@ def test_static_tokens_get_the_stack_map_in_the_graph(dit, dit_graph, mode, refe
     state[1] = torch.randn(state[1].shape, generator=g)  # y_ref
     state[2], state[3] = torch.tensor(0), torch.tensor(1e4)  # this call is step 1 of a trajectory
     outs = torch.fx.Interpreter(gm4).run(*inputs, *state, w, b)
-    idx, x_new, y_new = outs[-1], outs[-6], outs[-5]
+    idx, x_new, y_new = outs[-1], outs[-7], outs[-6]
     static = complement_tokens(idx, 16)
     assert static.shape == (12,) and sorted(static.tolist() + idx.tolist()) == list(range(16))
     x = model.pos_embed(kw["hidden_states"])  # the stack input, by hand
@@ -172,7 +172,7 @@ def test_static_tokens_get_the_stack_map_in_the_graph(dit, dit_graph, mode, refe
     torch.testing.assert_close(y_new[:, idx], h, rtol=1e-5, atol=1e-5)
     # the static tokens' approximation reaches the model output: the cached one gives another
     cached, _ = apply_token_select(gm, FastCacheConfig(reference=reference, enable_spatial_approx=True), k)
-    outs_c = torch.fx.Interpreter(cached).run(*inputs, *state[:5])
+    outs_c = torch.fx.Interpreter(cached).run(*inputs, *state[:6])
     assert torch.equal(outs_c[-1], idx) and not torch.allclose(outs_c[0], outs[0])
 
 

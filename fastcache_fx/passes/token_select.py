@@ -39,10 +39,10 @@ shape, not by model name. The pass checks that the blocks are token-count generi
 propagation of the gathered shapes: a node that bakes N fails it, and the graph is left alone.
 
 Graph layout added (the block-cache pass then sees these as user inputs/outputs):
-    inputs  = original inputs + x_ref [B, N, D], y_ref [B, N, D], step [] int64, prev_t [] f32
-              (+ idx_prev [k] int64 when k < N) (+ stack weight [D, D], bias [D] f32 when k < N
+    inputs  = original inputs + x_ref [B, N, D], y_ref [B, N, D], step [] int64, prev_t [] f32,
+              t_first [] f32 (+ idx_prev [k] int64 when k < N) (+ stack weight [D, D], bias [D] f32 when k < N
               and static_approx is "linear" / "cached_linear": ``TokenSelectResult.weights``)
-    outputs = original outputs (as a tuple) + x_ref', y_ref', step', t', m [] int64
+    outputs = original outputs (as a tuple) + x_ref', y_ref', step', t', t_first', m [] int64
               (+ idx [k] int64 when k < N)
 For k < N a node tagged ``meta["fc_token_select"] == "changed"`` says the token set differs
 from the previous step of this variant; ``attach_token_select`` (after the block cache) makes it
@@ -190,12 +190,14 @@ def apply_token_select(gm: fx.GraphModule, config: FastCacheConfig, k: int,
     placeholders, out_node, orig_outs, result.output_is_tuple = graph_io(graph)
     result.num_user_inputs, result.num_user_outputs = len(placeholders), len(orig_outs)
 
-    x_ref_in, y_ref_in, step_in, prev_t_in, idx_prev_in, w_in, b_in = _state_inputs(graph, placeholders, result)
+    x_ref_in, y_ref_in, step_in, prev_t_in, first_in, idx_prev_in, w_in, b_in = _state_inputs(graph, placeholders,
+                                                                                                 result)
     x = regions[0].stream_inputs[si]
     y = regions[-1].stream_outputs[so]
     ts = find_timestep(placeholders)
     first = regions[0].nodes[0]
-    step_node, t_node = insert_trajectory_step(graph, first, ts, prev_t_in, step_in)
+    # the trajectory's direction (t_first): rising timesteps (Lumina 2, Z-Image) continue it too
+    step_node, t_node, first_node = insert_trajectory_step(graph, first, ts, prev_t_in, step_in, first_in)
     idx, m, xg = _select(graph, first, x, x_ref_in, idx_prev_in, step_node, k, n, config.motion_threshold)
     new_state = []
     if k < n:
@@ -203,12 +205,12 @@ def apply_token_select(gm: fx.GraphModule, config: FastCacheConfig, k: int,
         _gather_contexts(graph, regions, members, idx, result)
         x_new, y_new = _scatter_output(graph, out_node, x, y, members, idx, x_ref_in, y_ref_in, w_in, b_in,
                                        result.static_approx, config.reference == "anchor")
-        new_state = [x_new, y_new, step_node, t_node, m, idx]
+        new_state = [x_new, y_new, step_node, t_node, first_node, m, idx]
     else:
         with graph.inserting_before(out_node):
             x_new = graph.call_function(torch.Tensor.contiguous, (x,))
             y_new = graph.call_function(torch.Tensor.contiguous, (y,))
-        new_state = [x_new, y_new, step_node, t_node, m]
+        new_state = [x_new, y_new, step_node, t_node, first_node, m]
     out_node.args = (tuple(orig_outs) + tuple(new_state),)
     why = recompile_with_values(gm)
     if why is not None:
@@ -237,7 +239,7 @@ def _select(graph: fx.Graph, first: fx.Node, x, x_ref_in, idx_prev_in, step_node
 
 
 def _state_inputs(graph: fx.Graph, placeholders: list[fx.Node], result: TokenSelectResult) -> tuple:
-    """The variant's state inputs (X_ref, Y_ref, step, prev_t, the previous indices for k < N)
+    """The variant's state inputs (X_ref, Y_ref, step, prev_t, t_first, the previous indices for k < N)
     and, with a stack map, its weight and bias (None otherwise), registered in ``result``."""
     shape, dtype, k, n = result.stream_shape, result.dtype, result.k, result.tokens
     d = shape[-1]
@@ -253,6 +255,7 @@ def _state_inputs(graph: fx.Graph, placeholders: list[fx.Node], result: TokenSel
     y_ref_in = state_input("y_ref", shape, dtype, 0.0)
     step_in = state_input("step", (), torch.int64, -1)
     prev_t_in = state_input("prev_t", (), torch.float32, float("-inf"))
+    first_in = state_input("t_first", (), torch.float32, float("nan"))
     idx_prev_in = state_input("idx_prev", (k,), torch.int64, -1) if k < n else None
     w_in = b_in = None
     if result.static_approx != "cached":  # the stack map, after the state inputs
@@ -263,7 +266,7 @@ def _state_inputs(graph: fx.Graph, placeholders: list[fx.Node], result: TokenSel
             stack_in.append(p)
             result.weights.append(weight_spec("token_select.stack." + key, "stack", 0, key, shp, torch.float32))
         w_in, b_in = stack_in
-    return x_ref_in, y_ref_in, step_in, prev_t_in, idx_prev_in, w_in, b_in
+    return x_ref_in, y_ref_in, step_in, prev_t_in, first_in, idx_prev_in, w_in, b_in
 
 
 def _scatter_output(graph: fx.Graph, out_node: fx.Node, x, y, members: set, idx, x_ref_in, y_ref_in, w_in, b_in,

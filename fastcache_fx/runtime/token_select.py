@@ -39,6 +39,10 @@ from .requests import current_request, end_finished
 
 log = logging.getLogger("fastcache_fx")
 
+#: the state every variant shares (x_ref, y_ref, step, prev_t, t_first: ``passes.token_select``'s
+#: layout); after it in the outputs the motion count m, then the selected indices for k < N
+SHARED = 5
+
 
 class _VariantEntry(ModelEntry):
     """The variants' entry: its own ``note_call`` (variant switches), the model's ``replay``."""
@@ -200,7 +204,7 @@ class TokenSelectRuntime:
         if st is None:
             dev = self._device
             st = self.states[ctx] = {
-                "shared": [torch.full(s.shape, s.fill, dtype=s.dtype, device=dev) for s in specs[:4]],
+                "shared": [torch.full(s.shape, s.fill, dtype=s.dtype, device=dev) for s in specs[:SHARED]],
                 "idx": {}, "next_k": self.n}
         return st
 
@@ -224,9 +228,9 @@ class TokenSelectRuntime:
             self.trace.pop(req.id)  # the discarded call's block decisions
             k = self.n
             outs, new, step, m = self._run(k, args, st)
-        st["shared"] = new[:4]
+        st["shared"] = new[:SHARED]
         if k < self.n:
-            st["idx"][k] = new[5]
+            st["idx"][k] = new[SHARED + 1]
         st["next_k"] = self.n if step + 1 < self.min_step else self._bucket(m)
         with live.lock:
             self.select_trace.append(SelectRecord(ctx, step, k, self.n, m))
@@ -249,7 +253,7 @@ class TokenSelectRuntime:
         user, new = out[:nu], out[nu:]
         if self.clone_outputs:
             new = [t.clone() for t in new]
-        step, m = torch.stack([new[2], new[4]]).tolist()  # the one host sync of the step
+        step, m = torch.stack([new[2], new[SHARED]]).tolist()  # the one host sync of the step
         return user, new, int(step), int(m)
 
     # stats -------------------------------------------------------------------------------
