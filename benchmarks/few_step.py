@@ -69,7 +69,8 @@ def run(args) -> list[dict]:
                 for k, (runner, target) in variants.items():  # warm-up (compiles) and the samples compared
                     outs[k] = gen(k, steps)
                     if target is not None:
-                        approx[k] = fastcache_fx.stats(runner if model.dit else runner.transformer)["block_approx_ratio"]
+                        st = fastcache_fx.stats(runner if model.dit else runner.transformer)
+                        approx[k] = st["block_approx_ratio"]
                 for _ in range(args.repeats):
                     for k in variants:
                         t0 = time.perf_counter()

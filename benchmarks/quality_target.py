@@ -178,7 +178,9 @@ def predicted_sums(step_errors: list, guidance: float) -> dict:
     linearly and in quadrature with f_ctx (g / g - 1 for separate "cond" / "uncond" calls): the
     measured / predicted ratio of each fits ``UNCALIBRATED_SCALE`` (docs/quality.md)."""
     def f(ctx):
-        return 1.0 if guidance <= 1 or ctx not in ("cond", "uncond") else (guidance - 1 if ctx == "uncond" else guidance)
+        if guidance <= 1 or ctx not in ("cond", "uncond"):
+            return 1.0
+        return guidance - 1 if ctx == "uncond" else guidance
     es = [e * f(c) for _, c, e in step_errors]
     return {"steps_approximated": len({k for k, _, _ in step_errors}), "predicted_linear": round(sum(es), 4),
             "predicted_quadrature": round(sum(e * e for e in es) ** 0.5, 4)}
@@ -247,7 +249,8 @@ def factors(rows: list[dict]) -> list[str]:
     """Which factor moves the final PSNR: per factor and value (over every other factor), the
     median of PSNR - T (dB; a cell that approximated nothing counts at its 100 dB cap: left out),
     the lowest PSNR - T and the median approximated share (markdown table lines)."""
-    out = ["| factor | value | cells | median PSNR - T | lowest PSNR - T | median approximated |", "|---|---|---|---|---|---|"]
+    out = ["| factor | value | cells | median PSNR - T | lowest PSNR - T | median approximated |",
+           "|---|---|---|---|---|---|"]
     for name, key in FACTORS.items():
         for value in sorted({key(r) for r in rows}):
             rs = [r for r in rows if key(r) == value]
@@ -287,7 +290,8 @@ def markdown(res: dict) -> str:
         mode, level, t = k.split("/")
         w = v["worst_cell"]
         out.append(f"| {level} / {mode} / {t} | {v['cells']} | {v['worst']:.1f} | {v['median']:.1f} | {v['misses']} | "
-                   f"{v['median_approx']:.2f} | {w['model']}, {w['sampler']} {w['steps']}, CFG {w['guidance']:g} {w['cfg']} |")
+                   f"{v['median_approx']:.2f} | {w['model']}, {w['sampler']} {w['steps']}, "
+                   f"CFG {w['guidance']:g} {w['cfg']} |")
     return "\n".join(out) + "\n"
 
 

@@ -74,7 +74,8 @@ def main(argv=None) -> None:
         a.out.write_text(text)
     if a.results_md:
         md = a.results_md.read_text()
-        body = f"{BEGIN}\n## Rows set only by `target_psnr` against the peers (`benchmarks/target_vs_peers.py`)\n\n{text}\n{END}"
+        title = "## Rows set only by `target_psnr` against the peers (`benchmarks/target_vs_peers.py`)"
+        body = f"{BEGIN}\n{title}\n\n{text}\n{END}"
         if BEGIN in md:
             md = md[:md.index(BEGIN)] + body + md[md.index(END) + len(END):]
         else:

@@ -56,7 +56,8 @@ CALIBRATION_MARGIN = 1.0
 MAX_LOOSENING = 3.0
 #: the pipeline attributes that hold a denoiser's guidance scale, first found and not None wins
 #: (Wan 2.2's low-noise expert ``transformer_2`` runs at the pipeline's ``guidance_scale_2``)
-GUIDANCE_ATTRIBUTES = {"transformer": ("_guidance_scale",), "transformer_2": ("_guidance_scale_2", "_guidance_scale")}
+GUIDANCE_ATTRIBUTES = {"transformer": ("_guidance_scale",),
+                       "transformer_2": ("_guidance_scale_2", "_guidance_scale")}
 #: requests whose trajectory state a QualityTarget keeps (least recently started dropped first)
 MAX_REQUESTS = 64
 #: the weight of a call before its context's output scale is known (the first step, which is
@@ -124,8 +125,10 @@ class QualityTarget:
                 self._per.popitem(last=False)
         return t
 
-    sq = _of_request("sq", "the squared predicted final error the calling request's trajectory spent (units of the allowed one)")
-    run = _of_request("run", "{context: the linear sum of the predicted errors of the context's current run of approximated steps}")
+    sq = _of_request("sq", "the squared predicted final error the calling request's trajectory spent "
+                           "(units of the allowed one)")
+    run = _of_request("run", "{context: the linear sum of the predicted errors of the context's current run of "
+                             "approximated steps}")
     rms = _of_request("rms", "{context: the root mean square of its previous output}")
     k = _of_request("k", "the step index of the calling request's trajectory")
     key = _of_request("key", "the setting of the calling request's trajectory (``setting_key``), None before its first call")
@@ -174,8 +177,8 @@ class QualityTarget:
             sched = getattr(pipe, "scheduler", None)
             ts = getattr(sched, "timesteps", None)
             if ts is not None and id(ts) != self._ts_id:
-                g = next((v for v in (getattr(pipe, a, None) for a in GUIDANCE_ATTRIBUTES.get(self.denoiser, ("_guidance_scale",)))
-                          if v is not None), None)
+                names = GUIDANCE_ATTRIBUTES.get(self.denoiser, ("_guidance_scale",))
+                g = next((v for v in (getattr(pipe, a, None) for a in names) if v is not None), None)
                 self._set_sampler(sched, float(g) if isinstance(g, (int, float)) else 1.0)
                 self.k = -1
         if self.timesteps is None or timestep is None:
