@@ -42,11 +42,14 @@ def build(name: str, seed: int = 0):
     return model, spec.inputs
 
 
-def trajectory(name: str, steps: int, batch: int = 1, seed: int = 0) -> list[dict]:
+def trajectory(name: str, steps: int, batch: int = 1, seed: int = 0, drift: float = 0.05,
+               relative: bool = False) -> list[dict]:
     """The forward kwargs of ``steps`` denoising steps of ``name``'s model at ``batch``: the
-    timestep falls linearly from ``t_max`` to ``t_max / steps`` (rises for a ``rising`` class) and the latent moves by 5 % of a
-    fixed noise per step (tiny random models: their block inputs change far more per step than a
-    trained model's, so the approximation is forced with a large threshold, not earned).
+    timestep falls linearly from ``t_max`` to ``t_max / steps`` (rises for a ``rising`` class) and
+    the latent moves by ``drift`` times a fixed standard-normal direction per step (``relative``:
+    the direction scaled to the latent's norm). The default 5 % of a unit noise: tiny random
+    models' block inputs change far more per step than a trained model's, so the approximation is
+    forced with a large threshold, not earned.
 
     Raises:
         ValueError: ``name`` not in ``SPECS``; ``steps`` < 1.
@@ -58,13 +61,15 @@ def trajectory(name: str, steps: int, batch: int = 1, seed: int = 0) -> list[dic
     spec = SPECS[name]
     g = torch.Generator().manual_seed(seed)
     base = spec.inputs(batch, g)
-    drift = randn(g, *base[spec.latent].shape)
+    x = base[spec.latent]
+    direction = randn(g, *x.shape)
+    if relative:
+        direction = direction * (x.norm() / direction.norm())
     out = []
     for k in range(steps):
         kw = dict(base)
-        t = base[spec.timestep]
-        kw[spec.timestep] = torch.full_like(t, scripted_timestep(spec, k, steps))
-        kw[spec.latent] = base[spec.latent] + 0.05 * k * drift
+        kw[spec.timestep] = torch.full_like(base[spec.timestep], scripted_timestep(spec, k, steps))
+        kw[spec.latent] = x + drift * k * direction
         out.append(kw)
     return out
 

@@ -21,8 +21,8 @@ import warnings
 
 import torch
 
+from . import zoo_classes
 from .zoo_classes import SPECS, build, output_tensor
-from .zoo_spec import randn, scripted_timestep
 from . import torch_compat
 
 #: the rules of the table: the default options and the fastest documented setting (README)
@@ -35,30 +35,15 @@ ENTRIES = ("backend", "enable")
 
 
 def trajectory(name: str, steps: int = 10, batch: int = 1, seed: int = 0, drift: float = 0.01) -> list[dict]:
-    """The forward kwargs of ``steps`` steps of ``name``'s model: the timestep falls linearly from
-    ``t_max`` to ``t_max / steps`` (rises, for a ``rising`` class: ``zoo_spec.scripted_timestep``); the latent moves by ``drift`` (relative, of a fixed
-    standard-normal direction) per step.
+    """The forward kwargs of ``steps`` steps of ``name``'s model (``zoo_classes.trajectory``): the
+    timestep falls linearly from ``t_max`` to ``t_max / steps`` (rises, for a ``rising`` class:
+    ``zoo_spec.scripted_timestep``); the latent moves by ``drift`` (relative to its norm, of a
+    fixed standard-normal direction) per step.
 
     Raises:
         ValueError: ``name`` not in ``SPECS``; ``steps`` < 1.
     """
-    if name not in SPECS:
-        raise ValueError(f"name: expected one of {sorted(SPECS)}, got {name!r}")
-    if steps < 1:
-        raise ValueError(f"steps: expected >= 1, got {steps}")
-    spec = SPECS[name]
-    g = torch.Generator().manual_seed(seed)
-    base = spec.inputs(batch, g)
-    x = base[spec.latent]
-    direction = randn(g, *x.shape)
-    direction = direction * (x.norm() / direction.norm())
-    out = []
-    for k in range(steps):
-        kw = dict(base)
-        kw[spec.timestep] = torch.full_like(base[spec.timestep], scripted_timestep(spec, k, steps))
-        kw[spec.latent] = x + drift * k * direction
-        out.append(kw)
-    return out
+    return zoo_classes.trajectory(name, steps, batch, seed, drift=drift, relative=True)
 
 
 def compile_model(model, rule: str, entry: str):
