@@ -172,16 +172,12 @@ def cells(models, quick: bool):
             yield (m, s, g, c, n)
 
 
-def predicted_sums(step_errors: list, guidance: float) -> dict:
+def predicted_sums(step_errors: list) -> dict:
     """A trajectory's predicted final error without the weight's factor (units of the allowed
-    error; ``stats()["quality"]["step_errors"]``: (step, context, e / (factor f_ctx))), summed
-    linearly and in quadrature with f_ctx (g / g - 1 for separate "cond" / "uncond" calls): the
-    measured / predicted ratio of each fits ``UNCALIBRATED_SCALE`` (docs/quality.md)."""
-    def f(ctx):
-        if guidance <= 1 or ctx not in ("cond", "uncond"):
-            return 1.0
-        return guidance - 1 if ctx == "uncond" else guidance
-    es = [e * f(c) for _, c, e in step_errors]
+    error; ``stats()["quality"]["step_errors"]``: (step, context, e / factor)), summed linearly
+    and in quadrature: the measured / predicted ratio of each fits ``UNCALIBRATED_SCALE``
+    (docs/quality.md)."""
+    es = [e for _, _, e in step_errors]
     return {"steps_approximated": len({k for k, _, _ in step_errors}), "predicted_linear": round(sum(es), 4),
             "predicted_quadrature": round(sum(e * e for e in es) ** 0.5, 4)}
 
@@ -216,7 +212,7 @@ def run(args) -> dict:
                                    target=target, psnr=round(p, 2), approx=round(st["block_approx_ratio"], 3),
                                    predicted_final_error=q.get("predicted_final_error"),
                                    calibration=cal, calibration_used=(q.get("calibration") or {}).get("scale"),
-                                   **predicted_sums(q.get("step_errors") or [], g))
+                                   **predicted_sums(q.get("step_errors") or []))
                         rows.append(row)
                         print(f"{m:10s} {sampler:10s} g={g:<4} {cfg:8s} {steps:3d} steps {level:5s} {mode:5s} "
                               f"T={target:4.1f}  PSNR {p:6.2f}  approx {row['approx']:.2f}"

@@ -186,13 +186,14 @@ class QualityTarget:
         k = step_index(self.timesteps, timestep)
         if k < self.k:
             self._new_trajectory()
-        if self.key is None:
-            self._t().k0 = k  # a trajectory may start later (Wan 2.2's second expert, img2img)
-            self.key = self.setting_key(shape)
-            cal = self.calibrations.get(self.key)
-            self.scale = cal["scale"] if cal is not None else self.uncalibrated_scale()
-        self.k = k
-        self.last = self._t()
+        t = self._t()
+        if t.key is None:
+            t.k0 = k  # a trajectory may start later (Wan 2.2's second expert, img2img)
+            t.key = self.setting_key(shape)
+            cal = self.calibrations.get(t.key)
+            t.scale = cal["scale"] if cal is not None else self.uncalibrated_scale()
+        t.k = k
+        self.last = t
 
     def after_call(self, ctx: str, output) -> None:
         """Keep the root mean square of this context's output (the next call's scale)."""
@@ -211,17 +212,19 @@ class QualityTarget:
     def weight(self, ctx: str) -> float:
         """w_k of this context's call at the current step (``UNKNOWN_WEIGHT`` before its output
         scale is known)."""
-        rms = self.rms.get(ctx)
+        t = self._t()
+        rms = t.rms.get(ctx)
         if rms is None or self.full:
             return UNKNOWN_WEIGHT
-        return self.scale * self.context_factor(ctx) * float(self.sens[self.k]) * rms / self.allowed
+        return t.scale * self.context_factor(ctx) * float(self.sens[t.k]) * rms / self.allowed
 
     def pace(self) -> float:
         """The share of the allowed squared final error the trajectory may have spent by the end of
         step k: (k + 1 - k0) / N, k0 its first step (a model that serves only the later steps,
         Wan 2.2's low-noise expert, spends only their share: the two experts together stay
         within E)."""
-        return (self.k + 1 - self._t().k0) / len(self.sens)
+        t = self._t()
+        return (t.k + 1 - t.k0) / len(self.sens)
 
     def allowance(self) -> float:
         """a_k: the most this step's predicted final error may be (units of the allowed one)."""
@@ -233,7 +236,7 @@ class QualityTarget:
             w, c = 1.0, self.fixed_offset
         else:
             w = min(self.weight(ctx), UNKNOWN_WEIGHT)
-            c = self.budget - self.run.get(ctx, 0.0) - self.allowance()
+            c = self.budget - self._t().run.get(ctx, 0.0) - self.allowance()
         return {"output.weight": torch.tensor(w, dtype=torch.float32, device=device),
                 "output.offset": torch.tensor(c, dtype=torch.float32, device=device)}
 
@@ -242,14 +245,13 @@ class QualityTarget:
         add its square to the trajectory; a step that approximated nothing ends the context's run."""
         if self.sens is None:
             return
-        e = float(step_error)
+        e, t = float(step_error), self._t()
         if e > 0:
-            self.run[ctx] = self.run.get(ctx, 0.0) + e
-            self.sq += e * e
-            unit = self.scale * self.context_factor(ctx)
-            self._t().steps.append((self.k, ctx, e / unit if unit > 0 else 0.0))
+            t.run[ctx] = t.run.get(ctx, 0.0) + e
+            t.sq += e * e
+            t.steps.append((t.k, ctx, e / t.scale if t.scale > 0 else 0.0))
         else:
-            self.run[ctx] = 0.0
+            t.run[ctx] = 0.0
 
     def describe(self) -> dict:
         """For ``stats()``: the target, whether the sampler was known, the latest trajectory's
@@ -270,7 +272,7 @@ class _Trajectory:
 
     def __init__(self) -> None:
         self.sq, self.run, self.rms, self.k, self.k0, self.key, self.scale = 0.0, {}, {}, 0, 0, None, UNCALIBRATED_SCALE
-        # (step index, context, predicted final error of the step without the factor and f_ctx)
+        # (step index, context, predicted final error of the step without the weight's factor)
         self.steps: list[tuple[int, str, float]] = []
 
 
