@@ -23,8 +23,8 @@ def output_sensitivity(scheduler) -> torch.Tensor:
     """s_k for every step of ``scheduler``'s current timesteps: [N] float64.
 
     ``scheduler``: a diffusers scheduler after ``set_timesteps`` (it is deep-copied, not changed;
-    a copy taken mid-trajectory is reset to the first step). Raises ValueError when ``set_timesteps`` was not called
-    (no ``timesteps``). Stochastic schedulers (DDPM, ancestral Euler) are not linear in the
+    a copy taken mid-trajectory is reset to the first step). Raises ValueError when
+    ``set_timesteps`` was not called (no ``timesteps``). Stochastic schedulers (DDPM, ancestral Euler) are not linear in the
     model output alone: their noise term is left out by using x_T = 0 and a fixed generator."""
     ts = getattr(scheduler, "timesteps", None)
     if ts is None or len(ts) == 0:
